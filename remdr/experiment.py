@@ -1,0 +1,119 @@
+"""Centralised training end to end: data -> splits -> model -> fit -> test metrics -> run dir.
+
+Used by `remdr-train`, `remdr-bench` and the simulator's centralised comparison.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from remdr.checkpoint import save_run
+from remdr.config import ExperimentConfig
+from remdr.data import load_dataset
+from remdr.data.dataset import EyeDataset
+from remdr.data.loading import Dataset
+from remdr.data.splits import split_records
+from remdr.methods import Method, create_method
+from remdr.metrics import regression_metrics
+from remdr.model import ReM3Dr
+from remdr.runtime import prepare_model, resolve_device, seed_everything
+from remdr.train import FitResult, fit, make_loader, predict
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SplitData:
+    dataset: Dataset
+    train: EyeDataset
+    val: EyeDataset
+    test: EyeDataset
+
+    def sizes(self) -> dict[str, int]:
+        return {"train": len(self.train), "val": len(self.val), "test": len(self.test)}
+
+
+def load_splits(
+    data_path: str | Path, cfg: ExperimentConfig, split_seed: int | None = None
+) -> SplitData:
+    ds = load_dataset(data_path, cfg.data)
+    seed = cfg.train.seed if split_seed is None else split_seed
+    parts = split_records(ds.records, cfg.data.val_fraction, cfg.data.test_fraction, seed)
+    return SplitData(ds, *(EyeDataset(parts[s], cfg.data) for s in ("train", "val", "test")))
+
+
+@dataclass
+class Outcome:
+    model: ReM3Dr
+    method: Method
+    fit: FitResult
+    test_metrics: dict[str, float]
+    test_preds: dict[str, np.ndarray]
+
+
+def train_and_test(
+    cfg: ExperimentConfig, data: SplitData, *, progress: bool = True, desc: str | None = None
+) -> Outcome:
+    device = resolve_device(cfg.train.device)
+    seed_everything(cfg.train.seed, device)
+    method = create_method(cfg.train.method, cfg.method)
+    method.setup(data.train.targets(), seed=cfg.train.seed)
+    model = prepare_model(method.build_model(cfg.model, cfg.data), device)
+    result = fit(
+        model,
+        method,
+        data.train,
+        cfg.train,
+        device,
+        val_ds=data.val,
+        augment=cfg.data.augment,
+        progress=progress,
+        desc=desc or cfg.train.method,
+    )
+    loader = make_loader(data.test, cfg.train.batch_size * 2, shuffle=False, seed=0, device=device)
+    preds = predict(model, loader, device)
+    metrics = regression_metrics(preds["md"], preds["pred"]) if len(preds["md"]) else {"n": 0}
+    return Outcome(model, method, result, metrics, preds)
+
+
+def write_run(
+    out: Path, cfg: ExperimentConfig, data: SplitData, outcome: Outcome, data_path: str
+) -> None:
+    """model.safetensors, config.json, metrics.json, predictions.csv and pred_vs_true.png."""
+    from remdr.plots import scatter_pred_vs_true
+
+    save_run(
+        out,
+        outcome.model,
+        cfg,
+        {"method_state": outcome.method.state_dict(), "data": str(data_path)},
+    )
+    metrics = {
+        "method": cfg.train.method,
+        "test": outcome.test_metrics,
+        "best_epoch": outcome.fit.best_epoch,
+        "best_val_mse": outcome.fit.best_val_mse,
+        "train_seconds": outcome.fit.seconds,
+        "history": outcome.fit.history,
+        "split_sizes": data.sizes(),
+        "data_report": data.dataset.report.to_dict(),
+    }
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
+    ids = [r.eye_id for r in data.test.records]
+    lines = ["eye_id,md,md_pred"] + [
+        f"{i},{t:.3f},{p:.3f}"
+        for i, t, p in zip(ids, outcome.test_preds["md"], outcome.test_preds["pred"], strict=True)
+    ]
+    (out / "predictions.csv").write_text("\n".join(lines) + "\n")
+    if len(outcome.test_preds["md"]):
+        scatter_pred_vs_true(
+            outcome.test_preds["md"],
+            outcome.test_preds["pred"],
+            out / "pred_vs_true.png",
+            title=cfg.train.method,
+        )

@@ -1,0 +1,118 @@
+"""Losses: MSE, the label density (LDS) and the adaptive-margin supervised contrastive loss.
+
+The contrastive loss is this project's reconstruction of the idea in Re-M3Dr
+(arXiv 2605.26513), which gives no formulas. For an anchor i with embedding u_i (unit norm):
+
+* positives P(i) = {j != i : |y_i - y_j| <= delta}, negatives N(i) = the rest;
+* s_ij = u_i . u_j / tau;
+* margin on negatives m_ij = (mu / tau) * w_i * min(1, (|y_i - y_j| - delta) / span), where
+  w_i = p(y_i)^(-gamma) from the LDS-smoothed training label density, normalised to batch mean 1
+  and clipped, so rare (severe) anchors and far-away negatives are pushed apart harder;
+* L_i = -1/|P(i)| sum_{p in P(i)} log( exp(s_ip) / sum_{a != i} exp(s_ia + m_ia [a in N(i)]) ).
+
+Anchors without positives are skipped; with mu = 0 this is plain SupCon (Khosla et al. 2020).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+DENSITY_RANGE = (-40.0, 10.0)  # dB, the valid MD range
+DENSITY_BIN = 0.5  # dB
+
+
+@dataclass
+class LabelDensity:
+    """LDS (Yang et al. 2021): the training-label histogram convolved with a Gaussian kernel.
+
+    Fitted once on the training labels; `values` is a density over fixed 0.5 dB bins.
+    """
+
+    values: np.ndarray  # (n_bins,) density, integrates to 1 over DENSITY_RANGE
+
+    @classmethod
+    def fit(cls, targets: np.ndarray, sigma: float) -> LabelDensity:
+        edges = np.arange(DENSITY_RANGE[0], DENSITY_RANGE[1] + DENSITY_BIN, DENSITY_BIN)
+        hist, _ = np.histogram(np.clip(targets, *DENSITY_RANGE), bins=edges)
+        half = int(np.ceil(3 * sigma / DENSITY_BIN))
+        offsets = np.arange(-half, half + 1) * DENSITY_BIN
+        kernel = np.exp(-0.5 * (offsets / sigma) ** 2)
+        smooth = np.convolve(hist.astype(np.float64), kernel / kernel.sum(), mode="same")
+        smooth = smooth + 1e-6 * max(1, len(targets))  # no zero density in empty regions
+        return cls(values=smooth / (smooth.sum() * DENSITY_BIN))
+
+    @classmethod
+    def uniform(cls) -> LabelDensity:
+        n = int(round((DENSITY_RANGE[1] - DENSITY_RANGE[0]) / DENSITY_BIN))
+        return cls(values=np.full(n, 1.0 / (DENSITY_RANGE[1] - DENSITY_RANGE[0])))
+
+    def __call__(self, y: torch.Tensor) -> torch.Tensor:
+        idx = ((y.detach().float() - DENSITY_RANGE[0]) / DENSITY_BIN).long()
+        idx = idx.clamp(0, len(self.values) - 1)
+        return torch.as_tensor(self.values, dtype=torch.float32, device=y.device)[idx]
+
+
+def anchor_weights(
+    density: LabelDensity, y: torch.Tensor, gamma: float, clip: float
+) -> torch.Tensor:
+    """w_i = p(y_i)^-gamma, normalised to batch mean 1, then clipped at `clip`."""
+    w = density(y).clamp_min(1e-12) ** (-gamma)
+    return (w / w.mean()).clamp(max=clip)
+
+
+def negative_margins(
+    targets: torch.Tensor,
+    density: LabelDensity,
+    *,
+    delta: float,
+    tau: float,
+    mu: float,
+    gamma: float,
+    span: float,
+    weight_clip: float,
+) -> torch.Tensor:
+    """m_ij = (mu/tau) w_i min(1, (|y_i - y_j| - delta)/span) for negatives, 0 elsewhere. (B, B)."""
+    y = targets.float()
+    dist = (y[:, None] - y[None, :]).abs()
+    w = anchor_weights(density, y, gamma, weight_clip)  # (B,)
+    margin = (mu / tau) * w[:, None] * ((dist - delta) / span).clamp(0.0, 1.0)
+    return margin * (dist > delta)
+
+
+def adaptive_margin_supcon(
+    embeddings: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    density: LabelDensity,
+    delta: float = 1.0,
+    tau: float = 0.1,
+    mu: float = 0.5,
+    gamma: float = 0.5,
+    span: float = 10.0,
+    weight_clip: float = 5.0,
+) -> torch.Tensor:
+    """embeddings (B, d), targets (B,) in dB -> scalar loss (0 if no anchor has a positive)."""
+    u = F.normalize(embeddings.float(), dim=-1)
+    y = targets.float()
+    b = u.shape[0]
+    eye = torch.eye(b, dtype=torch.bool, device=u.device)
+    dist = (y[:, None] - y[None, :]).abs()  # (B, B) label distance in dB
+    pos = (dist <= delta) & ~eye
+    neg = ~pos & ~eye
+    sim = u @ u.T / tau  # (B, B)
+    margin = negative_margins(
+        y, density, delta=delta, tau=tau, mu=mu, gamma=gamma, span=span, weight_clip=weight_clip
+    )
+    logits = (sim + margin * neg).masked_fill(eye, float("-inf"))
+    log_denom = torch.logsumexp(logits, dim=1, keepdim=True)  # (B, 1)
+    log_prob = sim - log_denom
+    n_pos = pos.sum(1)
+    has_pos = n_pos > 0
+    if not has_pos.any():
+        return sim.sum() * 0.0  # keeps the graph; nothing to contrast in this batch
+    per_anchor = -(log_prob.masked_fill(~pos, 0.0)).sum(1) / n_pos.clamp_min(1)
+    return per_anchor[has_pos].mean()

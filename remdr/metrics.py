@@ -1,0 +1,69 @@
+"""Regression metrics for MD in dB, overall and per glaucoma severity bin.
+
+Bins follow the Hodapp-Parrish-Anderson staging with a normal bin: normal >= -2 dB,
+early -2..-6, moderate -6..-12, severe < -12 dB. The bin-averaged MAE weighs each present bin
+equally, so the rare severe eyes count as much as the many normal ones.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+BINS = ("normal", "early", "moderate", "severe")
+BIN_EDGES = (-2.0, -6.0, -12.0)  # dB, upper edges of early, moderate, severe
+
+
+def severity_bin(md: float) -> int:
+    """0 normal, 1 early, 2 moderate, 3 severe."""
+    if md >= BIN_EDGES[0]:
+        return 0
+    if md >= BIN_EDGES[1]:
+        return 1
+    if md >= BIN_EDGES[2]:
+        return 2
+    return 3
+
+
+def severity_bins(md: np.ndarray) -> np.ndarray:
+    md = np.asarray(md, dtype=np.float64)
+    return np.select([md >= BIN_EDGES[0], md >= BIN_EDGES[1], md >= BIN_EDGES[2]], [0, 1, 2], 3)
+
+
+def regression_metrics(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, float]:
+    """MSE (headline), MAE, RMSE, R², Pearson r, % within ±2 dB, per-bin MAE and counts,
+    and the bin-averaged MAE. Undefined values (e.g. R² of a constant target) are NaN."""
+    y = np.asarray(y_true, dtype=np.float64).ravel()
+    p = np.asarray(y_pred, dtype=np.float64).ravel()
+    if y.shape != p.shape:
+        raise ValueError(f"y_true {y.shape} and y_pred {p.shape} differ in shape")
+    n = y.size
+    if n == 0:
+        return {"n": 0}
+    err = p - y
+    mse = float(np.mean(err**2))
+    var = float(np.var(y))
+    pearson = float("nan")
+    if n > 1 and np.std(y) > 0 and np.std(p) > 0:
+        pearson = float(np.corrcoef(y, p)[0, 1])
+    out: dict[str, float] = {
+        "n": n,
+        "mse": mse,
+        "mae": float(np.mean(np.abs(err))),
+        "rmse": math.sqrt(mse),
+        "r2": 1.0 - mse / var if var > 0 else float("nan"),
+        "pearson": pearson,
+        "within_2db": float(np.mean(np.abs(err) <= 2.0) * 100.0),
+        "md_var": var,
+    }
+    bins = severity_bins(y)
+    per_bin = []
+    for b, name in enumerate(BINS):
+        mask = bins == b
+        out[f"n_{name}"] = int(mask.sum())
+        out[f"mae_{name}"] = float(np.mean(np.abs(err[mask]))) if mask.any() else float("nan")
+        if mask.any():
+            per_bin.append(out[f"mae_{name}"])
+    out["mae_bin_avg"] = float(np.mean(per_bin))
+    return out

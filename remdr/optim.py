@@ -1,0 +1,114 @@
+"""Update rules shared by the methods: gradient modulation (OGM-GE style) and SAM's two passes.
+
+Sharpness-aware gradient modulation (SAGM) is this project's reconstruction of Re-M3Dr's idea:
+1. backward the full loss -> g;
+2. modality scores s_m = EMA of each unimodal head's MSE; the weaker modality w has the larger
+   score, r = s_w / s_d >= 1, and the dominant branch gets k_d = 1 - tanh(alpha (r - 1)), k_w = 1;
+3. SAM: eps = rho g / ||g||, move to theta + eps, forward/backward again -> g', restore theta
+   exactly (copied back, not subtracted) with norm-layer running statistics left as after pass 1;
+4. scale the dominant branch's g' by k_d (optionally add OGM-GE noise) and step.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+
+class ModalityScores:
+    """EMA of each modality's unimodal MSE; a higher score means a weaker modality."""
+
+    def __init__(self, modalities: tuple[str, ...], decay: float) -> None:
+        self.modalities, self.decay = modalities, decay
+        self.values: dict[str, float] = {}
+
+    def update(self, losses: dict[str, float]) -> None:
+        for m in self.modalities:
+            if m not in losses or not math.isfinite(losses[m]):
+                continue
+            old = self.values.get(m)
+            self.values[m] = (
+                losses[m] if old is None else self.decay * old + (1 - self.decay) * losses[m]
+            )
+
+    def coefficients(self, alpha: float) -> dict[str, float]:
+        """k per modality: 1 for the weaker, 1 - tanh(alpha (r - 1)) for the dominant."""
+        k = {m: 1.0 for m in self.modalities}
+        if len(self.values) < 2 or len(self.modalities) < 2:
+            return k
+        weak = max(self.modalities, key=lambda m: self.values[m])
+        dom = min(self.modalities, key=lambda m: self.values[m])
+        if weak == dom or self.values[dom] <= 0:
+            return k
+        r = self.values[weak] / self.values[dom]
+        k[dom] = 1.0 - math.tanh(alpha * (r - 1.0))
+        return k
+
+    def state_dict(self) -> dict:
+        return {
+            "modalities": list(self.modalities),
+            "decay": self.decay,
+            "values": dict(self.values),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if tuple(state.get("modalities", ())) != self.modalities:
+            raise ValueError(
+                f"scores are for {state.get('modalities')}, not {list(self.modalities)}"
+            )
+        self.values = {
+            m: float(v) for m, v in state.get("values", {}).items() if m in self.modalities
+        }
+
+
+def scale_gradients(
+    params: list[nn.Parameter], k: float, noise: bool = False, gen: torch.Generator | None = None
+) -> None:
+    """g <- k g (+ N(0, std(g)^2) per tensor when `noise`, as OGM-GE's generalisation enhancement)."""
+    for p in params:
+        if p.grad is None:
+            continue
+        p.grad.mul_(k)
+        if noise and p.grad.numel() > 1:
+            std = p.grad.float().std()
+            eps = torch.randn(p.grad.shape, generator=gen, device="cpu").to(p.grad)
+            p.grad.add_(eps * std.to(p.grad))
+
+
+@contextmanager
+def frozen_buffers(model: nn.Module) -> Iterator[None]:
+    """Run a pass whose running statistics (BatchNorm means, variances, counters) are discarded."""
+    saved = [(b, b.detach().clone()) for b in model.buffers()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for b, copy in saved:
+                b.copy_(copy)
+
+
+def grad_norm(params: list[nn.Parameter]) -> torch.Tensor:
+    grads = [p.grad.detach().float().norm() for p in params if p.grad is not None]
+    return torch.stack(grads).norm() if grads else torch.tensor(0.0)
+
+
+@contextmanager
+def sam_perturbation(params: list[nn.Parameter], rho: float) -> Iterator[None]:
+    """Move to theta + rho g/||g|| for the body of the block, then restore theta exactly."""
+    with torch.no_grad():
+        backup = [p.detach().clone() for p in params]
+        norm = grad_norm(params)
+        scale = rho / (float(norm) + 1e-12)
+        for p in params:
+            if p.grad is not None:
+                p.add_(p.grad, alpha=scale)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for p, b in zip(params, backup, strict=True):
+                p.copy_(b)

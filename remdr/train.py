@@ -1,0 +1,188 @@
+"""The one training loop every method uses, plus evaluation and prediction."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from remdr.config import TrainConfig
+from remdr.data.dataset import EyeDataset
+from remdr.data.transforms import augment_image
+from remdr.methods import Method
+from remdr.metrics import regression_metrics
+from remdr.model import ReM3Dr
+from remdr.runtime import autocast_for, to_device
+
+log = logging.getLogger(__name__)
+
+
+def make_loader(
+    ds: EyeDataset,
+    batch_size: int,
+    *,
+    shuffle: bool,
+    seed: int,
+    device: torch.device,
+    num_workers: int = 0,
+) -> DataLoader:
+    gen = torch.Generator().manual_seed(seed)
+    return DataLoader(
+        ds,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        drop_last=shuffle and len(ds) > batch_size,  # a batch of one breaks the contrastive loss
+        generator=gen,
+        num_workers=num_workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=num_workers > 0,
+    )
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay
+    )
+
+
+def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
+    """Cosine decay to 5% of lr after a 3% warm-up; constant when asked."""
+    if cfg.schedule == "constant" or total <= 1:
+        return cfg.lr
+    warm = max(1, int(0.03 * total))
+    if step < warm:
+        return cfg.lr * (step + 1) / warm
+    t = (step - warm) / max(1, total - warm)
+    return cfg.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+@torch.no_grad()
+def predict(model: ReM3Dr, loader: DataLoader, device: torch.device) -> dict[str, np.ndarray]:
+    """Predictions in dB for every item: ``pred`` and each modality's ``pred_<m>``, plus ``md``."""
+    model.eval()
+    autocast = autocast_for(device)
+    keys = ["pred"] + [f"pred_{m}" for m in model.modalities]
+    outs: dict[str, list[np.ndarray]] = {k: [] for k in keys + ["md"]}
+    for batch in loader:
+        batch = to_device(batch, device)
+        with autocast():
+            out = model(batch.get("oct"), batch.get("fundus"))
+        for k in keys:
+            outs[k].append(model.to_db(out[k].float()).cpu().numpy())
+        outs["md"].append(batch["md"].cpu().numpy())
+    return {k: np.concatenate(v) if v else np.zeros(0) for k, v in outs.items()}
+
+
+def evaluate(model: ReM3Dr, loader: DataLoader, device: torch.device) -> dict[str, float]:
+    """Metrics of the model's output, plus each modality head's MSE (`mse_<m>`)."""
+    preds = predict(model, loader, device)
+    metrics = regression_metrics(preds["md"], preds["pred"])
+    for m in model.modalities:
+        if len(model.modalities) > 1:
+            metrics[f"mse_{m}"] = float(np.mean((preds[f"pred_{m}"] - preds["md"]) ** 2))
+    return metrics
+
+
+@dataclass
+class FitResult:
+    history: list[dict] = field(default_factory=list)
+    best_epoch: int = -1
+    best_val_mse: float = float("inf")
+    seconds: float = 0.0
+    n_steps: int = 0
+
+
+def fit(
+    model: ReM3Dr,
+    method: Method,
+    train_ds: EyeDataset,
+    cfg: TrainConfig,
+    device: torch.device,
+    *,
+    val_ds: EyeDataset | None = None,
+    epochs: int | None = None,
+    augment: bool = True,
+    keep_best: bool = True,
+    progress: bool = True,
+    desc: str = "train",
+) -> FitResult:
+    """Train `model` in place with `method` for `epochs` (default `cfg.epochs`).
+
+    With a validation set, the weights of the epoch with the lowest validation MSE are kept
+    (`keep_best`); without one, the last weights are kept.
+    """
+    epochs = epochs or cfg.epochs
+    loader = make_loader(
+        train_ds,
+        cfg.batch_size,
+        shuffle=True,
+        seed=cfg.seed,
+        device=device,
+        num_workers=cfg.num_workers,
+    )
+    val_loader = (
+        make_loader(
+            val_ds,
+            cfg.batch_size * 2,
+            shuffle=False,
+            seed=cfg.seed,
+            device=device,
+            num_workers=cfg.num_workers,
+        )
+        if val_ds is not None and len(val_ds)
+        else None
+    )
+    optimizer = make_optimizer(model, cfg)
+    autocast = autocast_for(device)
+    aug_gen = torch.Generator().manual_seed(cfg.seed + 1)
+    total = epochs * len(loader)
+    result, best_state = FitResult(), None
+    start, step = time.perf_counter(), 0
+    bar = tqdm(total=total, desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
+    for epoch in range(epochs):
+        model.train()
+        sums: dict[str, float] = {}
+        n_batches = 0
+        for batch in loader:
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step, total, cfg)
+            batch = to_device(batch, device)
+            if augment:
+                for m in model.modalities:
+                    batch[m] = augment_image(batch[m], aug_gen)
+            parts = method.step(model, optimizer, batch, epoch, autocast)
+            for k, v in parts.items():
+                sums[k] = sums.get(k, 0.0) + v
+            n_batches += 1
+            step += 1
+            bar.update(1)
+            bar.set_postfix(epoch=epoch + 1, loss=f"{parts['loss']:.3f}")
+        record = {
+            "epoch": epoch + 1,
+            **{f"train_{k}": v / max(1, n_batches) for k, v in sums.items()},
+        }
+        if val_loader is not None:
+            val = evaluate(model, val_loader, device)
+            record.update(
+                {f"val_{k}": v for k, v in val.items() if k in ("mse", "mae", "mae_bin_avg")}
+            )
+            if val["mse"] < result.best_val_mse:
+                result.best_val_mse, result.best_epoch = val["mse"], epoch + 1
+                if keep_best:
+                    best_state = copy.deepcopy(model.state_dict())
+            bar.set_postfix(epoch=epoch + 1, val_mse=f"{val['mse']:.2f}")
+        result.history.append(record)
+        log.debug("epoch %d: %s", epoch + 1, record)
+    bar.close()
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    result.seconds = time.perf_counter() - start
+    result.n_steps = step
+    return result

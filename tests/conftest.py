@@ -1,0 +1,42 @@
+"""Shared fixtures: tiny synthetic datasets on disk and a CPU-sized config."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+
+from remdr.config import ExperimentConfig, apply_overrides  # noqa: E402
+from remdr.data.synthetic import SyntheticSpec, generate  # noqa: E402
+
+TINY = {
+    "image-size": 32,
+    "n-bscans": 2,
+    "embed-dim": 16,
+    "fusion-hidden": 16,
+    "epochs": 1,
+    "batch-size": 8,
+    "device": "cpu",
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    """48 eyes, 32 px, 6 B-scans: enough for every code path, seconds to train on."""
+    out = tmp_path_factory.mktemp("tiny")
+    generate(out, SyntheticSpec(n=48, size=32, depth=6, n_sites=2, seed=1))
+    return out
+
+
+@pytest.fixture()
+def tiny_cfg() -> ExperimentConfig:
+    return apply_overrides(ExperimentConfig(), TINY)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("REMDR_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))

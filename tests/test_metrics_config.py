@@ -1,0 +1,74 @@
+import math
+
+import numpy as np
+import pytest
+
+from remdr.config import ExperimentConfig, apply_overrides, flat_keys
+from remdr.errors import ConfigError
+from remdr.metrics import regression_metrics, severity_bin
+
+
+def test_metrics_known_values():
+    y = np.array([0.0, -4.0, -8.0, -20.0])
+    p = np.array([1.0, -4.0, -10.0, -17.0])
+    m = regression_metrics(y, p)
+    assert m["mse"] == pytest.approx((1 + 0 + 4 + 9) / 4)
+    assert m["mae"] == pytest.approx(1.5)
+    assert m["rmse"] == pytest.approx(math.sqrt(3.5))
+    assert m["within_2db"] == pytest.approx(75.0)
+    assert (m["mae_normal"], m["mae_early"], m["mae_moderate"], m["mae_severe"]) == (
+        1.0,
+        0.0,
+        2.0,
+        3.0,
+    )
+    assert m["mae_bin_avg"] == pytest.approx(1.5)
+    assert m["r2"] == pytest.approx(1 - 3.5 / np.var(y))
+    assert m["pearson"] == pytest.approx(np.corrcoef(y, p)[0, 1])
+
+
+def test_bin_edges():
+    assert [severity_bin(v) for v in (-2.0, -2.01, -6.0, -6.01, -12.0, -12.01)] == [
+        0,
+        1,
+        1,
+        2,
+        2,
+        3,
+    ]
+
+
+def test_bin_average_ignores_empty_bins():
+    m = regression_metrics(np.array([0.0, -1.0]), np.array([1.0, 0.0]))
+    assert math.isnan(m["mae_severe"]) and m["mae_bin_avg"] == pytest.approx(1.0)
+
+
+def test_overrides_map_kebab_keys_and_coerce_types():
+    cfg = apply_overrides(
+        ExperimentConfig(), {"image-size": "48", "con_mu": 0.2, "augment": "false", "method": "oct"}
+    )
+    assert cfg.data.image_size == 48 and cfg.method.con_mu == 0.2 and cfg.data.augment is False
+    assert cfg.train.method == "oct"
+    assert len(flat_keys()) == sum(len(vars(s)) for s in vars(ExperimentConfig()).values())
+
+
+def test_unknown_and_bad_keys_reported_together():
+    with pytest.raises(ConfigError) as err:
+        apply_overrides(ExperimentConfig(), {"image-sise": 3, "epochs": "x", "lr": -1})
+    msg = str(err.value)
+    assert "image-size" in msg and "epochs" in msg and "2 problems" in msg
+
+
+def test_validation_collects_every_problem():
+    with pytest.raises(ConfigError) as err:
+        apply_overrides(
+            ExperimentConfig(), {"oct-view": "volume", "fundus-channels": 2, "image-size": 8}
+        )
+    assert "3 problems" in str(err.value)
+
+
+def test_config_dict_round_trip():
+    cfg = apply_overrides(ExperimentConfig(), {"embed-dim": 8})
+    assert ExperimentConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ConfigError, match="unknown config key"):
+        ExperimentConfig.from_dict({"data": {"bogus": 1}})
