@@ -1,0 +1,93 @@
+"""A generic `manifest.csv`: one row per eye, images as PNG/JPEG/npy files beside it.
+
+Columns: ``eye_id, md, oct_path, fundus_path`` and optionally ``patient_id, site``. Paths are
+relative to the manifest's folder. An OCT image is 2D (used as the RNFLT-style map) or a 3D npy
+volume (D, H, W) (used for the B-scan view).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image, UnidentifiedImageError
+
+from remdr.data.records import EyeRecord, LoadReport, check_image_shape, check_md
+from remdr.errors import DataError
+
+REQUIRED = ("eye_id", "md", "oct_path", "fundus_path")  # md is optional when predicting
+OCT_NDIM = {"bscans": (3,), "rnflt": (2,)}
+
+
+def read_image(path: Path) -> np.ndarray:
+    """Decode an image file to an array: npy as stored, PNG/JPEG as (H, W) or (H, W, C)."""
+    if path.suffix.lower() == ".npy":
+        return np.load(path, allow_pickle=False)
+    with Image.open(path) as im:
+        im.load()
+        if im.mode not in ("L", "RGB", "I;16", "I", "F"):
+            im = im.convert("RGB")
+        return np.asarray(im)
+
+
+def _check_image(path: Path, name: str, ndim: tuple[int, ...]) -> str:
+    if not path.is_file():
+        return f"{name} file missing"
+    try:
+        arr = read_image(path)
+    except (OSError, ValueError, UnidentifiedImageError, SyntaxError):
+        return f"{name} file unreadable"
+    if arr.dtype.kind not in "uif":
+        return f"{name} has wrong dtype"
+    return check_image_shape(arr.shape, ndim, name)
+
+
+def scan_manifest(csv_path: Path, oct_view: str, report: LoadReport, require_md: bool = True) -> list[EyeRecord]:
+    root = csv_path.parent
+    try:
+        df = pd.read_csv(csv_path, dtype={"eye_id": str, "patient_id": str, "site": str})
+    except (OSError, ValueError, pd.errors.ParserError) as err:
+        raise DataError(f"cannot read {csv_path.name}", str(err).splitlines()[0]) from None
+    missing = [c for c in REQUIRED if c not in df.columns and (require_md or c != "md")]
+    if missing:
+        raise DataError(
+            f"{csv_path.name} lacks column(s) {', '.join(missing)}",
+            f"needs {', '.join(REQUIRED)} [, patient_id, site]",
+        )
+    records: list[EyeRecord] = []
+    for i, row in enumerate(df.itertuples(index=False)):
+        report.n_seen += 1
+        where = f"{csv_path.name}:{i + 2}"
+        md, reason = check_md(getattr(row, "md", None))
+        if md is None:
+            if require_md:
+                report.skip(reason, where)
+                continue
+            md = float("nan")
+        oct_path, fundus_path = root / str(row.oct_path), root / str(row.fundus_path)
+        reason = _check_image(oct_path, "oct", OCT_NDIM[oct_view]) or _check_image(
+            fundus_path, "fundus", (2, 3)
+        )
+        if reason:
+            report.skip(reason, where)
+            continue
+        patient = getattr(row, "patient_id", None)
+        site = getattr(row, "site", None)
+        report.n_ok += 1
+        records.append(
+            EyeRecord(
+                eye_id=str(row.eye_id),
+                patient_id=str(patient) if isinstance(patient, str) and patient else str(row.eye_id),
+                md=md,
+                source="manifest",
+                path=str(oct_path),
+                fundus_path=str(fundus_path),
+                site=str(site) if isinstance(site, str) else "",
+            )
+        )
+    return records
+
+
+def load_manifest_arrays(record: EyeRecord) -> tuple[np.ndarray, np.ndarray]:
+    return read_image(Path(record.path)), read_image(Path(record.fundus_path))

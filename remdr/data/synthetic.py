@@ -1,0 +1,216 @@
+"""Seeded synthetic eyes in the Harvard FairVision npz layout (the embedded default dataset).
+
+Files are written exactly as the real loader reads them, so tests and demos exercise the real
+path. One file per eye, ``data_00001.npz`` ..., with keys ``oct_bscans`` (D, S, S) uint8,
+``slo_fundus`` (S, S) uint8, ``md`` (dB), ``age``, ``male``, ``race`` (a string, as in some
+Harvard releases) and two extras the real datasets lack: ``rnflt`` (S, S) float32 in µm, so the
+RNFLT view can be tried, and ``patient_id``/``site`` so patient splits and site partitions exist.
+
+Generative model (all draws from one ``numpy.random.Generator(seed)``):
+
+* Patients have two eyes. Patient severity ``s_p ~ Beta(0.5, 3)``; each eye
+  ``s = clip(s_p + N(0, 0.05^2), 0, 1)``. This gives an imbalanced MD distribution: about 55% of
+  eyes normal (MD >= -2 dB), 22% early, 15% moderate and 8% severe (< -12 dB).
+* ``MD_true = 1 - 31 s`` dB and ``MD_obs = MD_true + N(0, sigma^2)`` with ``sigma = noise_sd``
+  (default 1 dB, the perimetry test-retest noise). The best possible test MSE is ``sigma^2``.
+* OCT, with a floor effect: global RNFL thickness ``T = 45 + 55 exp(-4.5 s)`` µm times an anatomical
+  factor ``1 + N(0, 0.06^2)``. T falls fast in early disease and saturates near 45 µm beyond about
+  -12 dB, so OCT says little about how severe a severe eye is. The RNFLT map is
+  ``T * a(theta) * radial(r)`` around a jittered disc centre (superior and inferior arcuate humps)
+  plus an inferior wedge defect of depth proportional to s and N(0, 3 µm) noise. Each of the D
+  B-scans cuts one evenly spaced row of that map: vitreous, an RNFL band whose height is
+  proportional to the local thickness, two deeper layers and choroid, with multiplicative
+  Gamma(4, 1/4) speckle.
+* Fundus (SLO, grey), with no floor: cup-to-disc ratio ``CDR = 0.25 + 0.6 s + N(0, 0.04^2)``, a
+  bright disc of jittered radius and position with a brighter cup of radius CDR * R, a vignetted
+  background, a few dark vessels and N(0, 8^2) pixel noise. Cupping keeps informing in severe eyes.
+* Per-site device shift: each of ``n_sites`` sites (patients assigned uniformly) has its own gain
+  and offset for both modalities and its own speckle level.
+
+CLI: ``python -m remdr.data.synthetic --out DIR --n 1200 --size 64 --seed 0``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+RACES = ("Asian", "Black", "White")
+
+
+@dataclass
+class SyntheticSpec:
+    n: int = 1200  # eyes
+    size: int = 64  # pixels (S)
+    depth: int = 16  # B-scans per OCT volume (D)
+    n_sites: int = 4
+    noise_sd: float = 1.0  # dB; label noise, the floor of achievable MSE is noise_sd**2
+    seed: int = 0
+
+
+@dataclass
+class _Site:
+    oct_gain: float
+    oct_offset: float
+    speckle_shape: float
+    fundus_gain: float
+    fundus_offset: float
+
+
+def _site_shifts(n_sites: int, rng: np.random.Generator) -> list[_Site]:
+    return [
+        _Site(
+            oct_gain=rng.uniform(0.8, 1.2),
+            oct_offset=rng.uniform(-15, 15),
+            speckle_shape=rng.choice([3.0, 4.0, 6.0]),
+            fundus_gain=rng.uniform(0.85, 1.15),
+            fundus_offset=rng.uniform(-20, 20),
+        )
+        for _ in range(n_sites)
+    ]
+
+
+def _rnflt_map(s: float, size: int, rng: np.random.Generator) -> np.ndarray:
+    """RNFL thickness map in µm, (S, S) float32."""
+    thickness = (45.0 + 55.0 * np.exp(-4.5 * s)) * (1.0 + rng.normal(0, 0.06))
+    cx, cy = size / 2 + rng.normal(0, size * 0.03, size=2)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    dx, dy = (xx - cx) / size, (yy - cy) / size
+    r, theta = np.hypot(dx, dy), np.arctan2(dy, dx)
+    arcuate = 0.55 + 0.45 * np.sin(theta) ** 2  # humps above and below the disc
+    radial = np.exp(-(((r - 0.28) / 0.2) ** 2))
+    wedge = np.exp(-(((theta - np.pi / 2) / 0.5) ** 2)) * (r > 0.1)  # inferior (image down)
+    rnflt = thickness * arcuate * radial * (1.0 - 0.5 * s * wedge) + 10.0
+    return (rnflt + rng.normal(0, 3.0, rnflt.shape)).astype(np.float32)
+
+
+def _bscans(rnflt: np.ndarray, depth: int, site: _Site, rng: np.random.Generator) -> np.ndarray:
+    """D B-scans through the map's rows, (D, S, S) uint8: rows are depth z, columns are x."""
+    size = rnflt.shape[0]
+    rows = np.linspace(0, size - 1, depth + 2)[1:-1].round().astype(int)
+    z = np.arange(size, dtype=np.float32)[None, :, None]  # (1, Z, 1)
+    x = np.arange(size, dtype=np.float32)
+    surface = 0.3 * size + 0.04 * size * ((x - size / 2) / (size / 2)) ** 2  # (X,)
+    surface = surface[None, None, :] + rng.normal(0, 0.5)
+    band = rnflt[rows][:, None, :] * (size / 400.0)  # µm -> px, (D, 1, X)
+    rnfl_bottom = surface + band
+    img = np.full((depth, size, size), 12.0, dtype=np.float32)
+    img = np.where(z >= surface, 200.0, img)
+    img = np.where(z >= rnfl_bottom, 115.0, img)
+    img = np.where(z >= rnfl_bottom + 0.08 * size, 75.0, img)
+    img = np.where(z >= rnfl_bottom + 0.2 * size, 140.0, img)  # RPE / choroid
+    speckle = rng.gamma(site.speckle_shape, 1.0 / site.speckle_shape, img.shape)
+    img = img * speckle * site.oct_gain + site.oct_offset
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def _fundus(s: float, size: int, site: _Site, rng: np.random.Generator) -> np.ndarray:
+    """SLO fundus, (S, S) uint8, with a cup-to-disc ratio that grows linearly with severity."""
+    cdr = np.clip(0.25 + 0.6 * s + rng.normal(0, 0.04), 0.1, 0.95)
+    radius = size * 0.13 * (1.0 + rng.normal(0, 0.08))
+    cx, cy = size / 2 + rng.normal(0, size * 0.04, size=2)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    d = np.hypot(xx - cx, yy - cy)
+    r_full = np.hypot(xx - size / 2, yy - size / 2) / (size / 2)
+    img = 95.0 - 35.0 * r_full**2  # vignetted background
+    img = np.where(d <= radius, 165.0, img)
+    img = np.where(d <= cdr * radius, 225.0, img)
+    for _ in range(4):  # dark vessels leaving the disc
+        angle, curve = rng.uniform(0, 2 * np.pi), rng.normal(0, 0.6)
+        t = np.linspace(radius, size * 0.7, 4 * size)
+        vx = cx + t * np.cos(angle + curve * t / size)
+        vy = cy + t * np.sin(angle + curve * t / size)
+        ok = (vx >= 0) & (vx < size) & (vy >= 0) & (vy < size)
+        img[vy[ok].astype(int), vx[ok].astype(int)] -= 40.0
+    img = img * site.fundus_gain + site.fundus_offset + rng.normal(0, 8.0, img.shape)
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def generate(out: Path | str, spec: SyntheticSpec | None = None) -> dict:
+    """Write ``spec.n`` eye files plus ``synthetic.json`` into ``out``; return the metadata."""
+    spec = spec or SyntheticSpec()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(spec.seed)
+    sites = _site_shifts(spec.n_sites, rng)
+    n_patients = (spec.n + 1) // 2
+    patient_s = rng.beta(0.5, 3.0, n_patients)
+    patient_site = rng.integers(0, spec.n_sites, n_patients)
+    mds = []
+    for i in range(spec.n):
+        p = i // 2
+        s = float(np.clip(patient_s[p] + rng.normal(0, 0.05), 0.0, 1.0))
+        site = sites[patient_site[p]]
+        md_true = 1.0 - 31.0 * s
+        md = md_true + rng.normal(0, spec.noise_sd)
+        rnflt = _rnflt_map(s, spec.size, rng)
+        np.savez_compressed(
+            out / f"data_{i + 1:05d}.npz",
+            oct_bscans=_bscans(rnflt, spec.depth, site, rng),
+            slo_fundus=_fundus(s, spec.size, site, rng),
+            rnflt=rnflt,
+            md=np.float32(md),
+            age=np.float32(np.clip(50 + 20 * s + rng.normal(0, 10), 20, 90)),
+            male=np.int64(rng.integers(0, 2)),
+            race=np.str_(RACES[rng.integers(0, len(RACES))]),
+            patient_id=np.str_(f"P{p + 1:05d}"),
+            site=np.int64(patient_site[p]),
+        )
+        mds.append(md)
+    mds_arr = np.asarray(mds)
+    meta = {
+        "generator": "remdr.data.synthetic",
+        "spec": asdict(spec),
+        "label_noise_sd_db": spec.noise_sd,
+        "md_mean": float(mds_arr.mean()),
+        "md_var": float(mds_arr.var()),
+        "severity_counts": {
+            "normal": int((mds_arr >= -2).sum()),
+            "early": int(((mds_arr < -2) & (mds_arr >= -6)).sum()),
+            "moderate": int(((mds_arr < -6) & (mds_arr >= -12)).sum()),
+            "severe": int((mds_arr < -12).sum()),
+        },
+    }
+    (out / "synthetic.json").write_text(json.dumps(meta, indent=2))
+    return meta
+
+
+def ensure(out: Path | str, spec: SyntheticSpec | None = None) -> Path:
+    """Generate into ``out`` unless a complete set with the same spec is already there."""
+    spec = spec or SyntheticSpec()
+    out = Path(out)
+    meta_file = out / "synthetic.json"
+    if meta_file.exists():
+        try:
+            if json.loads(meta_file.read_text()).get("spec") == asdict(spec):
+                return out
+        except json.JSONDecodeError:
+            pass
+    generate(out, spec)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m remdr.data.synthetic", description=__doc__.split("\n")[0])
+    ap.add_argument("--out", required=True, help="output directory")
+    for f, default in asdict(SyntheticSpec()).items():
+        if f != "seed":
+            ap.add_argument(f"--{f.replace('_', '-')}", type=type(default), default=default)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    spec = SyntheticSpec(**{k: getattr(args, k) for k in asdict(SyntheticSpec())})
+    if spec.n < 2 or spec.size < 16 or spec.depth < 1 or spec.n_sites < 1:
+        print("error: need --n >= 2, --size >= 16, --depth >= 1, --n-sites >= 1", file=sys.stderr)
+        return 2
+    meta = generate(args.out, spec)
+    print(f"wrote {spec.n} eyes to {args.out}: {meta['severity_counts']}, MD variance {meta['md_var']:.1f} dB^2")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
