@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -145,7 +146,8 @@ def fit(
     total = epochs * len(loader)
     result, best_state = FitResult(), None
     start, step = time.perf_counter(), 0
-    bar = tqdm(total=total, desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
+    interactive = progress and sys.stderr.isatty()  # a bar on a terminal, a line per epoch in logs
+    bar = tqdm(total=total, desc=desc, disable=not interactive, leave=False, dynamic_ncols=True)
     for epoch in range(epochs):
         model.train()
         sums: dict[str, float] = {}
@@ -179,7 +181,16 @@ def fit(
                     best_state = copy.deepcopy(model.state_dict())
             bar.set_postfix(epoch=epoch + 1, val_mse=f"{val['mse']:.2f}")
         result.history.append(record)
-        log.debug("epoch %d: %s", epoch + 1, record)
+        if progress and not interactive:
+            val_note = f", val MSE {record['val_mse']:.2f}" if "val_mse" in record else ""
+            log.info(
+                "%s epoch %d/%d: loss %.3f%s",
+                desc,
+                epoch + 1,
+                epochs,
+                record["train_loss"],
+                val_note,
+            )
     bar.close()
     if best_state is not None:
         model.load_state_dict(best_state)

@@ -35,7 +35,12 @@ def supcon_reference(z: torch.Tensor, y: torch.Tensor, delta: float, tau: float)
 
 def _labels(n: int = 16, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    y = torch.cat([torch.zeros(n // 2) - torch.rand(n // 2, generator=g), -20 * torch.rand(n // 2, generator=g)])
+    y = torch.cat(
+        [
+            torch.zeros(n // 2) - torch.rand(n // 2, generator=g),
+            -20 * torch.rand(n // 2, generator=g),
+        ]
+    )
     return torch.randn(n, 8, generator=g, dtype=torch.float64), y
 
 
@@ -65,7 +70,9 @@ def test_margin_raises_the_loss_and_anchors_without_positives_are_skipped():
     plain = adaptive_margin_supcon(z, y, density=density, mu=0.0, **KW)
     assert adaptive_margin_supcon(z, y, density=density, mu=0.5, **KW) > plain
     lonely = torch.tensor([0.0, -10.0, -20.0, -30.0])  # no positive pairs at all
-    loss = adaptive_margin_supcon(torch.randn(4, 8, requires_grad=True), lonely, density=density, mu=0.5, **KW)
+    loss = adaptive_margin_supcon(
+        torch.randn(4, 8, requires_grad=True), lonely, density=density, mu=0.5, **KW
+    )
     assert loss.item() == 0.0 and loss.requires_grad
 
 
@@ -95,7 +102,9 @@ def test_gradient_reaches_both_encoders(tiny_cfg, tiny_data):
     loss.backward()
     assert parts["con_oct"] > 0 and parts["con_fundus"] > 0
     for m in ("oct", "fundus"):
-        grads = [p.grad.abs().sum() for p in model.branches[m].encoder.parameters() if p.grad is not None]
+        grads = [
+            p.grad.abs().sum() for p in model.branches[m].encoder.parameters() if p.grad is not None
+        ]
         assert grads and sum(grads) > 0
 
 
@@ -122,7 +131,9 @@ def test_two_pass_step_updates_running_stats_once(name, tiny_cfg, tiny_data):
         assert torch.equal(bufs[k], v), k
     assert any("num_batches_tracked" in k and v.item() == 1 for k, v in bufs.items())
     # lr = 0: after both passes the weights are bit-for-bit where they started
-    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), reference.parameters(), strict=True))
+    assert all(
+        torch.equal(a, b) for a, b in zip(model.parameters(), reference.parameters(), strict=True)
+    )
 
 
 def test_frozen_buffers_discard_a_pass(tiny_cfg, tiny_data):
@@ -140,7 +151,10 @@ def test_sagm_scales_only_the_dominant_encoder(tiny_cfg, tiny_data):
     model_b.load_state_dict(model.state_dict())
     for m in (method, plain):
         m.scores.values = {"oct": 0.05, "fundus": 2.0}
-    opt_a, opt_b = torch.optim.SGD(model.parameters(), lr=0.0), torch.optim.SGD(model_b.parameters(), lr=0.0)
+    opt_a, opt_b = (
+        torch.optim.SGD(model.parameters(), lr=0.0),
+        torch.optim.SGD(model_b.parameters(), lr=0.0),
+    )
     method.step(model, opt_a, batch, epoch=0)
     plain.step(model_b, opt_b, batch, epoch=0)
     k = method.last_k

@@ -72,7 +72,9 @@ class EyeDataset(TorchDataset):
         self.records, self.cfg = records, cfg
         k = cfg.n_bscans if cfg.oct_view == "bscans" else 1
         per_item = 2 * cfg.image_size**2 * (k + cfg.fundus_channels)
-        self.cache_enabled = cache if cache is not None else per_item * len(records) < CACHE_LIMIT_BYTES
+        self.cache_enabled = (
+            cache if cache is not None else per_item * len(records) < CACHE_LIMIT_BYTES
+        )
         self._cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def __len__(self) -> int:

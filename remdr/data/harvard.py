@@ -79,7 +79,9 @@ def read_npz_record(
     try:
         with np.load(path, allow_pickle=False) as z:
             raw_md = z[MD_KEY] if MD_KEY in z.files else None
-            md, reason = check_md(raw_md.item() if raw_md is not None and raw_md.size == 1 else None)
+            md, reason = check_md(
+                raw_md.item() if raw_md is not None and raw_md.size == 1 else None
+            )
             extras = {k: _scalar(z[k]) for k in z.files if k in DEMOGRAPHIC_KEYS and z[k].size == 1}
             patient = _scalar(z["patient_id"]) if "patient_id" in z.files else path.stem
             site = _scalar(z["site"]) if "site" in z.files else ""
@@ -109,7 +111,9 @@ def load_npz_arrays(record: EyeRecord, oct_view: str) -> tuple[np.ndarray, np.nd
         return np.asarray(z[OCT_KEYS[oct_view]]), np.asarray(z[FUNDUS_KEY])
 
 
-def scan_npz_dir(root: Path, oct_view: str, report: LoadReport, require_md: bool = True) -> list[EyeRecord]:
+def scan_npz_dir(
+    root: Path, oct_view: str, report: LoadReport, require_md: bool = True
+) -> list[EyeRecord]:
     """Records of a folder of npz files, flat or in train/ val/ test/ subfolders."""
     records: list[EyeRecord] = []
     split_dirs = [s for s in ("train", "val", "test") if (root / s).is_dir()]

@@ -33,14 +33,18 @@ class Dataset:
 
 def detect_format(path: Path) -> str:
     if not path.exists():
-        raise DataError(f"data path {path} does not exist", "", "pass the folder that holds the eyes")
+        raise DataError(
+            f"data path {path} does not exist", "", "pass the folder that holds the eyes"
+        )
     if path.is_file():
         if path.name.endswith(".csv"):
             return "manifest"
         raise DataError(f"{path} is a file", "expected a folder or a manifest .csv")
     if (path / "manifest.csv").is_file():
         return "manifest"
-    if any(path.glob("*.npz")) or any(any((path / s).glob("*.npz")) for s in ("train", "val", "test")):
+    if any(path.glob("*.npz")) or any(
+        any((path / s).glob("*.npz")) for s in ("train", "val", "test")
+    ):
         return "harvard-npz"
     raise DataError(
         f"no eye data in {path}",

@@ -43,7 +43,9 @@ def _check_image(path: Path, name: str, ndim: tuple[int, ...]) -> str:
     return check_image_shape(arr.shape, ndim, name)
 
 
-def scan_manifest(csv_path: Path, oct_view: str, report: LoadReport, require_md: bool = True) -> list[EyeRecord]:
+def scan_manifest(
+    csv_path: Path, oct_view: str, report: LoadReport, require_md: bool = True
+) -> list[EyeRecord]:
     root = csv_path.parent
     try:
         df = pd.read_csv(csv_path, dtype={"eye_id": str, "patient_id": str, "site": str})
@@ -78,7 +80,9 @@ def scan_manifest(csv_path: Path, oct_view: str, report: LoadReport, require_md:
         records.append(
             EyeRecord(
                 eye_id=str(row.eye_id),
-                patient_id=str(patient) if isinstance(patient, str) and patient else str(row.eye_id),
+                patient_id=str(patient)
+                if isinstance(patient, str) and patient
+                else str(row.eye_id),
                 md=md,
                 source="manifest",
                 path=str(oct_path),

@@ -196,7 +196,9 @@ def ensure(out: Path | str, spec: SyntheticSpec | None = None) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m remdr.data.synthetic", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(
+        prog="python -m remdr.data.synthetic", description=__doc__.split("\n")[0]
+    )
     ap.add_argument("--out", required=True, help="output directory")
     for f, default in asdict(SyntheticSpec()).items():
         if f != "seed":
@@ -208,7 +210,9 @@ def main(argv: list[str] | None = None) -> int:
         print("error: need --n >= 2, --size >= 16, --depth >= 1, --n-sites >= 1", file=sys.stderr)
         return 2
     meta = generate(args.out, spec)
-    print(f"wrote {spec.n} eyes to {args.out}: {meta['severity_counts']}, MD variance {meta['md_var']:.1f} dB^2")
+    print(
+        f"wrote {spec.n} eyes to {args.out}: {meta['severity_counts']}, MD variance {meta['md_var']:.1f} dB^2"
+    )
     return 0
 
 

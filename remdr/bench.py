@@ -1,0 +1,182 @@
+"""Benchmarks: methods compared on the same splits and seeds, and training speed ratios.
+
+Speed is measured, never asserted: step times of several methods are taken in the same process,
+interleaved round by round after a warm-up, so machine noise hits all of them alike, and reported
+as ratios to `concat`.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import logging
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from remdr.config import ExperimentConfig
+from remdr.experiment import SplitData, train_and_test
+from remdr.methods import create_method
+from remdr.metrics import BINS
+from remdr.runtime import autocast_for, prepare_model, resolve_device, seed_everything, to_device
+from remdr.train import make_loader, make_optimizer
+
+log = logging.getLogger(__name__)
+
+TABLE_COLUMNS = (
+    ("mse", "MSE", min),
+    ("mae", "MAE", min),
+    ("r2", "R²", max),
+    ("pearson", "Pearson", max),
+    *((f"mae_{b}", f"MAE {b}", min) for b in BINS),
+    ("mae_bin_avg", "bin-avg MAE", min),
+)
+
+
+def run_methods(
+    cfg: ExperimentConfig,
+    data: SplitData,
+    methods: list[str],
+    seeds: list[int],
+    on_result: Callable[[dict], None] | None = None,
+    progress: bool = True,
+) -> tuple[list[dict], dict[str, dict[str, np.ndarray]]]:
+    """Train every method with every seed on the same split; return result rows and, per method,
+    the first seed's test predictions (for plots)."""
+    rows: list[dict] = []
+    preds: dict[str, dict[str, np.ndarray]] = {}
+    for seed in seeds:
+        for name in methods:
+            run_cfg = dataclasses.replace(
+                cfg, train=dataclasses.replace(cfg.train, method=name, seed=seed)
+            )
+            out = train_and_test(run_cfg, data, progress=progress, desc=f"{name} s{seed}")
+            row = {
+                "method": name,
+                "seed": seed,
+                "train_seconds": out.fit.seconds,
+                **out.test_metrics,
+            }
+            rows.append(row)
+            preds.setdefault(name, {"md": out.test_preds["md"], "pred": out.test_preds["pred"]})
+            if on_result:
+                on_result(row)
+    return rows, preds
+
+
+def summarise(rows: list[dict], methods: list[str]) -> dict[str, dict[str, float]]:
+    """Mean and std over seeds of every metric, per method (keys `k` and `k_std`)."""
+    out: dict[str, dict[str, float]] = {}
+    for name in methods:
+        mine = [r for r in rows if r["method"] == name]
+        summary: dict[str, float] = {"runs": len(mine)}
+        for key in [k for k, _, _ in TABLE_COLUMNS] + ["train_seconds", "within_2db"]:
+            vals = [r[key] for r in mine if key in r and np.isfinite(r[key])]
+            summary[key] = float(np.mean(vals)) if vals else float("nan")
+            summary[f"{key}_std"] = float(np.std(vals)) if len(vals) > 1 else 0.0
+        out[name] = summary
+    return out
+
+
+def markdown_table(summary: dict[str, dict[str, float]], note: str = "") -> str:
+    """Mean ± std per method, the best mean per column in bold."""
+    names = list(summary)
+    best = {}
+    for key, _, pick in TABLE_COLUMNS:
+        vals = [summary[n][key] for n in names if np.isfinite(summary[n][key])]
+        best[key] = pick(vals) if vals else None
+    head = "| method | " + " | ".join(label for _, label, _ in TABLE_COLUMNS) + " | s/run |"
+    sep = "|---" * (len(TABLE_COLUMNS) + 2) + "|"
+    lines = [head, sep]
+    for n in names:
+        cells = []
+        for key, _, _ in TABLE_COLUMNS:
+            v, s = summary[n][key], summary[n][f"{key}_std"]
+            cell = "n/a" if not np.isfinite(v) else f"{v:.2f} ± {s:.2f}"
+            cells.append(f"**{cell}**" if best[key] is not None and v == best[key] else cell)
+        lines.append(f"| {n} | " + " | ".join(cells) + f" | {summary[n]['train_seconds']:.0f} |")
+    return "\n".join(lines) + ("\n\n" + note if note else "") + "\n"
+
+
+def write_results(
+    out: Path, rows: list[dict], summary: dict[str, dict[str, float]], note: str
+) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    keys = sorted({k for r in rows for k in r}, key=lambda k: (k not in ("method", "seed"), k))
+    with (out / "results.csv").open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(rows)
+    (out / "results.md").write_text(markdown_table(summary, note))
+
+
+# -- speed ---------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class SpeedResult:
+    method: str
+    step_seconds: float  # median over rounds
+    pairs_per_second: float
+    peak_memory_mb: float | None  # CUDA only
+
+
+def measure_speed(
+    cfg: ExperimentConfig,
+    data: SplitData,
+    methods: list[str],
+    *,
+    steps: int = 5,
+    rounds: int = 5,
+    warmup: int = 3,
+) -> list[SpeedResult]:
+    """Per-step training time of each method on the same batches, interleaved by round."""
+    device = resolve_device(cfg.train.device)
+    seed_everything(cfg.train.seed, device)
+    loader = make_loader(data.train, cfg.train.batch_size, shuffle=True, seed=0, device=device)
+    batches = []
+    for b in loader:
+        batches.append(to_device(b, device))
+        if len(batches) == steps:
+            break
+    autocast = autocast_for(device)
+    runners = {}
+    for name in methods:
+        method = create_method(name, cfg.method)
+        method.setup(data.train.targets())
+        model = prepare_model(method.build_model(cfg.model, cfg.data), device).train()
+        runners[name] = (method, model, make_optimizer(model, cfg.train))
+
+    def run(name: str, n_steps: int) -> float:
+        method, model, opt = runners[name]
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        for i in range(n_steps):
+            method.step(model, opt, batches[i % len(batches)], 0, autocast)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return (time.perf_counter() - t) / n_steps
+
+    peaks: dict[str, float | None] = {}
+    for name in methods:
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        run(name, warmup)
+        peaks[name] = (
+            torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+        )
+    times: dict[str, list[float]] = {n: [] for n in methods}
+    for r in range(rounds):
+        order = methods if r % 2 == 0 else list(reversed(methods))
+        for name in order:
+            times[name].append(run(name, len(batches)))
+    batch = batches[0]["md"].shape[0]
+    return [
+        SpeedResult(n, statistics.median(times[n]), batch / statistics.median(times[n]), peaks[n])
+        for n in methods
+    ]

@@ -1,0 +1,92 @@
+"""remdr-bench on tiny data: every output is written and the table marks the best."""
+
+from __future__ import annotations
+
+import csv
+
+from remdr.bench import markdown_table
+from remdr.cli import bench
+
+TINY = [
+    "--image-size",
+    "32",
+    "--n-bscans",
+    "2",
+    "--epochs",
+    "1",
+    "--batch-size",
+    "8",
+    "--device",
+    "cpu",
+    "--set",
+    "embed-dim=16",
+    "--quiet",
+]
+
+
+def test_methods_bench_writes_results(tiny_data, tmp_path, capsys):
+    out = tmp_path / "bench"
+    args = [
+        "methods",
+        "--data",
+        str(tiny_data),
+        "--methods",
+        "concat,remdr",
+        "--seeds",
+        "2",
+        "--out",
+        str(out),
+        *TINY,
+    ]
+    assert bench.main(args) == 0
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert {(r["method"], r["seed"]) for r in rows} == {
+        ("concat", "0"),
+        ("concat", "1"),
+        ("remdr", "0"),
+        ("remdr", "1"),
+    }
+    table = (out / "results.md").read_text()
+    assert table.count("\n| concat |") == 1 and "±" in table and "**" in table
+    for name in ("pred_vs_true_concat.png", "pred_vs_true_remdr.png", "mae_per_bin.png"):
+        assert (out / name).is_file()
+    assert "results" in capsys.readouterr().out
+
+
+def test_markdown_marks_lowest_error_and_highest_r2():
+    cols = [
+        "mse",
+        "mae",
+        "r2",
+        "pearson",
+        "mae_normal",
+        "mae_early",
+        "mae_moderate",
+        "mae_severe",
+        "mae_bin_avg",
+    ]
+    a = {k: 1.0 for k in cols} | {f"{k}_std": 0.0 for k in cols} | {"train_seconds": 1.0}
+    b = dict(a) | {"mse": 2.0, "r2": 2.0}
+    table = markdown_table({"a": a, "b": b})
+    line_a = next(ln for ln in table.splitlines() if ln.startswith("| a |"))
+    line_b = next(ln for ln in table.splitlines() if ln.startswith("| b |"))
+    assert line_a.split("|")[2].strip() == "**1.00 ± 0.00**"  # lower MSE wins
+    assert line_b.split("|")[4].strip() == "**2.00 ± 0.00**"  # higher R² wins
+
+
+def test_speed_bench_reports_ratios(tiny_data, capsys):
+    args = [
+        "speed",
+        "--data",
+        str(tiny_data),
+        "--methods",
+        "concat,sam",
+        "--steps",
+        "1",
+        "--rounds",
+        "1",
+        *TINY,
+    ]
+    assert bench.main(args) == 0
+    out = capsys.readouterr().out
+    assert "step ratio vs concat: 1.00" in out and "sam" in out
