@@ -154,21 +154,30 @@ class Method:
         batch: Batch,
         epoch: int,
         autocast: Callable[[], AbstractContextManager] = nullcontext,
+        regulariser: Callable[[ReM3Dr], torch.Tensor] | None = None,
     ) -> dict[str, float]:
-        """One optimisation step on `batch`; returns the first pass's loss parts."""
+        """One optimisation step on `batch`; returns the first pass's loss parts.
+
+        `regulariser(model)` is added to the loss in every pass (FedProx's proximal term).
+        """
         update = self.spec.update
+
+        def objective() -> tuple[torch.Tensor, dict[str, float]]:
+            with autocast():
+                loss, parts = self.loss(model, batch)
+            if regulariser is not None:
+                loss = loss + regulariser(model)
+            return loss, parts
+
         optimizer.zero_grad(set_to_none=True)
-        with autocast():
-            loss, parts = self.loss(model, batch)
+        loss, parts = objective()
         loss.backward()
         self.scores.update({m: parts.get(f"mse_{m}", float("nan")) for m in self.spec.modalities})
         if update in ("sam", "sagm") and self.cfg.sam_rho > 0:
             params = [p for p in model.parameters() if p.requires_grad]
             with sam_perturbation(params, self.cfg.sam_rho), frozen_buffers(model):
                 optimizer.zero_grad(set_to_none=True)
-                with autocast():
-                    loss2, _ = self.loss(model, batch)
-                loss2.backward()
+                objective()[0].backward()
         if update in ("modulate", "sagm") and self.modulation_active(epoch):
             self.last_k = self.scores.coefficients(self.cfg.mod_alpha)
             noise = self.spec.ogm_noise or self.cfg.ogm_noise

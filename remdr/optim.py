@@ -112,3 +112,16 @@ def sam_perturbation(params: list[nn.Parameter], rho: float) -> Iterator[None]:
         with torch.no_grad():
             for p, b in zip(params, backup, strict=True):
                 p.copy_(b)
+
+
+def proximal_term(anchor: dict[str, torch.Tensor], mu: float):
+    """FedProx: (mu / 2) * ||theta - theta_global||^2 over the trainable parameters."""
+
+    def term(model: nn.Module) -> torch.Tensor:
+        total = torch.zeros((), device=next(iter(anchor.values())).device)
+        for name, p in model.named_parameters():
+            if p.requires_grad and name in anchor:
+                total = total + (p - anchor[name]).pow(2).sum()
+        return 0.5 * mu * total
+
+    return term

@@ -20,6 +20,7 @@ from remdr.data.transforms import augment_image
 from remdr.methods import Method
 from remdr.metrics import regression_metrics
 from remdr.model import ReM3Dr
+from remdr.optim import proximal_term
 from remdr.runtime import autocast_for, to_device
 
 log = logging.getLogger(__name__)
@@ -113,11 +114,13 @@ def fit(
     keep_best: bool = True,
     progress: bool = True,
     desc: str = "train",
+    proximal: tuple[float, dict[str, torch.Tensor]] | None = None,
 ) -> FitResult:
     """Train `model` in place with `method` for `epochs` (default `cfg.epochs`).
 
     With a validation set, the weights of the epoch with the lowest validation MSE are kept
-    (`keep_best`); without one, the last weights are kept.
+    (`keep_best`); without one, the last weights are kept. `proximal=(mu, anchor)` adds
+    FedProx's proximal term towards the anchor parameters.
     """
     epochs = epochs or cfg.epochs
     loader = make_loader(
@@ -143,6 +146,7 @@ def fit(
     optimizer = make_optimizer(model, cfg)
     autocast = autocast_for(device)
     aug_gen = torch.Generator().manual_seed(cfg.seed + 1)
+    regulariser = proximal_term(proximal[1], proximal[0]) if proximal else None
     total = epochs * len(loader)
     result, best_state = FitResult(), None
     start, step = time.perf_counter(), 0
@@ -159,7 +163,7 @@ def fit(
             if augment:
                 for m in model.modalities:
                     batch[m] = augment_image(batch[m], aug_gen)
-            parts = method.step(model, optimizer, batch, epoch, autocast)
+            parts = method.step(model, optimizer, batch, epoch, autocast, regulariser)
             for k, v in parts.items():
                 sums[k] = sums.get(k, 0.0) + v
             n_batches += 1

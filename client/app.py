@@ -1,0 +1,97 @@
+"""The Flower ClientApp: translates messages to `remdr.federated` calls and back.
+
+Node config (set by `remdr-client` or the simulator): `data-path` (the site's data folder) and
+`site-id`. Cross-round state lives in `context.state`: the method's EMA modality scores and, with
+FedBN, the site's own normalisation layers. Replies carry weights and aggregate metrics only.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from remdr import __version__
+from remdr.errors import RemdrError
+from remdr.federated import (
+    decode_state,
+    encode_state,
+    evaluate_global,
+    load_site,
+    split_run_config,
+    train_round,
+    versions_compatible,
+)
+
+log = logging.getLogger(__name__)
+app = ClientApp()
+
+VERSION_MISMATCH = 1001
+SITE_ERROR = 1002
+
+
+def _site_id(context: Context) -> str:
+    return str(context.node_config.get("site-id", f"node-{context.node_id}"))
+
+
+def _setup(msg: Message, context: Context):
+    """Check version and config, load the site's data. Returns (cfg, fed, site) or an error reply."""
+    config = msg.content["config"] if "config" in msg.content else ConfigRecord()
+    server_version = str(config.get("remdr-version", __version__))
+    if not versions_compatible(server_version):
+        reason = f"site {_site_id(context)} runs remdr {__version__}, the server {server_version}: install a matching version"
+        return Message(Error(code=VERSION_MISMATCH, reason=reason), reply_to=msg)
+    try:
+        cfg, fed = split_run_config(dict(context.run_config))
+        data_path = context.node_config.get("data-path")
+        if not data_path:
+            raise RemdrError("node config has no data-path", "", "start the SuperNode with remdr-client")
+        site = load_site(str(data_path), cfg, seed=cfg.train.seed)
+    except RemdrError as err:
+        return Message(Error(code=SITE_ERROR, reason=f"site {_site_id(context)}: {err}"), reply_to=msg)
+    return cfg, fed, site
+
+
+def _site_record(context: Context) -> ConfigRecord:
+    return ConfigRecord({"site-id": _site_id(context), "remdr-version": __version__})
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    setup = _setup(msg, context)
+    if isinstance(setup, Message):
+        return setup
+    cfg, fed, site = setup
+    state = context.state
+    method_state = decode_state(state["method"]["json"]) if "method" in state else None
+    local = state["fedbn"].to_torch_state_dict() if "fedbn" in state else None
+    result = train_round(
+        cfg,
+        fed,
+        msg.content["arrays"].to_torch_state_dict(),
+        site,
+        server_round=int(msg.content["config"].get("server-round", 1)),
+        method_state=method_state,
+        local_state=local,
+    )
+    state["method"] = ConfigRecord({"json": encode_state(result.method_state)})
+    if result.local_state:
+        state["fedbn"] = ArrayRecord(result.local_state)
+    content = RecordDict(
+        {"arrays": ArrayRecord(result.state), "metrics": MetricRecord(result.metrics), "site": _site_record(context)}
+    )
+    return Message(content=content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    setup = _setup(msg, context)
+    if isinstance(setup, Message):
+        return setup
+    cfg, fed, site = setup
+    local = context.state["fedbn"].to_torch_state_dict() if fed.fedbn and "fedbn" in context.state else None
+    metrics = evaluate_global(cfg, msg.content["arrays"].to_torch_state_dict(), site, local)
+    metrics["num-examples"] = metrics["num-val"]
+    content = RecordDict({"metrics": MetricRecord(metrics), "site": _site_record(context)})
+    return Message(content=content, reply_to=msg)

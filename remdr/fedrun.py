@@ -1,0 +1,111 @@
+"""The coordinator's run directory: a checkpoint per round, the best model, the report.
+
+Layout: ``round-NNN.safetensors`` + ``round-NNN.json`` (round, config, aggregated and per-site
+metrics, missing sites, errors), ``best.safetensors`` (lowest aggregated validation MSE),
+``report.json`` and ``learning_curves.png``. Restarting with the same directory resumes after
+the last complete round. No Flower imports: the ServerApp calls this.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from remdr import __version__
+
+ROUND_RE = re.compile(r"round-(\d{3,})\.json$")
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+class FederatedRun:
+    def __init__(self, out_dir: str | Path) -> None:
+        self.dir = Path(out_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+
+    def _round_path(self, r: int, ext: str) -> Path:
+        return self.dir / f"round-{r:03d}.{ext}"
+
+    def completed_rounds(self) -> list[int]:
+        """Rounds whose weights and record were both written (the record is written last)."""
+        rounds = []
+        for p in self.dir.glob("round-*.json"):
+            m = ROUND_RE.search(p.name)
+            if m and self._round_path(int(m.group(1)), "safetensors").is_file():
+                rounds.append(int(m.group(1)))
+        return sorted(rounds)
+
+    def last_round(self) -> int:
+        rounds = self.completed_rounds()
+        return rounds[-1] if rounds else 0
+
+    def load_weights(self, r: int) -> dict[str, torch.Tensor]:
+        return load_file(str(self._round_path(r, "safetensors")))
+
+    def records(self) -> list[dict[str, Any]]:
+        return [json.loads(self._round_path(r, "json").read_text()) for r in self.completed_rounds()]
+
+    def save_round(self, r: int, state: dict[str, torch.Tensor], record: dict[str, Any]) -> None:
+        """Weights first, then the record: a crash between the two leaves the round incomplete."""
+        weights = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+        meta = {"remdr_version": __version__, "round": str(r)}
+        save_file(weights, str(self._round_path(r, "safetensors")), metadata=meta)
+        _atomic_write(self._round_path(r, "json"), json.dumps(clean({"round": r, **record}), indent=2, default=_jsonable))
+        val = record.get("evaluate", {}).get("val-mse")
+        if val is not None and math.isfinite(val) and val <= self.best_val_mse():
+            save_file(weights, str(self.dir / "best.safetensors"), metadata=meta)
+            _atomic_write(self.dir / "best.json", json.dumps({"round": r, "val-mse": val}))
+
+    def best_val_mse(self) -> float:
+        best = self.dir / "best.json"
+        return json.loads(best.read_text())["val-mse"] if best.is_file() else float("inf")
+
+    def write_report(self, extra: dict[str, Any]) -> dict[str, Any]:
+        """report.json from every round record, plus learning curves of validation MSE."""
+        from remdr.plots import learning_curves
+
+        rounds = self.records()
+        sites: dict[str, list[dict]] = {}
+        for rec in rounds:
+            for site, metrics in rec.get("sites", {}).items():
+                sites.setdefault(site, []).append({"round": rec["round"], **metrics})
+        report = {
+            "remdr_version": __version__,
+            "rounds": rounds,
+            "sites": sites,
+            "best": json.loads((self.dir / "best.json").read_text()) if (self.dir / "best.json").is_file() else None,
+            **extra,
+        }
+        _atomic_write(self.dir / "report.json", json.dumps(clean(report), indent=2, default=_jsonable))
+        series = {"global (weighted)": [(r["round"], r.get("evaluate", {}).get("val-mse")) for r in rounds]}
+        for site, rows in sites.items():
+            series[site] = [(row["round"], row.get("eval-val-mse", row.get("val-mse"))) for row in rows]
+        series = {k: [(x, y) for x, y in v if y is not None and math.isfinite(y)] for k, v in series.items()}
+        learning_curves(series, self.dir / "learning_curves.png", "validation MSE (dB²)", "federated training")
+        return report
+
+
+def _jsonable(x: Any) -> Any:
+    return x.item() if hasattr(x, "item") else str(x)
+
+
+def clean(obj: Any) -> Any:
+    """JSON-safe copy: NaN and inf become null (strict JSON has neither)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {str(k): clean(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [clean(v) for v in obj]
+    return obj

@@ -1,0 +1,152 @@
+"""The ClientApp's handlers called directly with constructed Messages, and the strategy wiring."""
+
+from __future__ import annotations
+
+import time
+import tomllib
+from pathlib import Path
+
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, Metadata, RecordDict
+
+from remdr.app_bundle import bundle_pyproject
+from remdr.client.app import VERSION_MISMATCH, app
+from remdr.errors import ConfigError
+from remdr.federated import norm_state_keys, run_config_defaults, split_run_config
+from remdr.methods import create_method
+from remdr.server.app import aggregate_metrics, build_strategy
+
+RUN_CONFIG = {
+    **run_config_defaults(),
+    "image-size": 32,
+    "n-bscans": 2,
+    "embed-dim": 16,
+    "fusion-hidden": 16,
+    "batch-size": 8,
+    "device": "cpu",
+    "local-epochs": 1,
+}
+
+
+def _message(kind: str, arrays: dict, config: dict) -> Message:
+    content = RecordDict({"arrays": ArrayRecord(arrays), "config": ConfigRecord(config)})
+    meta = Metadata(
+        run_id=1, message_id="m1", src_node_id=0, dst_node_id=7, reply_to_message_id="",
+        group_id="1", created_at=time.time(), ttl=3600.0, message_type=kind,
+    )
+    return Message(content=content, metadata=meta)
+
+
+def _initial(run_config: dict) -> dict[str, torch.Tensor]:
+    cfg, _ = split_run_config(run_config)
+    torch.manual_seed(0)
+    return create_method(cfg.train.method, cfg.method).build_model(cfg.model, cfg.data).state_dict()
+
+
+def _context(tiny_data: Path, run_config: dict, state: RecordDict | None = None) -> Context:
+    node_config = {"data-path": str(tiny_data), "site-id": "hospA"}
+    return Context(run_id=1, node_id=7, node_config=node_config, state=state or RecordDict(), run_config=run_config)
+
+
+def test_train_reply_has_weights_metrics_and_keeps_state(tiny_data):
+    run_config = {**RUN_CONFIG, "method": "remdr", "fedbn": True}
+    initial = _initial(run_config)
+    ctx = _context(tiny_data, run_config)
+    reply = app(_message(MessageType.TRAIN, initial, {"server-round": 1, "remdr-version": "0.1.0"}), ctx)
+    assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
+    metrics = reply.content["metrics"]
+    assert metrics["num-examples"] > 0 and metrics["train-seconds"] > 0
+    for key in ("train-loss", "val-mse", "val-mae", "val-mae-severe", "val-mae-bin-avg"):
+        assert key in metrics
+    new = reply.content["arrays"].to_torch_state_dict()
+    assert new.keys() == initial.keys()
+    assert any(not torch.equal(new[k], initial[k]) for k in initial)
+    assert reply.content["site"]["site-id"] == "hospA"
+    assert "method" in ctx.state and "fedbn" in ctx.state  # EMA scores and local norm layers
+    # only weights and aggregate metrics leave the site: no arrays other than the model
+    assert list(reply.content.array_records) == ["arrays"]
+
+
+def test_fedbn_keeps_local_norm_layers(tiny_data):
+    run_config = {**RUN_CONFIG, "method": "concat", "fedbn": True}
+    initial = _initial(run_config)
+    ctx = _context(tiny_data, run_config)
+    app(_message(MessageType.TRAIN, initial, {"server-round": 1}), ctx)
+    local = ctx.state["fedbn"].to_torch_state_dict()
+    assert set(local) == set(norm_state_keys(create_method("concat").build_model(*_cfgs())))
+    # the next round starts from the global weights but with this site's own norm layers
+    reply = app(_message(MessageType.EVALUATE, initial, {"server-round": 1}), ctx)
+    plain = app(_message(MessageType.EVALUATE, initial, {"server-round": 1}), _context(tiny_data, run_config))
+    assert reply.content["metrics"]["val-mse"] != plain.content["metrics"]["val-mse"]
+
+
+def test_evaluate_reply(tiny_data):
+    initial = _initial(RUN_CONFIG)
+    reply = app(_message(MessageType.EVALUATE, initial, {"server-round": 1}), _context(tiny_data, RUN_CONFIG))
+    m = reply.content["metrics"]
+    assert m["num-examples"] == m["num-val"] > 0 and m["val-mse"] > 0
+
+
+def test_incompatible_version_is_a_clear_error_reply(tiny_data):
+    reply = app(
+        _message(MessageType.TRAIN, _initial(RUN_CONFIG), {"remdr-version": "9.0.0"}), _context(tiny_data, RUN_CONFIG)
+    )
+    assert reply.has_error() and reply.error.code == VERSION_MISMATCH
+    assert "hospA" in reply.error.reason and "9.0.0" in reply.error.reason
+
+
+def test_missing_data_is_an_error_reply_not_a_crash(tmp_path):
+    reply = app(_message(MessageType.TRAIN, _initial(RUN_CONFIG), {}), _context(tmp_path / "nope", RUN_CONFIG))
+    assert reply.has_error() and "does not exist" in reply.error.reason
+
+
+def test_run_config_split_and_unknown_keys():
+    cfg, fed = split_run_config({"strategy": "fedprox", "proximal-mu": "0.1", "lr": 0.01, "fedbn": "true"})
+    assert fed.strategy == "fedprox" and fed.proximal_mu == 0.1 and fed.fedbn is True and cfg.train.lr == 0.01
+    with pytest.raises(ConfigError, match="unknown config key"):
+        split_run_config({"learning-rate": 0.1})
+    with pytest.raises(ConfigError, match="strategy"):
+        split_run_config({"strategy": "fedsgd"})
+
+
+@pytest.mark.parametrize("name", ["fedavg", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg", "krum"])
+def test_strategy_wiring_is_a_fixed_cohort(name):
+    _, fed = split_run_config({"strategy": name, "min-nodes": 3})
+    s = build_strategy(fed)
+    assert type(s).__name__.lower().endswith(name)
+    assert s.min_train_nodes == s.min_evaluate_nodes == s.min_available_nodes == 3
+    if name == "fedprox":
+        assert s.proximal_mu == fed.proximal_mu
+
+
+def test_metric_aggregation_is_weighted_and_ignores_nan():
+    from flwr.app import MetricRecord
+
+    recs = [
+        RecordDict({"m": MetricRecord({"num-examples": 30, "val-mse": 2.0, "val-mae-severe": float("nan")})}),
+        RecordDict({"m": MetricRecord({"num-examples": 10, "val-mse": 6.0, "val-mae-severe": 4.0})}),
+    ]
+    out = aggregate_metrics(recs, "num-examples")
+    assert out["val-mse"] == pytest.approx(3.0) and out["val-mae-severe"] == pytest.approx(4.0)
+    assert out["num-examples"] == 40
+
+
+def test_repo_pyproject_and_bundle_list_every_run_config_key():
+    repo = tomllib.loads(Path(__file__).parents[1].joinpath("pyproject.toml").read_text())
+    bundle = tomllib.loads(bundle_pyproject())
+    defaults = run_config_defaults()
+    assert repo["tool"]["flwr"]["app"]["config"] == defaults
+    assert bundle["tool"]["flwr"]["app"]["config"] == defaults
+    assert bundle["tool"]["flwr"]["app"]["fab-include"] == ["pyproject.toml"]
+
+
+def test_norm_keys_cover_batchnorm_running_stats():
+    model = create_method("concat").build_model(*_cfgs())
+    keys = norm_state_keys(model)
+    assert any(k.endswith("running_mean") for k in keys) and any(k.endswith("num_batches_tracked") for k in keys)
+
+
+def _cfgs():
+    cfg, _ = split_run_config(RUN_CONFIG)
+    return cfg.model, cfg.data
