@@ -46,10 +46,14 @@ def _setup(msg: Message, context: Context):
         cfg, fed = split_run_config(dict(context.run_config))
         data_path = context.node_config.get("data-path")
         if not data_path:
-            raise RemdrError("node config has no data-path", "", "start the SuperNode with remdr-client")
+            raise RemdrError(
+                "node config has no data-path", "", "start the SuperNode with remdr-client"
+            )
         site = load_site(str(data_path), cfg, seed=cfg.train.seed)
     except RemdrError as err:
-        return Message(Error(code=SITE_ERROR, reason=f"site {_site_id(context)}: {err}"), reply_to=msg)
+        return Message(
+            Error(code=SITE_ERROR, reason=f"site {_site_id(context)}: {err}"), reply_to=msg
+        )
     return cfg, fed, site
 
 
@@ -79,7 +83,11 @@ def train(msg: Message, context: Context) -> Message:
     if result.local_state:
         state["fedbn"] = ArrayRecord(result.local_state)
     content = RecordDict(
-        {"arrays": ArrayRecord(result.state), "metrics": MetricRecord(result.metrics), "site": _site_record(context)}
+        {
+            "arrays": ArrayRecord(result.state),
+            "metrics": MetricRecord(result.metrics),
+            "site": _site_record(context),
+        }
     )
     return Message(content=content, reply_to=msg)
 
@@ -90,7 +98,11 @@ def evaluate(msg: Message, context: Context) -> Message:
     if isinstance(setup, Message):
         return setup
     cfg, fed, site = setup
-    local = context.state["fedbn"].to_torch_state_dict() if fed.fedbn and "fedbn" in context.state else None
+    local = (
+        context.state["fedbn"].to_torch_state_dict()
+        if fed.fedbn and "fedbn" in context.state
+        else None
+    )
     metrics = evaluate_global(cfg, msg.content["arrays"].to_torch_state_dict(), site, local)
     metrics["num-examples"] = metrics["num-val"]
     content = RecordDict({"metrics": MetricRecord(metrics), "site": _site_record(context)})

@@ -74,7 +74,9 @@ def split_run_config(run_config: dict[str, Any]) -> tuple[ExperimentConfig, FedC
         try:
             value = type(default)(value) if not isinstance(default, bool) else _as_bool(value)
         except (TypeError, ValueError):
-            raise ConfigError(f"{name.replace('_', '-')}={value!r}", f"expected {type(default).__name__}") from None
+            raise ConfigError(
+                f"{name.replace('_', '-')}={value!r}", f"expected {type(default).__name__}"
+            ) from None
         setattr(fed, name, value)
     if fed.strategy not in STRATEGIES:
         raise ConfigError(f"strategy={fed.strategy!r}", f"must be one of {', '.join(STRATEGIES)}")
@@ -214,7 +216,11 @@ def train_round(
 def evaluate_site(model, site: SiteData, cfg: ExperimentConfig, device) -> dict[str, float]:
     """Validation metrics of the site's held-out patients (`val-*` keys, plus `num-val`)."""
     loader = make_loader(site.val, cfg.train.batch_size * 2, shuffle=False, seed=0, device=device)
-    m = evaluate(model, loader, device) if len(site.val) else regression_metrics(np.zeros(0), np.zeros(0))
+    m = (
+        evaluate(model, loader, device)
+        if len(site.val)
+        else regression_metrics(np.zeros(0), np.zeros(0))
+    )
     return {"num-val": len(site.val), **_metrics_record("val", m)}
 
 

@@ -54,14 +54,19 @@ class FederatedRun:
         return load_file(str(self._round_path(r, "safetensors")))
 
     def records(self) -> list[dict[str, Any]]:
-        return [json.loads(self._round_path(r, "json").read_text()) for r in self.completed_rounds()]
+        return [
+            json.loads(self._round_path(r, "json").read_text()) for r in self.completed_rounds()
+        ]
 
     def save_round(self, r: int, state: dict[str, torch.Tensor], record: dict[str, Any]) -> None:
         """Weights first, then the record: a crash between the two leaves the round incomplete."""
         weights = {k: v.detach().cpu().contiguous() for k, v in state.items()}
         meta = {"remdr_version": __version__, "round": str(r)}
         save_file(weights, str(self._round_path(r, "safetensors")), metadata=meta)
-        _atomic_write(self._round_path(r, "json"), json.dumps(clean({"round": r, **record}), indent=2, default=_jsonable))
+        _atomic_write(
+            self._round_path(r, "json"),
+            json.dumps(clean({"round": r, **record}), indent=2, default=_jsonable),
+        )
         val = record.get("evaluate", {}).get("val-mse")
         if val is not None and math.isfinite(val) and val <= self.best_val_mse():
             save_file(weights, str(self.dir / "best.safetensors"), metadata=meta)
@@ -84,15 +89,30 @@ class FederatedRun:
             "remdr_version": __version__,
             "rounds": rounds,
             "sites": sites,
-            "best": json.loads((self.dir / "best.json").read_text()) if (self.dir / "best.json").is_file() else None,
+            "best": json.loads((self.dir / "best.json").read_text())
+            if (self.dir / "best.json").is_file()
+            else None,
             **extra,
         }
-        _atomic_write(self.dir / "report.json", json.dumps(clean(report), indent=2, default=_jsonable))
-        series = {"global (weighted)": [(r["round"], r.get("evaluate", {}).get("val-mse")) for r in rounds]}
+        _atomic_write(
+            self.dir / "report.json", json.dumps(clean(report), indent=2, default=_jsonable)
+        )
+        series = {
+            "global (weighted)": [
+                (r["round"], r.get("evaluate", {}).get("val-mse")) for r in rounds
+            ]
+        }
         for site, rows in sites.items():
-            series[site] = [(row["round"], row.get("eval-val-mse", row.get("val-mse"))) for row in rows]
-        series = {k: [(x, y) for x, y in v if y is not None and math.isfinite(y)] for k, v in series.items()}
-        learning_curves(series, self.dir / "learning_curves.png", "validation MSE (dB²)", "federated training")
+            series[site] = [
+                (row["round"], row.get("eval-val-mse", row.get("val-mse"))) for row in rows
+            ]
+        series = {
+            k: [(x, y) for x, y in v if y is not None and math.isfinite(y)]
+            for k, v in series.items()
+        }
+        learning_curves(
+            series, self.dir / "learning_curves.png", "validation MSE (dB²)", "federated training"
+        )
         return report
 
 

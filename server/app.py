@@ -22,7 +22,7 @@ from remdr.fedrun import FederatedRun
 from remdr.methods import create_method
 from remdr.runtime import seed_everything
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("flwr")  # Flower's handlers stream this to `remdr-server run`
 app = ServerApp()
 
 
@@ -43,22 +43,79 @@ def aggregate_metrics(records: list[RecordDict], weight_key: str) -> MetricRecor
     return MetricRecord(out)
 
 
+NODE_UNAVAILABLE = 5  # flwr ErrorCode.NODE_UNAVAILABLE: no heartbeat from the node lately
+RETRY_WAIT = 5.0  # seconds between re-sends to a node that is reconnecting
+
+
+class PatientGrid:
+    """Flower's Grid, but a message whose node is briefly unavailable (a SuperNode reconnecting
+    after a SuperLink restart) is sent again until the round's timeout is spent. A site that
+    stays away still ends up missing from the round, as before."""
+
+    def __init__(self, grid: Grid) -> None:
+        self._grid = grid
+        self.dst_of_message: dict[str, int] = {}
+
+    def __getattr__(self, name: str):
+        return getattr(self._grid, name)
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> list[Message]:
+        deadline = time.monotonic() + (timeout if timeout is not None else 3600.0)
+        pending = list(messages)
+        final: list[Message] = []
+        while pending:
+            left = max(1.0, deadline - time.monotonic())
+            replies = list(self._grid.send_and_receive(pending, timeout=left))
+            sent = {m.metadata.message_id: m for m in pending}
+            self.dst_of_message.update({mid: m.metadata.dst_node_id for mid, m in sent.items()})
+            retry = []
+            for reply in replies:
+                request = sent.get(reply.metadata.reply_to_message_id)
+                unavailable = reply.has_error() and reply.error.code == NODE_UNAVAILABLE
+                if unavailable and request is not None and time.monotonic() + RETRY_WAIT < deadline:
+                    retry.append(request)
+                else:
+                    final.append(reply)
+            if not retry:
+                break
+            log.info("%d site(s) unavailable, retrying in %.0fs", len(retry), RETRY_WAIT)
+            time.sleep(RETRY_WAIT)
+            pending = [
+                Message(
+                    content=m.content,
+                    dst_node_id=m.metadata.dst_node_id,
+                    message_type=m.metadata.message_type,
+                )
+                for m in retry
+            ]
+        return final
+
+
 class RoundRecorder:
     """Mixed into a Flower strategy: remembers per-site replies, errors and missing sites."""
 
     round_offset = 0
+    grid: PatientGrid | None = None
 
     def _init_recorder(self) -> None:
         self.site_of_node: dict[int, str] = {}
         self.current: dict = {}
 
+    def _node(self, msg: Message) -> int:
+        """The site a reply is about; an error made by the SuperLink names the request's node."""
+        dst = self.grid.dst_of_message.get(msg.metadata.reply_to_message_id) if self.grid else None
+        return dst if dst is not None else msg.metadata.src_node_id
+
     def _site(self, msg: Message) -> str:
-        if "site" in msg.content:
-            self.site_of_node[msg.metadata.src_node_id] = str(msg.content["site"]["site-id"])
-        return self.site_of_node.get(msg.metadata.src_node_id, f"node-{msg.metadata.src_node_id}")
+        node = self._node(msg)
+        if msg.has_content() and "site" in msg.content:
+            self.site_of_node[node] = str(msg.content["site"]["site-id"])
+        return self.site_of_node.get(node, f"node-{node}")
 
     def _note(self, phase: str, sampled: list[int], replies: list[Message]) -> None:
-        replied = {m.metadata.src_node_id for m in replies}
+        replied = {self._node(m) for m in replies}
         rec = self.current.setdefault("sites", {})
         errors = self.current.setdefault("errors", [])
         for msg in replies:
@@ -73,7 +130,12 @@ class RoundRecorder:
         missing = [self.site_of_node.get(n, f"node-{n}") for n in sampled if n not in replied]
         if missing:
             self.current.setdefault("missing", {})[phase] = missing
-            log.warning("round %s %s: no reply from %s", self.current.get("round"), phase, ", ".join(missing))
+            log.warning(
+                "round %s %s: no reply from %s",
+                self.current.get("round"),
+                phase,
+                ", ".join(missing),
+            )
 
     def configure_train(self, server_round, arrays, config, grid):  # noqa: D102
         self.current = {"round": server_round + self.round_offset, "started": time.time()}
@@ -89,7 +151,9 @@ class RoundRecorder:
         return arrays, metrics
 
     def configure_evaluate(self, server_round, arrays, config, grid):  # noqa: D102
-        msgs = list(super().configure_evaluate(server_round + self.round_offset, arrays, config, grid))
+        msgs = list(
+            super().configure_evaluate(server_round + self.round_offset, arrays, config, grid)
+        )
         self._sampled_eval = [m.metadata.dst_node_id for m in msgs]
         return msgs
 
@@ -126,7 +190,12 @@ def build_strategy(fed: FedConfig) -> FedAvg:
     if fed.strategy == "fedprox":
         kwargs["proximal_mu"] = fed.proximal_mu
     elif fed.strategy == "fedadam":
-        kwargs.update(eta=fed.server_lr, beta_1=fed.server_beta_1, beta_2=fed.server_beta_2, tau=fed.server_tau)
+        kwargs.update(
+            eta=fed.server_lr,
+            beta_1=fed.server_beta_1,
+            beta_2=fed.server_beta_2,
+            tau=fed.server_tau,
+        )
     elif fed.strategy == "fedtrimmedavg":
         kwargs["beta"] = fed.trim_beta
     cls = type(f"Remdr{base.__name__}", (RoundRecorder, base), {})
@@ -154,6 +223,7 @@ def main(grid: Grid, context: Context) -> None:
         state = initial_state(context)
     strategy = build_strategy(fed)
     strategy.round_offset = done
+    strategy.grid = PatientGrid(grid)
     start = time.time()
 
     def checkpoint(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
@@ -169,7 +239,7 @@ def main(grid: Grid, context: Context) -> None:
     remaining = fed.num_server_rounds - done
     if remaining > 0:
         strategy.start(
-            grid=grid,
+            grid=strategy.grid,
             initial_arrays=ArrayRecord(state),
             num_rounds=remaining,
             timeout=fed.round_timeout,
@@ -178,6 +248,15 @@ def main(grid: Grid, context: Context) -> None:
             evaluate_fn=checkpoint,
         )
     report = run.write_report(
-        {"status": "completed", "config": dict(context.run_config), "wall_seconds_last_start": time.time() - start}
+        {
+            "status": "completed",
+            "config": dict(context.run_config),
+            "wall_seconds_last_start": time.time() - start,
+        }
     )
-    log.info("federation finished: %d rounds in %s (best %s)", len(report["rounds"]), run.dir, report["best"])
+    log.info(
+        "federation finished: %d rounds in %s (best %s)",
+        len(report["rounds"]),
+        run.dir,
+        report["best"],
+    )

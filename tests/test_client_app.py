@@ -9,13 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, Metadata, RecordDict
+from remdr.client.app import VERSION_MISMATCH, app
+from remdr.server.app import aggregate_metrics, build_strategy
 
 from remdr.app_bundle import bundle_pyproject
-from remdr.client.app import VERSION_MISMATCH, app
 from remdr.errors import ConfigError
 from remdr.federated import norm_state_keys, run_config_defaults, split_run_config
 from remdr.methods import create_method
-from remdr.server.app import aggregate_metrics, build_strategy
 
 RUN_CONFIG = {
     **run_config_defaults(),
@@ -32,8 +32,15 @@ RUN_CONFIG = {
 def _message(kind: str, arrays: dict, config: dict) -> Message:
     content = RecordDict({"arrays": ArrayRecord(arrays), "config": ConfigRecord(config)})
     meta = Metadata(
-        run_id=1, message_id="m1", src_node_id=0, dst_node_id=7, reply_to_message_id="",
-        group_id="1", created_at=time.time(), ttl=3600.0, message_type=kind,
+        run_id=1,
+        message_id="m1",
+        src_node_id=0,
+        dst_node_id=7,
+        reply_to_message_id="",
+        group_id="1",
+        created_at=time.time(),
+        ttl=3600.0,
+        message_type=kind,
     )
     return Message(content=content, metadata=meta)
 
@@ -46,14 +53,22 @@ def _initial(run_config: dict) -> dict[str, torch.Tensor]:
 
 def _context(tiny_data: Path, run_config: dict, state: RecordDict | None = None) -> Context:
     node_config = {"data-path": str(tiny_data), "site-id": "hospA"}
-    return Context(run_id=1, node_id=7, node_config=node_config, state=state or RecordDict(), run_config=run_config)
+    return Context(
+        run_id=1,
+        node_id=7,
+        node_config=node_config,
+        state=state or RecordDict(),
+        run_config=run_config,
+    )
 
 
 def test_train_reply_has_weights_metrics_and_keeps_state(tiny_data):
     run_config = {**RUN_CONFIG, "method": "remdr", "fedbn": True}
     initial = _initial(run_config)
     ctx = _context(tiny_data, run_config)
-    reply = app(_message(MessageType.TRAIN, initial, {"server-round": 1, "remdr-version": "0.1.0"}), ctx)
+    reply = app(
+        _message(MessageType.TRAIN, initial, {"server-round": 1, "remdr-version": "0.1.0"}), ctx
+    )
     assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
     metrics = reply.content["metrics"]
     assert metrics["num-examples"] > 0 and metrics["train-seconds"] > 0
@@ -77,40 +92,59 @@ def test_fedbn_keeps_local_norm_layers(tiny_data):
     assert set(local) == set(norm_state_keys(create_method("concat").build_model(*_cfgs())))
     # the next round starts from the global weights but with this site's own norm layers
     reply = app(_message(MessageType.EVALUATE, initial, {"server-round": 1}), ctx)
-    plain = app(_message(MessageType.EVALUATE, initial, {"server-round": 1}), _context(tiny_data, run_config))
+    plain = app(
+        _message(MessageType.EVALUATE, initial, {"server-round": 1}),
+        _context(tiny_data, run_config),
+    )
     assert reply.content["metrics"]["val-mse"] != plain.content["metrics"]["val-mse"]
 
 
 def test_evaluate_reply(tiny_data):
     initial = _initial(RUN_CONFIG)
-    reply = app(_message(MessageType.EVALUATE, initial, {"server-round": 1}), _context(tiny_data, RUN_CONFIG))
+    reply = app(
+        _message(MessageType.EVALUATE, initial, {"server-round": 1}),
+        _context(tiny_data, RUN_CONFIG),
+    )
     m = reply.content["metrics"]
     assert m["num-examples"] == m["num-val"] > 0 and m["val-mse"] > 0
 
 
 def test_incompatible_version_is_a_clear_error_reply(tiny_data):
     reply = app(
-        _message(MessageType.TRAIN, _initial(RUN_CONFIG), {"remdr-version": "9.0.0"}), _context(tiny_data, RUN_CONFIG)
+        _message(MessageType.TRAIN, _initial(RUN_CONFIG), {"remdr-version": "9.0.0"}),
+        _context(tiny_data, RUN_CONFIG),
     )
     assert reply.has_error() and reply.error.code == VERSION_MISMATCH
     assert "hospA" in reply.error.reason and "9.0.0" in reply.error.reason
 
 
 def test_missing_data_is_an_error_reply_not_a_crash(tmp_path):
-    reply = app(_message(MessageType.TRAIN, _initial(RUN_CONFIG), {}), _context(tmp_path / "nope", RUN_CONFIG))
+    reply = app(
+        _message(MessageType.TRAIN, _initial(RUN_CONFIG), {}),
+        _context(tmp_path / "nope", RUN_CONFIG),
+    )
     assert reply.has_error() and "does not exist" in reply.error.reason
 
 
 def test_run_config_split_and_unknown_keys():
-    cfg, fed = split_run_config({"strategy": "fedprox", "proximal-mu": "0.1", "lr": 0.01, "fedbn": "true"})
-    assert fed.strategy == "fedprox" and fed.proximal_mu == 0.1 and fed.fedbn is True and cfg.train.lr == 0.01
+    cfg, fed = split_run_config(
+        {"strategy": "fedprox", "proximal-mu": "0.1", "lr": 0.01, "fedbn": "true"}
+    )
+    assert (
+        fed.strategy == "fedprox"
+        and fed.proximal_mu == 0.1
+        and fed.fedbn is True
+        and cfg.train.lr == 0.01
+    )
     with pytest.raises(ConfigError, match="unknown config key"):
         split_run_config({"learning-rate": 0.1})
     with pytest.raises(ConfigError, match="strategy"):
         split_run_config({"strategy": "fedsgd"})
 
 
-@pytest.mark.parametrize("name", ["fedavg", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg", "krum"])
+@pytest.mark.parametrize(
+    "name", ["fedavg", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg", "krum"]
+)
 def test_strategy_wiring_is_a_fixed_cohort(name):
     _, fed = split_run_config({"strategy": name, "min-nodes": 3})
     s = build_strategy(fed)
@@ -124,8 +158,16 @@ def test_metric_aggregation_is_weighted_and_ignores_nan():
     from flwr.app import MetricRecord
 
     recs = [
-        RecordDict({"m": MetricRecord({"num-examples": 30, "val-mse": 2.0, "val-mae-severe": float("nan")})}),
-        RecordDict({"m": MetricRecord({"num-examples": 10, "val-mse": 6.0, "val-mae-severe": 4.0})}),
+        RecordDict(
+            {
+                "m": MetricRecord(
+                    {"num-examples": 30, "val-mse": 2.0, "val-mae-severe": float("nan")}
+                )
+            }
+        ),
+        RecordDict(
+            {"m": MetricRecord({"num-examples": 10, "val-mse": 6.0, "val-mae-severe": 4.0})}
+        ),
     ]
     out = aggregate_metrics(recs, "num-examples")
     assert out["val-mse"] == pytest.approx(3.0) and out["val-mae-severe"] == pytest.approx(4.0)
@@ -144,7 +186,9 @@ def test_repo_pyproject_and_bundle_list_every_run_config_key():
 def test_norm_keys_cover_batchnorm_running_stats():
     model = create_method("concat").build_model(*_cfgs())
     keys = norm_state_keys(model)
-    assert any(k.endswith("running_mean") for k in keys) and any(k.endswith("num_batches_tracked") for k in keys)
+    assert any(k.endswith("running_mean") for k in keys) and any(
+        k.endswith("num_batches_tracked") for k in keys
+    )
 
 
 def _cfgs():

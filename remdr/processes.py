@@ -1,0 +1,180 @@
+"""Starting and addressing the Flower processes: safe environment, health checks, FLWR_HOME.
+
+No Flower imports: the wrappers exec Flower's public commands (`flower-superlink`,
+`flower-supernode`, `flwr`), whose flags are part of its documented interface.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import ssl
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from remdr.errors import ConfigError
+
+SAFE_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
+
+
+def flower_env(flwr_home: str | Path | None = None) -> dict[str, str]:
+    """Telemetry and update checks off; this environment's bin first on PATH, because Flower
+    starts its helpers (`flower-superexec`, `flwr-clientapp`) by name."""
+    env = {**os.environ, **SAFE_ENV}
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    if flwr_home is not None:
+        env["FLWR_HOME"] = str(flwr_home)
+    return env
+
+
+def executable(name: str) -> str:
+    """A Flower command from the same environment as this Python, else from PATH."""
+    local = Path(sys.executable).parent / name
+    if local.exists():
+        return str(local)
+    found = shutil.which(name)
+    if not found:
+        raise ConfigError(
+            f"'{name}' not found", "flwr is not installed in this environment", "pip install remdr"
+        )
+    return found
+
+
+def health_url(address: str, tls: bool) -> str:
+    return f"{'https' if tls else 'http'}://{address}/health"
+
+
+def wait_healthy(address: str, *, ca_cert: str | None = None, timeout: float = 30.0) -> bool:
+    """Poll the SuperLink's /health until it answers 200 or `timeout` passes."""
+    ctx = ssl.create_default_context(cafile=ca_cert) if ca_cert else None
+    url = health_url(address, tls=ca_cert is not None)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=2, context=ctx) as resp:  # noqa: S310 (local URL)
+                if resp.status == 200:
+                    return True
+        except (urllib.error.URLError, ConnectionError, TimeoutError, ssl.SSLError, OSError):
+            pass
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.3)
+
+
+def write_flwr_home(home: Path, address: str, *, insecure: bool, root_cert: str | None) -> str:
+    """An isolated FLWR_HOME whose config.toml names one SuperLink connection, `remdr`."""
+    home.mkdir(parents=True, exist_ok=True)
+    if insecure:
+        security = "insecure = true"
+    else:
+        if not root_cert or not Path(root_cert).is_file():
+            raise ConfigError(
+                "no CA certificate for the SuperLink",
+                f"{root_cert or '--root-cert'} not found",
+                "pass --root-cert ca.crt (from deploy/), or --insecure on a trusted loopback",
+            )
+        security = f'root-certificates = "{Path(root_cert).resolve()}"'
+    (home / "config.toml").write_text(
+        f'[superlink]\ndefault = "remdr"\n\n[superlink.remdr]\naddress = "{address}"\n{security}\n'
+    )
+    return "remdr"
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def kill_matching(
+    markers: list[str], sig_timeout: float = 5.0, *, unless: tuple[str, ...] = ()
+) -> int:
+    """End every process of this user whose command line contains one of `markers` (Linux).
+
+    Flower starts detached helpers (`flower-superexec`, `flwr-clientapp`) in their own sessions,
+    so killing the parent's process group does not reach them; their command lines name the
+    ports they serve, which is what the markers match. Command lines containing any of `unless`
+    are spared.
+    """
+    import signal
+
+    def matching() -> list[int]:
+        pids = []
+        for entry in Path("/proc").glob("[0-9]*"):
+            try:
+                cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if (
+                int(entry.name) != os.getpid()
+                and any(m in cmd for m in markers)
+                and not any(u in cmd for u in unless)
+            ):
+                pids.append(int(entry.name))
+        return pids
+
+    pids = matching()
+    for pid in pids:
+        with _ignore_missing():
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + sig_timeout
+    while matching() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    for pid in matching():
+        with _ignore_missing():
+            os.kill(pid, signal.SIGKILL)
+    return len(pids)
+
+
+class _ignore_missing:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind, value, tb) -> bool:
+        return kind is not None and issubclass(kind, ProcessLookupError | PermissionError)
+
+
+class ProcessGroup:
+    """The processes one job started; `stop()` ends them and every helper they spawned."""
+
+    def __init__(self, markers: list[str] | None = None) -> None:
+        import subprocess
+
+        self._subprocess = subprocess
+        self.procs: list = []
+        self.markers = list(markers or [])
+
+    def start(self, cmd: list[str], log: Path, env: dict[str, str] | None = None):
+        fh = open(log, "ab")  # noqa: SIM115 (closed when the process is stopped)
+        proc = self._subprocess.Popen(
+            cmd, stdout=fh, stderr=self._subprocess.STDOUT, env=env, start_new_session=True
+        )
+        proc._remdr_log = fh  # type: ignore[attr-defined]
+        self.procs.append(proc)
+        return proc
+
+    def stop_one(self, proc, timeout: float = 10.0) -> None:
+        import signal
+
+        if proc.poll() is None:
+            with _ignore_missing():
+                os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout)
+            except self._subprocess.TimeoutExpired:
+                with _ignore_missing():
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout)
+        proc._remdr_log.close()
+
+    def stop(self) -> None:
+        for proc in reversed(self.procs):
+            self.stop_one(proc)
+        if self.markers:
+            kill_matching(self.markers)
+        self.procs.clear()

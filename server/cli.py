@@ -1,0 +1,196 @@
+"""remdr-server: run the coordinator's SuperLink, register sites, submit experiments.
+
+    remdr-server start --out runs/coord [--insecure | --certs deploy/certs]
+    remdr-server register keys/site_a.pub --federation 127.0.0.1:8000 [--root-cert ca.crt]
+    remdr-server run --federation 127.0.0.1:8000 --config exp.toml [--root-cert ca.crt]
+    remdr-server certs --out deploy/certs --san coord.example.org --sites hospA,hospB
+
+Thin wrappers over `flower-superlink`, `flwr supernode register` and `flwr run` with safe
+defaults: telemetry off, no runtime dependency installation, TLS and SuperNode authentication
+unless --insecure is given explicitly, the SuperLink's state database under the output folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import tomllib
+from pathlib import Path
+
+from remdr.cli.common import run_cli
+from remdr.errors import ConfigError
+from remdr.processes import executable, flower_env, wait_healthy, write_flwr_home
+
+TLS_FILES = {"ca": "ca.crt", "cert": "server.pem", "key": "server.key"}
+
+
+def superlink_command(args: argparse.Namespace) -> list[str]:
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    cmd = [
+        executable("flower-superlink"),
+        "--host", args.host,
+        "--port", str(args.port),
+        "--database", str(out / "state.db"),
+        "--disable-runtime-dependency-installation",
+    ]  # fmt: skip
+    if args.insecure:
+        return cmd + ["--insecure"]
+    certs = Path(args.certs) if args.certs else None
+    missing = [n for n in TLS_FILES.values() if certs is None or not (certs / n).is_file()]
+    if missing:
+        raise ConfigError(
+            f"TLS files missing in {certs or '(no --certs given)'}: {', '.join(missing)}",
+            "the SuperLink serves the Fleet API over HTTPS with node authentication by default",
+            "run deploy/make-certs.sh and pass --certs deploy/certs, or --insecure for a loopback test",
+        )
+    return cmd + [
+        "--ssl-ca-certfile", str(certs / TLS_FILES["ca"]),
+        "--ssl-certfile", str(certs / TLS_FILES["cert"]),
+        "--ssl-keyfile", str(certs / TLS_FILES["key"]),
+        "--enable-supernode-auth",
+    ]  # fmt: skip
+
+
+def cmd_start(args: argparse.Namespace) -> int:
+    cmd = superlink_command(args)
+    print(
+        f"remdr-server: starting SuperLink on {args.host}:{args.port} ({'INSECURE' if args.insecure else 'TLS + node auth'})",
+        flush=True,
+    )
+    os.execvpe(cmd[0], cmd, flower_env(Path(args.out).resolve() / "flwr-home"))
+    return 0  # not reached
+
+
+def _connection(args: argparse.Namespace, home: Path) -> str:
+    if not args.insecure and not args.root_cert:
+        raise ConfigError(
+            "no --root-cert given",
+            "the SuperLink uses TLS by default",
+            "pass --root-cert ca.crt or --insecure",
+        )
+    conn = write_flwr_home(home, args.federation, insecure=args.insecure, root_cert=args.root_cert)
+    if not wait_healthy(
+        args.federation, ca_cert=None if args.insecure else args.root_cert, timeout=args.wait
+    ):
+        raise ConfigError(
+            f"SuperLink at {args.federation} is unreachable",
+            f"no answer from /health within {args.wait:.0f}s",
+            "start it with `remdr-server start`, check the address, port and certificate",
+        )
+    return conn
+
+
+def _flwr(args: list[str], home: Path, check: bool = True) -> int:
+    proc = subprocess.run([executable("flwr"), *args], env=flower_env(home))
+    if check and proc.returncode != 0:
+        raise ConfigError(f"`flwr {args[0]}` failed", f"exit code {proc.returncode}")
+    return proc.returncode
+
+
+def load_experiment(path: str) -> dict:
+    """Read and validate an experiment TOML (flat run-config keys) before anything is submitted."""
+    from remdr.federated import split_run_config
+
+    try:
+        data = tomllib.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"experiment file {path} not found") from None
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{path} is not valid TOML", str(err)) from None
+    split_run_config(data)  # unknown keys and bad values fail here, with the valid names
+    return data
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from remdr.app_bundle import write_bundle
+
+    overrides = load_experiment(args.config) if args.config else {}
+    with tempfile.TemporaryDirectory(prefix="remdr-run-") as tmp:
+        home = Path(tmp) / "flwr-home"
+        conn = _connection(args, home)
+        bundle = write_bundle(Path(tmp) / "app", overrides)
+        flags = ["--stream"] if not args.detach else []
+        return _flwr(["run", str(bundle), conn, *flags], home, check=True)
+
+
+def cmd_register(args: argparse.Namespace) -> int:
+    if not Path(args.public_key).is_file():
+        raise ConfigError(
+            f"public key {args.public_key} not found", "", "make keys with deploy/make-certs.sh"
+        )
+    with tempfile.TemporaryDirectory(prefix="remdr-reg-") as tmp:
+        home = Path(tmp) / "flwr-home"
+        conn = _connection(args, home)
+        return _flwr(["supernode", "register", str(Path(args.public_key).resolve()), conn], home)
+
+
+def cmd_certs(args: argparse.Namespace) -> int:
+    from remdr.pki import make_deployment
+
+    sites = [s.strip() for s in args.sites.split(",") if s.strip()]
+    out = make_deployment(args.out, args.san or ["127.0.0.1", "localhost"], sites)
+    print(
+        f"remdr-server: wrote {out}/ca.crt, server.pem, server.key and keys for {', '.join(sites) or 'no sites'}"
+    )
+    print(
+        "  keep ca.key offline; give each site ca.crt and its own keys/<site>; register keys/<site>.pub"
+    )
+    return 0
+
+
+def _add_connection_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--federation", default="127.0.0.1:8000", help="SuperLink address host:port")
+    p.add_argument("--root-cert", help="CA certificate of the SuperLink (TLS)")
+    p.add_argument(
+        "--insecure", action="store_true", help="plain HTTP: only for a trusted loopback"
+    )
+    p.add_argument("--wait", type=float, default=20.0, help="seconds to wait for the SuperLink")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="remdr-server",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = ap.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("start", help="run the SuperLink (foreground)")
+    s.add_argument("--out", default="runs/coordinator", help="state database and logs go here")
+    s.add_argument(
+        "--host", default="127.0.0.1", help="bind address (0.0.0.0 behind the reverse proxy)"
+    )
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--certs", help="folder with ca.crt, server.pem, server.key")
+    s.add_argument("--insecure", action="store_true", help="no TLS and no node authentication")
+    r = sub.add_parser("run", help="submit an experiment and stream its progress")
+    r.add_argument(
+        "--config", help="experiment TOML: flat run-config keys (method, num-server-rounds, ...)"
+    )
+    r.add_argument("--detach", action="store_true", help="submit and return without streaming logs")
+    _add_connection_flags(r)
+    g = sub.add_parser("register", help="register a site's public key (node authentication)")
+    g.add_argument("public_key")
+    _add_connection_flags(g)
+    c = sub.add_parser("certs", help="make a CA, the SuperLink certificate and site key pairs")
+    c.add_argument("--out", default="deploy/certs")
+    c.add_argument(
+        "--san",
+        action="append",
+        help="name or IP sites dial (repeatable; default 127.0.0.1, localhost)",
+    )
+    c.add_argument("--sites", default="", help="comma-separated site ids to make key pairs for")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handlers = {"start": cmd_start, "run": cmd_run, "register": cmd_register, "certs": cmd_certs}
+    return run_cli("remdr-server", lambda: handlers[args.command](args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
