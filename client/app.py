@@ -32,7 +32,20 @@ SITE_ERROR = 1002
 
 
 def _site_id(context: Context) -> str:
-    return str(context.node_config.get("site-id", f"node-{context.node_id}"))
+    if "site-id" in context.node_config:
+        return str(context.node_config["site-id"])
+    if "partition-id" in context.node_config:  # a virtual node of the simulator
+        return f"site-{context.node_config['partition-id']}"
+    return f"node-{context.node_id}"
+
+
+def _data_path(context: Context, sim_data_root: str) -> str:
+    """A real site names its folder in node config; virtual node k reads <root>/site-<k>."""
+    if context.node_config.get("data-path"):
+        return str(context.node_config["data-path"])
+    if sim_data_root and "partition-id" in context.node_config:
+        return f"{sim_data_root}/site-{context.node_config['partition-id']}"
+    raise RemdrError("node config has no data-path", "", "start the SuperNode with remdr-client")
 
 
 def _setup(msg: Message, context: Context):
@@ -44,12 +57,7 @@ def _setup(msg: Message, context: Context):
         return Message(Error(code=VERSION_MISMATCH, reason=reason), reply_to=msg)
     try:
         cfg, fed = split_run_config(dict(context.run_config))
-        data_path = context.node_config.get("data-path")
-        if not data_path:
-            raise RemdrError(
-                "node config has no data-path", "", "start the SuperNode with remdr-client"
-            )
-        site = load_site(str(data_path), cfg, seed=cfg.train.seed)
+        site = load_site(_data_path(context, fed.sim_data_root), cfg, seed=cfg.train.seed)
     except RemdrError as err:
         return Message(
             Error(code=SITE_ERROR, reason=f"site {_site_id(context)}: {err}"), reply_to=msg

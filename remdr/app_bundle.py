@@ -40,6 +40,7 @@ build-backend = "hatchling.build"
 name = "remdr-federation"
 version = "{__version__}"
 description = "Configuration-only Flower App: every site runs its installed remdr"
+license = "Apache-2.0"
 dependencies = ["remdr=={__version__}"]
 
 [tool.flwr.app]

@@ -50,6 +50,7 @@ class FedConfig:
     round_timeout: float = 900.0  # seconds to wait for replies in one round
     fedbn: bool = False  # keep normalisation layers local to each site
     out_dir: str = "runs/federation"  # coordinator's run directory (checkpoints, report)
+    sim_data_root: str = ""  # simulation only: virtual node k reads <root>/site-<k>
 
 
 def fed_keys() -> dict[str, str]:

@@ -17,7 +17,11 @@ from pathlib import Path
 
 from remdr.errors import ConfigError
 
-SAFE_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
+SAFE_ENV = {
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",  # sites run the remdr they installed
+}
 
 
 def flower_env(flwr_home: str | Path | None = None) -> dict[str, str]:

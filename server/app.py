@@ -233,6 +233,18 @@ def main(grid: Grid, context: Context) -> None:
         record["seconds"] = time.time() - record.pop("started", start)
         record["config"] = dict(context.run_config)
         run.save_round(server_round + done, arrays.to_torch_state_dict(), record)
+        per_site = ", ".join(
+            f"{site} {m['eval-val-mse']:.2f}"
+            for site, m in sorted(record.get("sites", {}).items())
+            if "eval-val-mse" in m
+        )
+        val = record.get("evaluate", {}).get("val-mse", float("nan"))
+        missing = record.get("missing")
+        log.info(
+            "remdr round %d/%d: val MSE %.2f (%s) in %.1fs%s",
+            server_round + done, fed.num_server_rounds, val, per_site, record["seconds"],
+            f"; missing {missing}" if missing else "",
+        )  # fmt: skip
         run.write_report({"status": "running", "config": dict(context.run_config)})
         return None
 

@@ -114,7 +114,26 @@ def cmd_run(args: argparse.Namespace) -> int:
         conn = _connection(args, home)
         bundle = write_bundle(Path(tmp) / "app", overrides)
         flags = ["--stream"] if not args.detach else []
-        return _flwr(["run", str(bundle), conn, *flags], home, check=True)
+        _flwr(["run", str(bundle), conn, *flags], home, check=True)
+    if not args.detach:
+        check_outcome(overrides)
+    return 0
+
+
+def check_outcome(overrides: dict) -> None:
+    """`flwr run` exits 0 even when the ServerApp fails: read the run directory to be sure."""
+    import json
+
+    from remdr.federated import FedConfig
+
+    report = Path(str(overrides.get("out-dir", FedConfig.out_dir))) / "report.json"
+    if not report.is_file():
+        print(f"remdr-server: note: no {report} on this machine (the SuperLink may write it elsewhere)")
+        return
+    status = json.loads(report.read_text()).get("status")
+    if status != "completed":
+        raise ConfigError(f"the run did not complete (status {status!r})", f"see {report} and the log above")
+    print(f"remdr-server: run completed; report: {report}")
 
 
 def cmd_register(args: argparse.Namespace) -> int:
