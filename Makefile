@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 sim: install
-	$(BIN)/remdr-train --synthetic --method concat --epochs 8 --out runs/sim
+	$(BIN)/remdr-sim --compare-centralized --out runs/sim
 
 test: install
 	@$(BIN)/python -m pytest -q; rc=$$?; \

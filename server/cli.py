@@ -128,11 +128,15 @@ def check_outcome(overrides: dict) -> None:
 
     report = Path(str(overrides.get("out-dir", FedConfig.out_dir))) / "report.json"
     if not report.is_file():
-        print(f"remdr-server: note: no {report} on this machine (the SuperLink may write it elsewhere)")
+        print(
+            f"remdr-server: note: no {report} on this machine (the SuperLink may write it elsewhere)"
+        )
         return
     status = json.loads(report.read_text()).get("status")
     if status != "completed":
-        raise ConfigError(f"the run did not complete (status {status!r})", f"see {report} and the log above")
+        raise ConfigError(
+            f"the run did not complete (status {status!r})", f"see {report} and the log above"
+        )
     print(f"remdr-server: run completed; report: {report}")
 
 

@@ -127,6 +127,7 @@ def simulate(args: argparse.Namespace) -> int:
     from remdr.federated import load_site, split_run_config
     from remdr.fedrun import FederatedRun, clean
     from remdr.methods import create_method
+    from remdr.processes import free_port
 
     t0 = time.perf_counter()
     cfg = config_from_args(args, apply_overrides(ExperimentConfig(), SIM_DEFAULTS))
@@ -165,13 +166,9 @@ def simulate(args: argparse.Namespace) -> int:
     )
     t_fed = time.perf_counter()
     log_path = out / "flower.log"
-    code = run_federation(
-        run_config,
-        len(part.sites),
-        SimResources(args.cpus_per_site, args.gpus_per_site),
-        log_path,
-        stream_printer(),
-    )
+    ports = (free_port(), free_port())  # the local SuperLink's HTTP and Control API ports
+    resources = SimResources(args.cpus_per_site, args.gpus_per_site)
+    code = run_federation(run_config, len(part.sites), resources, log_path, stream_printer(), ports)
     check_finished(code, log_path)
     fed_run = FederatedRun(out / "federation")
     if fed_run.last_round() < args.rounds:
@@ -226,6 +223,7 @@ def simulate(args: argparse.Namespace) -> int:
         "federation": json.loads((out / "federation" / "report.json").read_text()),
         "results": results,
         "wall_seconds": time.perf_counter() - t0,
+        "local_superlink_ports": list(ports),
     }
     (out / "report.json").write_text(json.dumps(clean(report), indent=2, default=str))
     md_path = write_sim_report(out, report, fed_preds)

@@ -36,9 +36,12 @@ def run_federation(
     resources: SimResources,
     log_path: Path,
     on_line: Callable[[str], None] | None = None,
+    ports: tuple[int, int] | None = None,
 ) -> int:
-    """Run one federated experiment with `n_sites` virtual SuperNodes; return flwr's exit code."""
-    http_port, control_port = free_port(), free_port()
+    """Run one federated experiment with `n_sites` virtual SuperNodes; return flwr's exit code.
+
+    The local SuperLink gets `ports` (HTTP API, Control API), free ones by default."""
+    http_port, control_port = ports or (free_port(), free_port())
     with tempfile.TemporaryDirectory(prefix="remdr-sim-") as tmp:
         home = Path(tmp) / "flwr-home"
         home.mkdir()

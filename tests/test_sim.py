@@ -1,0 +1,129 @@
+"""Partitions and a short remdr-sim run with Flower's simulation runtime."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from remdr.sim import cli as sim_cli
+from remdr.sim.partition import PartitionSpec, partition
+
+from remdr.data import load_dataset
+from remdr.data.synthetic import SyntheticSpec, generate
+from remdr.metrics import BINS
+
+
+@pytest.fixture(scope="module")
+def sim_data(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("simdata")
+    generate(out, SyntheticSpec(n=240, size=32, depth=6, n_sites=3, seed=5))
+    return out
+
+
+def _ids(recs) -> set[str]:
+    return {r.eye_id for r in recs}
+
+
+def test_partitions_are_disjoint_complete_and_keep_test_apart(sim_data, tmp_path):
+    ds = load_dataset(sim_data)
+    part = partition(ds, PartitionSpec(sites=4, alpha=1.0, seed=1), tmp_path / "p")
+    site_sets = [_ids(r) for r in part.sites.values()]
+    assert sum(len(s) for s in site_sets) == len(set().union(*site_sets))  # disjoint
+    assert set().union(*site_sets) | _ids(part.test) == _ids(ds.records)  # complete
+    assert not (set().union(*site_sets) & _ids(part.test))
+    test_patients = {r.patient_id for r in part.test}
+    for recs in part.sites.values():
+        assert not (
+            {r.patient_id for r in recs} & test_patients
+        )  # the test set never reaches a site
+    for name, recs in part.sites.items():  # each site folder is a loadable hospital folder
+        assert _ids(load_dataset(part.site_dir(name)).records) == _ids(recs)
+    summary = json.loads((tmp_path / "p" / "partition.json").read_text())
+    assert set(summary["sites"]) == set(part.sites) and summary["test"]["eyes"] == len(part.test)
+
+
+def test_same_seed_same_split(sim_data, tmp_path):
+    ds = load_dataset(sim_data)
+    a = partition(ds, PartitionSpec(sites=3, seed=7), tmp_path / "a")
+    b = partition(ds, PartitionSpec(sites=3, seed=7), tmp_path / "b")
+    assert {k: _ids(v) for k, v in a.sites.items()} == {k: _ids(v) for k, v in b.sites.items()}
+
+
+def _skew(part) -> float:
+    """Mean total-variation distance between each site's severity mix and the pooled mix."""
+    counts = np.array(
+        [
+            [sum(1 for r in recs if r.md is not None and b == _bin(r.md)) for b in range(len(BINS))]
+            for recs in part.sites.values()
+        ],
+        float,
+    )
+    pooled = counts.sum(0) / counts.sum()
+    mixes = counts / counts.sum(1, keepdims=True)
+    return float(np.mean(0.5 * np.abs(mixes - pooled).sum(1)))
+
+
+def _bin(md: float) -> int:
+    from remdr.metrics import severity_bin
+
+    return severity_bin(md)
+
+
+def test_alpha_controls_label_skew(sim_data, tmp_path):
+    ds = load_dataset(sim_data)
+    skews = {}
+    for alpha in (0.1, 100.0):
+        runs = [
+            _skew(
+                partition(
+                    ds, PartitionSpec(sites=3, alpha=alpha, seed=s), tmp_path / f"{alpha}-{s}"
+                )
+            )
+            for s in range(3)
+        ]
+        skews[alpha] = np.mean(runs)
+    assert skews[0.1] > 2 * skews[100.0], skews
+
+
+def test_predefined_sites_follow_the_site_field(sim_data, tmp_path):
+    ds = load_dataset(sim_data)
+    part = partition(ds, PartitionSpec(scheme="predefined", seed=0), tmp_path / "p")
+    assert len(part.sites) == 3
+    for recs in part.sites.values():
+        assert len({r.site for r in recs}) == 1
+
+
+def _flower_leftovers(markers: list[str]) -> list[str]:
+    found = []
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if any(m in cmd for m in markers):
+            found.append(cmd)
+    return found
+
+
+@pytest.mark.e2e
+def test_short_simulation_completes_and_leaves_nothing_running(sim_data, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = [
+        "--data", str(sim_data), "--out", str(out), "--sites", "2", "--rounds", "2", "--compare-centralized",
+        "--image-size", "32", "--n-bscans", "2", "--batch-size", "16", "--device", "cpu",
+        "--set", "embed-dim=16", "--set", "fusion-hidden=16", "--quiet",
+    ]  # fmt: skip
+    assert sim_cli.main(args) == 0
+    report = json.loads((out / "report.json").read_text())
+    fed, central = report["results"]["federated"]["test"], report["results"]["centralized"]["test"]
+    for m in (fed, central):
+        assert m["n"] > 0 and np.isfinite(m["mse"]) and "mae_severe" in m
+    assert [r["round"] for r in report["federation"]["rounds"]] == [1, 2]
+    for name in ("report.md", "learning_curves.png", "pred_vs_true.png", "per_site.png"):
+        assert (out / name).is_file(), name
+    printed = capsys.readouterr().out
+    assert "federated" in printed and "centralized" in printed and "report.md" in printed
+    ports = [f"127.0.0.1:{p}" for p in report["local_superlink_ports"]]
+    assert _flower_leftovers([*ports, str(out)]) == []
