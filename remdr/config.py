@@ -119,7 +119,8 @@ def flat_keys(cfg: ExperimentConfig | None = None) -> dict[str, tuple[str, str]]
     return out
 
 
-def _coerce(value: Any, current: Any, key: str) -> Any:
+def coerce(value: Any, current: Any, key: str) -> Any:
+    """Convert a flat-config value (often a string from a CLI or TOML) to the type of `current`."""
     if isinstance(current, bool):
         if isinstance(value, bool):
             return value
@@ -179,7 +180,7 @@ def apply_overrides(
         sname, fname = keys[key]
         section = getattr(new, sname)
         try:
-            setattr(section, fname, _coerce(value, getattr(section, fname), key))
+            setattr(section, fname, coerce(value, getattr(section, fname), key))
         except ConfigError as err:
             problems.add(err.what, err.why)
     problems.raise_if_any(ConfigError)

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from remdr import __version__
-from remdr.config import ExperimentConfig, apply_overrides, flat_keys
+from remdr.config import ExperimentConfig, apply_overrides, coerce, flat_keys
 from remdr.data import load_dataset
 from remdr.data.dataset import EyeDataset
 from remdr.data.loading import Dataset
@@ -71,25 +71,12 @@ def split_run_config(run_config: dict[str, Any]) -> tuple[ExperimentConfig, FedC
     cfg = apply_overrides(ExperimentConfig(), core)
     fed = FedConfig()
     for name, value in fed_values.items():
-        default = getattr(fed, name)
-        try:
-            value = type(default)(value) if not isinstance(default, bool) else _as_bool(value)
-        except (TypeError, ValueError):
-            raise ConfigError(
-                f"{name.replace('_', '-')}={value!r}", f"expected {type(default).__name__}"
-            ) from None
-        setattr(fed, name, value)
+        setattr(fed, name, coerce(value, getattr(fed, name), name.replace("_", "-")))
     if fed.strategy not in STRATEGIES:
         raise ConfigError(f"strategy={fed.strategy!r}", f"must be one of {', '.join(STRATEGIES)}")
     if fed.num_server_rounds < 1 or fed.local_epochs < 1 or fed.min_nodes < 1:
         raise ConfigError("num-server-rounds/local-epochs/min-nodes", "must be at least 1")
     return cfg, fed
-
-
-def _as_bool(value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    return str(value).lower() in {"1", "true", "yes", "on"}
 
 
 def run_config_defaults() -> dict[str, Any]:

@@ -22,7 +22,7 @@ from remdr.config import ExperimentConfig, apply_overrides
 from remdr.data import SyntheticSpec, synthetic_data
 
 # Defaults that finish on a 2-core CPU in a few minutes and still show learning.
-SIM_DEFAULTS = {"method": "concat", "batch-size": 32}
+SIM_DEFAULTS = {"method": "concat", "batch-size": 32, "lr": 1e-3}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.2,
         help="patients kept apart as the global test set",
     )
-    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=8)
     ap.add_argument("--local-epochs", type=int, default=1)
     ap.add_argument(
         "--strategy",
@@ -113,7 +113,14 @@ def _train_central(cfg: ExperimentConfig, train_ds, val_ds, epochs: int, desc: s
 
 
 def main(argv: list[str] | None = None) -> int:
+    import signal
+
     args = build_parser().parse_args(argv)
+
+    def on_term(signum, frame):  # `kill` cleans up like Ctrl-C: the runner's finally stops Flower
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_term)
     return run_cli("remdr-sim", lambda: simulate(args))
 
 

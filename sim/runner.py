@@ -42,6 +42,7 @@ def run_federation(
 
     The local SuperLink gets `ports` (HTTP API, Control API), free ones by default."""
     http_port, control_port = ports or (free_port(), free_port())
+    ray_before = _ray_sessions()
     with tempfile.TemporaryDirectory(prefix="remdr-sim-") as tmp:
         home = Path(tmp) / "flwr-home"
         home.mkdir()
@@ -82,6 +83,15 @@ def run_federation(
                 proc.terminate()
                 proc.wait(10)
             kill_matching([f"127.0.0.1:{http_port}", f"127.0.0.1:{control_port}", str(home)])
+            # the Ray cluster the simulation started (GCS, raylet, workers) goes with it
+            new_sessions = [str(p) for p in _ray_sessions() - ray_before]
+            if new_sessions:
+                kill_matching(new_sessions)
+
+
+def _ray_sessions() -> set[Path]:
+    root = Path(tempfile.gettempdir()) / "ray"
+    return {p.resolve() for p in root.glob("session_2*")} if root.is_dir() else set()
 
 
 def check_finished(code: int, log_path: Path) -> None:

@@ -127,3 +127,43 @@ def test_short_simulation_completes_and_leaves_nothing_running(sim_data, tmp_pat
     assert "federated" in printed and "centralized" in printed and "report.md" in printed
     ports = [f"127.0.0.1:{p}" for p in report["local_superlink_ports"]]
     assert _flower_leftovers([*ports, str(out)]) == []
+
+
+def _simulation_processes() -> list[str]:
+    names = (
+        "flower-superlink --insecure --simulation",
+        "flwr-simulation",
+        "ray::",
+        "ray/core/src/ray/",
+    )
+    return [c for c in _flower_leftovers(list(names))]
+
+
+@pytest.mark.e2e
+def test_ctrl_c_leaves_nothing_running(sim_data, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    before = _simulation_processes()
+    out = tmp_path / "run"
+    cmd = [
+        sys.executable, "-m", "remdr.sim.cli", "--data", str(sim_data), "--out", str(out), "--sites", "2",
+        "--rounds", "20", "--image-size", "32", "--n-bscans", "2", "--device", "cpu", "--quiet",
+    ]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        for line in proc.stdout:  # wait until training is under way
+            if "round 1/20" in line or time.monotonic() > deadline:
+                break
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(60) == 130
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    deadline = time.monotonic() + 30
+    while len(_simulation_processes()) > len(before) and time.monotonic() < deadline:
+        time.sleep(1)
+    assert _simulation_processes() == before
