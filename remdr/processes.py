@@ -95,6 +95,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def matching_processes(markers: list[str], *, unless: tuple[str, ...] = ()) -> dict[int, str]:
+    """pid -> command line of every other process whose command line names one of `markers`."""
+    found = {}
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        pid = int(entry.name)
+        if (
+            pid != os.getpid()
+            and any(m in cmd for m in markers)
+            and not any(u in cmd for u in unless)
+        ):
+            found[pid] = cmd
+    return found
+
+
 def kill_matching(
     markers: list[str], sig_timeout: float = 5.0, *, unless: tuple[str, ...] = ()
 ) -> int:
@@ -108,19 +126,7 @@ def kill_matching(
     import signal
 
     def matching() -> list[int]:
-        pids = []
-        for entry in Path("/proc").glob("[0-9]*"):
-            try:
-                cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            except OSError:
-                continue
-            if (
-                int(entry.name) != os.getpid()
-                and any(m in cmd for m in markers)
-                and not any(u in cmd for u in unless)
-            ):
-                pids.append(int(entry.name))
-        return pids
+        return list(matching_processes(markers, unless=unless))
 
     pids = matching()
     for pid in pids:

@@ -23,6 +23,23 @@ TINY = {
     "device": "cpu",
 }
 
+# The same tiny setting as command-line flags, for the CLI tests.
+TINY_CLI_FLAGS = [
+    *(
+        "--image-size",
+        "32",
+        "--n-bscans",
+        "2",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "8",
+        "--device",
+        "cpu",
+    ),
+    *("--set", "embed-dim=16", "--quiet"),
+]
+
 
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> Path:

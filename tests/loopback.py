@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from remdr.data.synthetic import SyntheticSpec, generate
-from remdr.processes import ProcessGroup, flower_env, free_port, wait_healthy
+from remdr.processes import ProcessGroup, flower_env, free_port, matching_processes, wait_healthy
 
 BIN = Path(sys.executable).parent
 EXPERIMENT = {
@@ -131,15 +131,7 @@ class Loopback:
         self.group.stop()
 
     def leftovers(self) -> list[str]:
-        found = []
-        for entry in Path("/proc").glob("[0-9]*"):
-            try:
-                cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            except OSError:
-                continue
-            if any(m in cmd for m in self.group.markers):
-                found.append(cmd)
-        return found
+        return list(matching_processes(self.group.markers).values())
 
 
 def wait_for(predicate, timeout: float, what: str) -> None:

@@ -4,24 +4,12 @@ from __future__ import annotations
 
 import csv
 
+from conftest import TINY_CLI_FLAGS
+
 from remdr.bench import markdown_table
 from remdr.cli import bench
 
-TINY = [
-    "--image-size",
-    "32",
-    "--n-bscans",
-    "2",
-    "--epochs",
-    "1",
-    "--batch-size",
-    "8",
-    "--device",
-    "cpu",
-    "--set",
-    "embed-dim=16",
-    "--quiet",
-]
+TINY = TINY_CLI_FLAGS
 
 
 def test_methods_bench_writes_results(tiny_data, tmp_path, capsys):

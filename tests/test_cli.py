@@ -6,24 +6,12 @@ import json
 import subprocess
 import sys
 
+from conftest import TINY_CLI_FLAGS
+
 from remdr.cli import predict as predict_cli
 from remdr.cli import train as train_cli
 
-TINY_FLAGS = [
-    "--image-size",
-    "32",
-    "--n-bscans",
-    "2",
-    "--epochs",
-    "1",
-    "--batch-size",
-    "8",
-    "--device",
-    "cpu",
-    "--set",
-    "embed-dim=16",
-    "--quiet",
-]
+TINY_FLAGS = TINY_CLI_FLAGS
 
 
 def test_train_then_predict(tiny_data, tmp_path, capsys):

@@ -13,6 +13,7 @@ from remdr.sim.partition import PartitionSpec, partition
 from remdr.data import load_dataset
 from remdr.data.synthetic import SyntheticSpec, generate
 from remdr.metrics import BINS
+from remdr.processes import matching_processes
 
 
 @pytest.fixture(scope="module")
@@ -96,15 +97,7 @@ def test_predefined_sites_follow_the_site_field(sim_data, tmp_path):
 
 
 def _flower_leftovers(markers: list[str]) -> list[str]:
-    found = []
-    for entry in Path("/proc").glob("[0-9]*"):
-        try:
-            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if any(m in cmd for m in markers):
-            found.append(cmd)
-    return found
+    return list(matching_processes(markers).values())
 
 
 @pytest.mark.e2e
