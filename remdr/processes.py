@@ -113,29 +113,68 @@ def matching_processes(markers: list[str], *, unless: tuple[str, ...] = ()) -> d
     return found
 
 
+def _children() -> dict[int, list[int]]:
+    """Parent pid -> child pids, from /proc/<pid>/stat."""
+    tree: dict[int, list[int]] = {}
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])  # the field after the state letter
+        tree.setdefault(ppid, []).append(int(entry.name))
+    return tree
+
+
+def _ancestors_and_self() -> set[int]:
+    out, pid = set(), os.getpid()
+    while pid > 1 and pid not in out:
+        out.add(pid)
+        try:
+            pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except OSError:
+            break
+    return out
+
+
+def with_descendants(pids: list[int]) -> list[int]:
+    tree, out, todo = _children(), [], list(pids)
+    while todo:
+        pid = todo.pop()
+        if pid not in out:
+            out.append(pid)
+            todo.extend(tree.get(pid, []))
+    return out
+
+
 def kill_matching(
     markers: list[str], sig_timeout: float = 5.0, *, unless: tuple[str, ...] = ()
 ) -> int:
-    """End every process of this user whose command line contains one of `markers` (Linux).
+    """End every process of this user whose command line contains one of `markers`, and all
+    their descendants (Linux).
 
-    Flower starts detached helpers (`flower-superexec`, `flwr-clientapp`) in their own sessions,
-    so killing the parent's process group does not reach them; their command lines name the
-    ports they serve, which is what the markers match. Command lines containing any of `unless`
-    are spared.
+    Flower starts detached helpers (`flower-superexec`, `flwr-clientapp`, a Ray cluster) in their
+    own sessions, so killing the parent's process group does not reach them; their command lines
+    name the ports they serve, which is what the markers match, and Ray's agents and workers are
+    children of its raylet. Command lines containing any of `unless` are spared.
     """
     import signal
 
-    def matching() -> list[int]:
-        return list(matching_processes(markers, unless=unless))
+    def alive(pids: list[int]) -> list[int]:
+        return [p for p in pids if Path(f"/proc/{p}").exists()]
 
-    pids = matching()
+    pids = [
+        p
+        for p in with_descendants(list(matching_processes(markers, unless=unless)))
+        if p != os.getpid()
+    ]
     for pid in pids:
         with _ignore_missing():
             os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + sig_timeout
-    while matching() and time.monotonic() < deadline:
+    while alive(pids) and time.monotonic() < deadline:
         time.sleep(0.2)
-    for pid in matching():
+    for pid in alive(pids):
         with _ignore_missing():
             os.kill(pid, signal.SIGKILL)
     return len(pids)
