@@ -7,6 +7,7 @@ FedBN, the site's own normalisation layers. Replies carry weights and aggregate 
 
 from __future__ import annotations
 
+import json
 import logging
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
@@ -15,8 +16,6 @@ from flwr.clientapp import ClientApp
 from remdr import __version__
 from remdr.errors import RemdrError
 from remdr.federated import (
-    decode_state,
-    encode_state,
     evaluate_global,
     load_site,
     split_run_config,
@@ -76,7 +75,7 @@ def train(msg: Message, context: Context) -> Message:
         return setup
     cfg, fed, site = setup
     state = context.state
-    method_state = decode_state(state["method"]["json"]) if "method" in state else None
+    method_state = json.loads(state["method"]["json"]) if "method" in state else None
     local = state["fedbn"].to_torch_state_dict() if "fedbn" in state else None
     result = train_round(
         cfg,
@@ -87,7 +86,7 @@ def train(msg: Message, context: Context) -> Message:
         method_state=method_state,
         local_state=local,
     )
-    state["method"] = ConfigRecord({"json": encode_state(result.method_state)})
+    state["method"] = ConfigRecord({"json": json.dumps(result.method_state)})
     if result.local_state:
         state["fedbn"] = ArrayRecord(result.local_state)
     content = RecordDict(

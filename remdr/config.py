@@ -119,6 +119,11 @@ def flat_keys(cfg: ExperimentConfig | None = None) -> dict[str, tuple[str, str]]
     return out
 
 
+def flat_values(cfg: ExperimentConfig) -> dict[str, Any]:
+    """Every kebab-case key with its value in `cfg` (the flat view CLIs and Flower use)."""
+    return {k: getattr(getattr(cfg, s), f) for k, (s, f) in flat_keys(cfg).items()}
+
+
 def coerce(value: Any, current: Any, key: str) -> Any:
     """Convert a flat-config value (often a string from a CLI or TOML) to the type of `current`."""
     if isinstance(current, bool):

@@ -7,7 +7,6 @@ same code runs under the simulator, in deployment and in unit tests.
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -18,7 +17,7 @@ import torch
 from torch import nn
 
 from remdr import __version__
-from remdr.config import ExperimentConfig, apply_overrides, coerce, flat_keys
+from remdr.config import ExperimentConfig, apply_overrides, coerce, flat_values
 from remdr.data import load_dataset
 from remdr.data.dataset import EyeDataset
 from remdr.data.loading import Dataset
@@ -81,10 +80,7 @@ def split_run_config(run_config: dict[str, Any]) -> tuple[ExperimentConfig, FedC
 
 def run_config_defaults() -> dict[str, Any]:
     """Every run-config key with its default: the `[tool.flwr.app.config]` table."""
-    cfg = ExperimentConfig()
-    out: dict[str, Any] = {}
-    for key, (section, name) in flat_keys(cfg).items():
-        out[key] = getattr(getattr(cfg, section), name)
+    out = flat_values(ExperimentConfig())
     for key, name in fed_keys().items():
         out[key] = getattr(FedConfig(), name)
     return out
@@ -224,11 +220,3 @@ def evaluate_global(
     if local_state:
         model.load_state_dict(local_state, strict=False)
     return evaluate_site(prepare_model(model, device), site, cfg, device)
-
-
-def encode_state(obj: dict) -> str:
-    return json.dumps(obj)
-
-
-def decode_state(text: str) -> dict:
-    return json.loads(text)

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from remdr.cli.common import add_config_flags, config_from_args, run_cli
-from remdr.config import ExperimentConfig, apply_overrides
+from remdr.config import ExperimentConfig, apply_overrides, flat_values
 from remdr.data import SyntheticSpec, synthetic_data
 
 # Defaults that finish on a 2-core CPU in a few minutes and still show learning.
@@ -158,7 +158,7 @@ def simulate(args: argparse.Namespace) -> int:
     )
 
     run_config = {
-        **{k: v for k, v in _flat(cfg).items()},
+        **flat_values(cfg),
         "num-server-rounds": args.rounds,
         "local-epochs": args.local_epochs,
         "strategy": args.strategy,
@@ -226,7 +226,7 @@ def simulate(args: argparse.Namespace) -> int:
     report = {
         "config": cfg.to_dict(),
         "run_config": run_config,
-        "partition": {k: v for k, v in part.summary().items()},
+        "partition": part.summary(),
         "federation": json.loads((out / "federation" / "report.json").read_text()),
         "results": results,
         "wall_seconds": time.perf_counter() - t0,
@@ -238,12 +238,6 @@ def simulate(args: argparse.Namespace) -> int:
     print(summary_table(results))
     print(f"\nwall time {report['wall_seconds']:.0f}s; report: {md_path}")
     return 0
-
-
-def _flat(cfg: ExperimentConfig) -> dict:
-    from remdr.config import flat_keys
-
-    return {k: getattr(getattr(cfg, s), f) for k, (s, f) in flat_keys(cfg).items()}
 
 
 def raise_incomplete(fed_run, log_path: Path) -> None:

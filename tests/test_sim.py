@@ -129,7 +129,7 @@ def _simulation_processes() -> list[str]:
         "ray::",
         "ray/core/src/ray/",
     )
-    return [c for c in _flower_leftovers(list(names))]
+    return _flower_leftovers(list(names))
 
 
 @pytest.mark.e2e
