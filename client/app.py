@@ -1,20 +1,25 @@
 """The Flower ClientApp: translates messages to `remdr.federated` calls and back.
 
-Node config (set by `remdr-client` or the simulator): `data-path` (the site's data folder) and
-`site-id`. Cross-round state lives in `context.state`: the method's EMA modality scores and, with
-FedBN, the site's own normalisation layers. Replies carry weights and aggregate metrics only.
+Node config (set by `remdr-client` or the simulator): `data-path` (the site's data folder),
+`site-id`, and the site's privacy policy: `ledger` (its append-only privacy ledger),
+`epsilon-max` (its ceiling; the coordinator can only lower it) and `require-dp` (refuse methods
+that do not train under DP-SGD). The coordinator's run config can never move the ledger or raise
+the ceiling. Cross-round state lives in `context.state`: the method's EMA modality scores and,
+with FedBN, the site's own normalisation layers. Replies carry weights and aggregate metrics.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from remdr import __version__
-from remdr.errors import RemdrError
+from remdr.errors import PrivacyError, RemdrError
 from remdr.federated import (
     evaluate_global,
     load_site,
@@ -22,12 +27,14 @@ from remdr.federated import (
     train_round,
     versions_compatible,
 )
+from remdr.methods import get_spec
 
 log = logging.getLogger(__name__)
 app = ClientApp()
 
 VERSION_MISMATCH = 1001
 SITE_ERROR = 1002
+PRIVACY_DECLINED = 1003
 
 
 def _site_id(context: Context) -> str:
@@ -56,12 +63,34 @@ def _setup(msg: Message, context: Context):
         return Message(Error(code=VERSION_MISMATCH, reason=reason), reply_to=msg)
     try:
         cfg, fed = split_run_config(dict(context.run_config))
+        cfg = _site_privacy(cfg, fed, context)
         site = load_site(_data_path(context, fed.sim_data_root), cfg, seed=cfg.train.seed)
     except RemdrError as err:
-        return Message(
-            Error(code=SITE_ERROR, reason=f"site {_site_id(context)}: {err}"), reply_to=msg
-        )
+        code = PRIVACY_DECLINED if isinstance(err, PrivacyError) else SITE_ERROR
+        return Message(Error(code=code, reason=f"site {_site_id(context)}: {err}"), reply_to=msg)
     return cfg, fed, site
+
+
+def _site_privacy(cfg, fed, context: Context):
+    """The site's own privacy policy overrides the run config: its ledger, its ceiling."""
+    node = context.node_config
+    ledger = str(node.get("ledger", ""))
+    if not ledger and fed.sim_data_root and "partition-id" in node:
+        ledger = str(Path(fed.sim_data_root) / "ledgers" / f"site-{node['partition-id']}.jsonl")
+    ceiling = min(
+        float(node.get("epsilon-max", cfg.privacy.dp_epsilon_max)), cfg.privacy.dp_epsilon_max
+    )
+    private = get_spec(cfg.train.method).private
+    if str(node.get("require-dp", "false")).lower() == "true" and not private:
+        raise PrivacyError(
+            f"method {cfg.train.method} declined",
+            "this site only trains under DP-SGD (require-dp)",
+            "ask the coordinator for a private method such as remdr_dp",
+        )
+    if private and not ledger:
+        raise PrivacyError("no privacy ledger configured", "", "start remdr-client with --ledger")
+    privacy = dataclasses.replace(cfg.privacy, dp_ledger=ledger, dp_epsilon_max=ceiling)
+    return dataclasses.replace(cfg, privacy=privacy)
 
 
 def _site_record(context: Context) -> ConfigRecord:
@@ -77,15 +106,21 @@ def train(msg: Message, context: Context) -> Message:
     state = context.state
     method_state = json.loads(state["method"]["json"]) if "method" in state else None
     local = state["fedbn"].to_torch_state_dict() if "fedbn" in state else None
-    result = train_round(
-        cfg,
-        fed,
-        msg.content["arrays"].to_torch_state_dict(),
-        site,
-        server_round=int(msg.content["config"].get("server-round", 1)),
-        method_state=method_state,
-        local_state=local,
-    )
+    try:
+        result = train_round(
+            cfg,
+            fed,
+            msg.content["arrays"].to_torch_state_dict(),
+            site,
+            server_round=int(msg.content["config"].get("server-round", 1)),
+            method_state=method_state,
+            local_state=local,
+            ledger_label={"run": str(context.run_id), "site": _site_id(context)},
+        )
+    except PrivacyError as err:
+        log.warning("site %s: %s", _site_id(context), err)
+        reason = f"site {_site_id(context)}: {err}"
+        return Message(Error(code=PRIVACY_DECLINED, reason=reason), reply_to=msg)
     state["method"] = ConfigRecord({"json": json.dumps(result.method_state)})
     if result.local_state:
         state["fedbn"] = ArrayRecord(result.local_state)
@@ -112,5 +147,6 @@ def evaluate(msg: Message, context: Context) -> Message:
     )
     metrics = evaluate_global(cfg, msg.content["arrays"].to_torch_state_dict(), site, local)
     metrics["num-examples"] = metrics["num-val"]
+    metrics["unit-weight"] = 1.0
     content = RecordDict({"metrics": MetricRecord(metrics), "site": _site_record(context)})
     return Message(content=content, reply_to=msg)

@@ -4,6 +4,7 @@
         --root-cert ca.crt --key keys/hospA          # TLS + node authentication
     remdr-client start --data DIR --site-id A --superlink 127.0.0.1:8000 --insecure
     remdr-client start --data DIR --check-only         # only the data check
+    remdr-client privacy-report --site-id hospA        # the site's privacy ledger, for the officer
 
 The data check prints the number of eyes, the MD histogram by severity bin and the skipped
 records by reason; images never leave the site, only weights and aggregate metrics do.
@@ -35,13 +36,37 @@ def check_data(data: str, oct_view: str) -> str:
     return f"{len(ds.records)} eyes of {patients} patients ({ds.format}); MD bins: {hist}; {ds.report.summary()}"
 
 
-def node_config(data: str, site_id: str) -> str:
+DEFAULT_STATE = "~/.local/state/remdr"
+
+
+def ledger_path(args: argparse.Namespace) -> Path:
+    """The site's privacy ledger: --ledger, else <state dir>/<site-id>/privacy-ledger.jsonl."""
+    if args.ledger:
+        return Path(args.ledger).expanduser().resolve()
+    site = args.site_id or "site"
+    return Path(DEFAULT_STATE).expanduser() / site / "privacy-ledger.jsonl"
+
+
+def node_config(
+    data: str,
+    site_id: str,
+    ledger: Path | None = None,
+    epsilon_max: float | None = None,
+    require_dp: bool = False,
+) -> str:
     """`--node-config` value: TOML literals, so strings are quoted."""
 
     def q(s: str) -> str:
         return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
-    return f"data-path={q(str(Path(data).resolve()))} site-id={q(site_id)}"
+    out = f"data-path={q(str(Path(data).resolve()))} site-id={q(site_id)}"
+    if ledger is not None:
+        out += f" ledger={q(str(ledger))}"
+    if epsilon_max is not None:
+        out += f" epsilon-max={float(epsilon_max)!r}"
+    if require_dp:
+        out += ' require-dp="true"'
+    return out
 
 
 def supernode_command(args: argparse.Namespace) -> list[str]:
@@ -50,7 +75,9 @@ def supernode_command(args: argparse.Namespace) -> list[str]:
     cmd = [
         executable("flower-supernode"),
         "--superlink", args.superlink,
-        "--node-config", node_config(args.data, args.site_id),
+        "--node-config", node_config(
+            args.data, args.site_id, ledger_path(args), args.epsilon_max, args.require_dp
+        ),
         "--port", str(args.port),
     ]  # fmt: skip
     if args.insecure:
@@ -83,6 +110,13 @@ def cmd_start(args: argparse.Namespace) -> int:
     return 0  # not reached
 
 
+def cmd_privacy_report(args: argparse.Namespace) -> int:
+    from remdr.privacy import privacy_report
+
+    print(privacy_report(ledger_path(args), args.delta))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="remdr-client",
@@ -111,12 +145,35 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--oct-view", default="bscans", help="OCT view the data check validates")
     s.add_argument("--check-only", action="store_true", help="only check the data, do not connect")
+    _add_privacy_flags(s)
+    s.add_argument(
+        "--epsilon-max",
+        type=float,
+        default=None,
+        help="this site's epsilon ceiling; the coordinator's run config can only lower it",
+    )
+    s.add_argument(
+        "--require-dp", action="store_true", help="refuse methods that do not train under DP-SGD"
+    )
+    r = sub.add_parser("privacy-report", help="print the site's privacy ledger and its total")
+    r.add_argument("--site-id", default="", help="the site (locates the default ledger)")
+    _add_privacy_flags(r)
+    r.add_argument("--delta", type=float, default=None, help="report epsilon at this delta")
     return ap
+
+
+def _add_privacy_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--ledger",
+        default="",
+        help=f"append-only privacy ledger (default {DEFAULT_STATE}/<site-id>/privacy-ledger.jsonl)",
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return run_cli("remdr-client", lambda: cmd_start(args))
+    handler = cmd_privacy_report if args.command == "privacy-report" else cmd_start
+    return run_cli("remdr-client", lambda: handler(args))
 
 
 if __name__ == "__main__":

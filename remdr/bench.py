@@ -23,7 +23,7 @@ from remdr.experiment import SplitData, train_and_test
 from remdr.methods import create_method
 from remdr.metrics import BINS
 from remdr.runtime import autocast_for, prepare_model, resolve_device, seed_everything, to_device
-from remdr.train import make_loader, make_optimizer
+from remdr.train import make_loader, make_optimizer, open_private
 
 log = logging.getLogger(__name__)
 
@@ -148,8 +148,15 @@ def measure_speed(
     for name in methods:
         method = create_method(name, cfg.method)
         method.setup(data.train.targets())
-        model = prepare_model(method.build_model(cfg.model, cfg.data), device).train()
-        runners[name] = (method, model, make_optimizer(model, cfg.train))
+        model = prepare_model(
+            method.build_model(cfg.model, cfg.data, group_norm=cfg.privacy.group_norm), device
+        ).train()
+        opt = make_optimizer(model, cfg.train)
+        if method.spec.private:  # the real DP-SGD step: Opacus' per-sample clip and noise
+            unbounded = dataclasses.replace(cfg.privacy, dp_epsilon_max=1e12, dp_ledger="")
+            session = open_private(model, method, opt, data.train, cfg.train, unbounded, 1, 1, {})
+            model, opt = session.module, session.optimizer
+        runners[name] = (method, model, opt)
 
     def run(name: str, n_steps: int) -> float:
         method, model, opt = runners[name]

@@ -55,7 +55,8 @@ def load_run(
         cfg = ExperimentConfig.from_dict(meta["config"])
     except (json.JSONDecodeError, KeyError) as err:
         raise ConfigError(f"{run_dir / CONFIG} is damaged", str(err)) from None
-    model = create_method(cfg.train.method, cfg.method).build_model(cfg.model, cfg.data)
+    method = create_method(cfg.train.method, cfg.method)
+    model = method.build_model(cfg.model, cfg.data, group_norm=cfg.privacy.group_norm)
     missing, unexpected = model.load_state_dict(load_file(str(run_dir / WEIGHTS)), strict=False)
     if missing or unexpected:
         raise ConfigError(

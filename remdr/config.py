@@ -61,6 +61,7 @@ class MethodConfig:
     mod_start_epoch: int = 0  # modulation runs for start <= epoch < end
     mod_end_epoch: int = -1  # -1: until the end
     ogm_noise: bool = False  # add OGM-GE Gaussian noise to the modulated gradients
+    proto_bin_width: float = 2.0  # dB; MD bins of the learnable prototypes (remdr_dp)
 
 
 @dataclass
@@ -76,12 +77,30 @@ class TrainConfig:
     num_workers: int = 0  # DataLoader workers; 0 keeps CPU runs deterministic
 
 
+GRAD_SAMPLE_MODES = ("auto", "hooks", "ew")
+
+
+@dataclass
+class PrivacyConfig:
+    """Sample-level DP-SGD at a site (private methods only); the unit of privacy is the patient."""
+
+    dp_noise: float = 1.0  # sigma, the noise multiplier (ignored when dp-target-epsilon > 0)
+    dp_target_epsilon: float = 0.0  # > 0: solve sigma so the planned training ends at this epsilon
+    dp_clip: float = 1.0  # C, the per-patient gradient norm bound
+    dp_delta: float = 1e-5  # must be <= 1 / number of patients at the site
+    dp_epsilon_max: float = 10.0  # hard ceiling: training that would exceed it is declined
+    dp_grad_sample_mode: str = "auto"  # auto picks the first of hooks, ew that passes the check
+    dp_ledger: str = ""  # append-only privacy ledger (JSON lines); "" keeps none (remdr-train)
+    group_norm: bool = False  # GroupNorm instead of BatchNorm (forced for private methods)
+
+
 @dataclass
 class ExperimentConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -233,4 +252,16 @@ def validate(cfg: ExperimentConfig) -> None:
         p.add(f"schedule={t.schedule!r}", "must be cosine or constant")
     if t.num_workers < 0:
         p.add(f"num-workers={t.num_workers}", "must be >= 0")
+    if mc.proto_bin_width <= 0:
+        p.add(f"proto-bin-width={mc.proto_bin_width}", "must be positive")
+    pc = cfg.privacy
+    if pc.dp_noise < 0 or pc.dp_clip <= 0 or pc.dp_target_epsilon < 0:
+        p.add("dp-noise/dp-clip/dp-target-epsilon", "noise >= 0, clip > 0, target epsilon >= 0")
+    if not 0 < pc.dp_delta < 1 or pc.dp_epsilon_max <= 0:
+        p.add("dp-delta/dp-epsilon-max", "delta must lie in (0, 1) and the ceiling be positive")
+    if pc.dp_grad_sample_mode not in GRAD_SAMPLE_MODES:
+        p.add(
+            f"dp-grad-sample-mode={pc.dp_grad_sample_mode!r}",
+            f"must be one of {', '.join(GRAD_SAMPLE_MODES)}",
+        )
     p.raise_if_any(ConfigError)

@@ -63,7 +63,9 @@ def train_and_test(
     seed_everything(cfg.train.seed, device)
     method = create_method(cfg.train.method, cfg.method)
     method.setup(data.train.targets(), seed=cfg.train.seed)
-    model = prepare_model(method.build_model(cfg.model, cfg.data), device)
+    model = prepare_model(
+        method.build_model(cfg.model, cfg.data, group_norm=cfg.privacy.group_norm), device
+    )
     result = fit(
         model,
         method,
@@ -74,6 +76,7 @@ def train_and_test(
         augment=cfg.data.augment,
         progress=progress,
         desc=desc or cfg.train.method,
+        privacy=cfg.privacy,
     )
     loader = make_loader(data.test, cfg.train.batch_size * 2, shuffle=False, seed=0, device=device)
     preds = predict(model, loader, device)
@@ -101,6 +104,7 @@ def write_run(
         "train_seconds": outcome.fit.seconds,
         "history": outcome.fit.history,
         "split_sizes": data.sizes(),
+        "privacy": outcome.fit.privacy or {"guarantee": "none"},
         "data_report": data.dataset.report.to_dict(),
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))

@@ -23,12 +23,14 @@ from remdr.data.dataset import EyeDataset
 from remdr.data.loading import Dataset
 from remdr.data.splits import split_records
 from remdr.errors import ConfigError
-from remdr.methods import create_method
+from remdr.methods import create_method, get_spec
 from remdr.metrics import BINS, regression_metrics
 from remdr.runtime import prepare_model, resolve_device, seed_everything
 from remdr.train import evaluate, fit, make_loader
 
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg", "krum")
+SITE_DP = ("off", "fixed", "adaptive")
+ON_MISSING = ("continue", "abort")
 
 
 @dataclass
@@ -48,6 +50,12 @@ class FedConfig:
     min_nodes: int = 2  # the expected number of sites: every round waits for all of them
     round_timeout: float = 900.0  # seconds to wait for replies in one round
     fedbn: bool = False  # keep normalisation layers local to each site
+    on_missing: str = "continue"  # a sampled site does not reply in time: continue or abort
+    max_update_norm: float = 1e4  # reject a site update whose change is larger (0: no limit)
+    site_dp: str = "off"  # site-level DP of the aggregate: off, fixed or adaptive clipping
+    site_dp_noise: float = 1.0  # z: noise std is z * C / number of sites
+    site_dp_clip: float = 1.0  # C (fixed) or the initial C (adaptive) of each site's update
+    site_dp_delta: float = 1e-5  # delta of the site-level guarantee
     out_dir: str = "runs/federation"  # coordinator's run directory (checkpoints, report)
     sim_data_root: str = ""  # simulation only: virtual node k reads <root>/site-<k>
 
@@ -75,6 +83,25 @@ def split_run_config(run_config: dict[str, Any]) -> tuple[ExperimentConfig, FedC
         raise ConfigError(f"strategy={fed.strategy!r}", f"must be one of {', '.join(STRATEGIES)}")
     if fed.num_server_rounds < 1 or fed.local_epochs < 1 or fed.min_nodes < 1:
         raise ConfigError("num-server-rounds/local-epochs/min-nodes", "must be at least 1")
+    if fed.on_missing not in ON_MISSING:
+        raise ConfigError(f"on-missing={fed.on_missing!r}", "must be continue or abort")
+    if fed.site_dp not in SITE_DP:
+        raise ConfigError(f"site-dp={fed.site_dp!r}", f"must be one of {', '.join(SITE_DP)}")
+    if fed.site_dp != "off":
+        if fed.strategy not in ("fedavg", "fedprox"):
+            raise ConfigError(
+                f"site-dp with strategy={fed.strategy}",
+                "the site-level accounting assumes a plain mean of clipped updates",
+                "use strategy=fedavg or fedprox",
+            )
+        if not (cfg.privacy.group_norm or get_spec(cfg.train.method).private):
+            raise ConfigError(
+                "site-dp without group-norm=true",
+                "noise is added to every array, and BatchNorm's integer counters cannot take it",
+                "set group-norm=true (or use a private method)",
+            )
+        if fed.site_dp_noise <= 0 or fed.site_dp_clip <= 0 or not 0 < fed.site_dp_delta < 1:
+            raise ConfigError("site-dp-noise/clip/delta", "noise and clip > 0, delta in (0, 1)")
     return cfg, fed
 
 
@@ -155,8 +182,13 @@ def train_round(
     server_round: int = 1,
     method_state: dict | None = None,
     local_state: dict[str, torch.Tensor] | None = None,
+    ledger_label: dict | None = None,
 ) -> RoundResult:
-    """Train the global model on this site for `fed.local_epochs`; return weights and metrics."""
+    """Train the global model on this site for `fed.local_epochs`; return weights and metrics.
+
+    A private method trains under the site's `cfg.privacy` (ledger, ceiling) and reports the
+    site's cumulative epsilon; a round that would break the ceiling raises PrivacyError first.
+    """
     device = resolve_device(cfg.train.device)
     seed = cfg.train.seed + 1000 * server_round
     seed_everything(seed, device)
@@ -165,7 +197,7 @@ def train_round(
     method.setup(site.train.targets(), seed=seed)
     if method_state:
         method.scores.load_state_dict(method_state["scores"])
-    model = method.build_model(cfg.model, cfg.data)
+    model = method.build_model(cfg.model, cfg.data, group_norm=cfg.privacy.group_norm)
     model.load_state_dict(global_state)
     if fed.fedbn and local_state:
         model.load_state_dict(local_state, strict=False)
@@ -184,13 +216,29 @@ def train_round(
         keep_best=False,
         progress=False,
         proximal=(mu, anchor) if mu > 0 else None,
+        privacy=cfg.privacy,
+        planned_rounds=fed.num_server_rounds,
+        ledger_label={"round": server_round, **(ledger_label or {})},
     )
     seconds = time.perf_counter() - start
     metrics = {
         "num-examples": len(site.train),
+        "unit-weight": 1.0,  # equal weights: site-level DP's sensitivity assumes them
         "train-loss": float(result.history[-1].get("train_loss", float("nan"))),
         "train-seconds": seconds,
     }
+    if result.privacy:
+        p = result.privacy
+        metrics.update(
+            {
+                "dp-epsilon": p["epsilon_cumulative"],
+                "dp-delta": p["delta"],
+                "dp-noise": p["noise_multiplier"],
+                "dp-clip": p["max_grad_norm"],
+                "dp-sample-rate": p["sample_rate"],
+                "dp-steps": p["steps"],
+            }
+        )
     metrics.update(evaluate_site(model, site, cfg, device))
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     local = {k: state[k] for k in norm_state_keys(model)} if fed.fedbn else {}
@@ -215,7 +263,8 @@ def evaluate_global(
     local_state: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, float]:
     device = resolve_device(cfg.train.device)
-    model = create_method(cfg.train.method, cfg.method).build_model(cfg.model, cfg.data)
+    method = create_method(cfg.train.method, cfg.method)
+    model = method.build_model(cfg.model, cfg.data, group_norm=cfg.privacy.group_norm)
     model.load_state_dict(global_state)
     if local_state:
         model.load_state_dict(local_state, strict=False)

@@ -116,6 +116,45 @@ class FederatedRun:
         return report
 
 
+def privacy_summary(rounds: list[dict[str, Any]], site_level: dict | None = None) -> dict:
+    """Which guarantee the run has, per granularity; never one confused with the other.
+
+    Sample-level: each site's cumulative (epsilon, delta) for one patient, as its ledger says
+    (the latest round it reported), plus the rounds it declined for budget.
+    """
+    sites: dict[str, dict[str, Any]] = {}
+    for rec in rounds:
+        for site, m in rec.get("sites", {}).items():
+            if "dp-epsilon" in m:
+                sites.setdefault(site, {}).update(
+                    {
+                        "epsilon": m["dp-epsilon"],
+                        "delta": m.get("dp-delta"),
+                        "noise_multiplier": m.get("dp-noise"),
+                        "clip": m.get("dp-clip"),
+                        "sample_rate": m.get("dp-sample-rate"),
+                        "last_round": rec["round"],
+                    }
+                )
+        for err in rec.get("errors", []):
+            if "privacy budget" in err.get("reason", ""):
+                sites.setdefault(err["site"], {}).setdefault("declined_rounds", []).append(
+                    rec["round"]
+                )
+    sample = (
+        {"granularity": "sample-level: add or remove one patient at a site", "sites": sites}
+        if sites
+        else None
+    )
+    guarantees = [g for g, v in (("sample-level", sample), ("site-level", site_level)) if v]
+    return {
+        "guarantee": ", ".join(guarantees) if guarantees else "none",
+        "sample_level": sample,
+        "site_level": site_level,
+        "not_covered": "metrics and dataset sizes reported by sites; see README Privacy",
+    }
+
+
 def _jsonable(x: Any) -> Any:
     return x.item() if hasattr(x, "item") else str(x)
 

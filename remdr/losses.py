@@ -116,3 +116,38 @@ def adaptive_margin_supcon(
         return sim.sum() * 0.0  # keeps the graph; nothing to contrast in this batch
     per_anchor = -(log_prob.masked_fill(~pos, 0.0)).sum(1) / n_pos.clamp_min(1)
     return per_anchor[has_pos].mean()
+
+
+def prototype_bins(width: float) -> torch.Tensor:
+    """Centres of the fixed MD bins (dB) the prototypes stand for; fixed, never data-derived."""
+    lo, hi = DENSITY_RANGE
+    n = int(np.ceil((hi - lo) / width))
+    return torch.tensor([lo + (i + 0.5) * width for i in range(n)], dtype=torch.float32)
+
+
+def prototype_margin_loss(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    centres: torch.Tensor,
+    *,
+    tau: float,
+    mu: float,
+    span: float,
+) -> torch.Tensor:
+    """Per-example contrastive loss against learnable MD-bin prototypes (the DP-safe SupCon).
+
+    `logits` are u_i . p_k (unit-norm embedding against prototype k). The positive is the bin
+    holding y_i; every other bin is a negative with margin (mu / tau) min(1, |c_k - y_i| / span),
+    so far-away bins are pushed apart harder. The margin depends only on the example's own label
+    and fixed bin centres, and the loss of row i only on row i: one patient's replacement changes
+    no other row's gradient, which is what DP-SGD's per-example clipping assumes.
+    Returns the mean over the batch.
+    """
+    dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32  # fp64: the check
+    centres, logits = centres.to(logits.device, dtype), logits.to(dtype)
+    y = targets.to(dtype).clamp(*DENSITY_RANGE)
+    positive = torch.bucketize(y, (centres[:-1] + centres[1:]) / 2)  # (B,)
+    distance = (centres[None, :] - y[:, None]).abs()
+    margin = (mu / tau) * (distance / span).clamp(max=1.0)
+    margin = margin.scatter(1, positive[:, None], 0.0)
+    return F.cross_entropy(logits / tau + margin, positive)

@@ -9,10 +9,20 @@
 | remdr           | both       | MSE(fused) + l_u MSE(uni) + l_c SupCon-AM   | SAGM            |
 | remdr_no_con    | both       | MSE(fused) + l_u MSE(uni)                   | SAGM            |
 | remdr_no_sagm   | both       | MSE(fused) + l_u MSE(uni) + l_c SupCon-AM   | plain           |
+| concat_dp       | both       | MSE(fused) (+ probe heads)                  | DP-SGD          |
+| remdr_dp        | both       | MSE(fused) + l_u MSE(uni) + l_c Proto-AM    | DP-SAT + noisy  |
+|                 |            |                                             | modulation      |
 
 "Probe heads" are the unimodal heads trained on detached features: they measure each
 modality's strength (the OGM-GE scores) without changing what the encoders learn.
 OGM-GE is adapted to regression: its scores are the probes' EMA MSE instead of class softmax.
+
+Private methods (`*_dp`) train only under DP-SGD (`remdr.privacy`), one row per patient, and
+touch nothing that couples rows: in-batch SupCon becomes a per-example margin loss against
+learnable MD-bin prototypes (`prototype_margin_loss`), SAM becomes DP-SAT (ascend along the
+previous step's *noised* gradient, Park et al. ICML 2023), and the modulation coefficients come
+from the previous noised gradients' per-branch energy (noise variance subtracted) instead of the
+batch's unimodal losses; scaling a noised gradient is post-processing, so it costs no privacy.
 """
 
 from __future__ import annotations
@@ -27,12 +37,23 @@ import torch
 import torch.nn.functional as F
 
 from remdr.config import MethodConfig
-from remdr.errors import ConfigError
-from remdr.losses import LabelDensity, adaptive_margin_supcon
-from remdr.model import MODALITIES, ReM3Dr
-from remdr.optim import ModalityScores, frozen_buffers, sam_perturbation, scale_gradients
+from remdr.errors import ConfigError, PrivacyError
+from remdr.losses import (
+    LabelDensity,
+    adaptive_margin_supcon,
+    prototype_bins,
+    prototype_margin_loss,
+)
+from remdr.model import MODALITIES, ReM3Dr, full_precision
+from remdr.optim import (
+    ModalityScores,
+    branch_signal,
+    frozen_buffers,
+    sam_perturbation,
+    scale_gradients,
+)
 
-UPDATES = ("plain", "modulate", "sam", "sagm")
+UPDATES = ("plain", "modulate", "sam", "sagm", "dpsat")
 
 
 @dataclass(frozen=True)
@@ -44,6 +65,8 @@ class MethodSpec:
     contrastive: bool = False
     update: str = "plain"  # one of UPDATES
     ogm_noise: bool = False
+    prototypes: bool = False  # per-example contrastive loss against MD-bin prototypes
+    private: bool = False  # trains only under DP-SGD, one row per patient
 
 
 _REGISTRY: dict[str, MethodSpec] = {}
@@ -56,8 +79,9 @@ def register_method(spec: MethodSpec) -> MethodSpec:
     return spec
 
 
-def list_methods() -> list[str]:
-    return list(_REGISTRY)
+def list_methods(private: bool | None = None) -> list[str]:
+    """Registered names; `private=False` only the non-DP ones, `True` only the DP ones."""
+    return [n for n, s in _REGISTRY.items() if private is None or s.private == private]
 
 
 def get_spec(name: str) -> MethodSpec:
@@ -75,6 +99,11 @@ def create_method(name: str, cfg: MethodConfig | None = None) -> Method:
 Batch = dict[str, torch.Tensor]
 
 
+def unwrapped(model: torch.nn.Module) -> ReM3Dr:
+    """The ReM3Dr inside an Opacus grad-sample wrapper (or the model itself)."""
+    return getattr(model, "_module", model)
+
+
 class Method:
     """Holds a method's state (label density, modality scores) and runs one training step."""
 
@@ -84,6 +113,8 @@ class Method:
         self.scores = ModalityScores(spec.modalities, cfg.mod_ema)
         self.last_k: dict[str, float] = {m: 1.0 for m in spec.modalities}
         self._noise_gen = torch.Generator().manual_seed(0)
+        self.centres = prototype_bins(cfg.proto_bin_width)
+        self._last_noisy: list[torch.Tensor] | None = None  # DP-SAT's ascent direction
 
     @property
     def name(self) -> str:
@@ -97,8 +128,15 @@ class Method:
             )
         self._noise_gen.manual_seed(seed)
 
-    def build_model(self, model_cfg, data_cfg) -> ReM3Dr:
-        return ReM3Dr(model_cfg, data_cfg, self.spec.modalities)
+    def build_model(self, model_cfg, data_cfg, *, group_norm: bool = False) -> ReM3Dr:
+        """The method's network; private methods (and `group_norm`) get a DP-ready one."""
+        n_proto = len(self.centres) if self.spec.prototypes else 0
+        model = ReM3Dr(model_cfg, data_cfg, self.spec.modalities, n_prototypes=n_proto)
+        if self.spec.private or group_norm:
+            from remdr.privacy import make_dp_ready
+
+            model = make_dp_ready(model)
+        return model
 
     # -- objective ---------------------------------------------------------------------------
     def loss(self, model: ReM3Dr, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
@@ -109,15 +147,15 @@ class Method:
             batch.get("fundus"),
             detach_heads=fused_inputs and not spec.unimodal_loss,
         )
-        y = model.normalise(batch["md"])
-        total = F.mse_loss(out["pred"].float(), y)
+        y = unwrapped(model).normalise(batch["md"])
+        total = F.mse_loss(full_precision(out["pred"]), y)
         parts = {"mse": float(total.detach())}
         if fused_inputs:
             uni_weight = (
                 cfg.lambda_uni if spec.unimodal_loss else 1.0
             )  # probes: weight is irrelevant
             for m in spec.modalities:
-                mse_m = F.mse_loss(out[f"pred_{m}"].float(), y)
+                mse_m = F.mse_loss(full_precision(out[f"pred_{m}"]), y)
                 total = total + uni_weight * mse_m
                 parts[f"mse_{m}"] = float(mse_m.detach())
             if spec.contrastive and cfg.lambda_con > 0:
@@ -132,6 +170,18 @@ class Method:
                         gamma=cfg.con_gamma,
                         span=cfg.con_span,
                         weight_clip=cfg.con_weight_clip,
+                    )
+                    total = total + cfg.lambda_con * con
+                    parts[f"con_{m}"] = float(con.detach())
+            if spec.prototypes and cfg.lambda_con > 0:
+                for m in spec.modalities:
+                    con = prototype_margin_loss(
+                        out[f"proto_{m}"],
+                        batch["md"],
+                        self.centres,
+                        tau=cfg.con_tau,
+                        mu=cfg.con_mu,
+                        span=cfg.con_span,
                     )
                     total = total + cfg.lambda_con * con
                     parts[f"con_{m}"] = float(con.detach())
@@ -161,6 +211,8 @@ class Method:
         `regulariser(model)` is added to the loss in every pass (FedProx's proximal term).
         """
         update = self.spec.update
+        if self.spec.private:
+            return self._private_step(model, optimizer, batch, epoch, autocast, regulariser)
 
         def objective() -> tuple[torch.Tensor, dict[str, float]]:
             with autocast():
@@ -187,6 +239,59 @@ class Method:
                         model.encoder_parameters(m), k, noise=noise, gen=self._noise_gen
                     )
         optimizer.step()
+        for m, k in self.last_k.items():
+            parts[f"k_{m}"] = k
+        return parts
+
+    def _private_step(self, model, optimizer, batch, epoch, autocast, regulariser):
+        """DP-SGD step: per-patient clip + noise (Opacus), then only post-processing.
+
+        DP-SAT: the forward/backward runs at theta + rho u/||u|| where u is the previous step's
+        noised gradient (already released), so the ascent costs no privacy. Modulation scales
+        the noised gradient by coefficients from earlier noised gradients. FedProx's proximal
+        term depends on no data and is added after the noise.
+        """
+        if not hasattr(optimizer, "pre_step"):
+            raise PrivacyError(
+                f"method {self.name} trains only under DP-SGD",
+                "its optimiser is not Opacus' DPOptimizer",
+                "train it with fit(), which wraps the model and optimiser",
+            )
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer.zero_grad(set_to_none=True)
+        rho = self.cfg.sam_rho if self.spec.update == "dpsat" else 0.0
+        parts: dict[str, float] = {}
+        if len(batch["md"]) == 0:  # an empty Poisson batch still releases noise: never skip it
+            for p in params:
+                p.grad_sample = p.new_zeros((0, *p.shape))
+        else:
+            with sam_perturbation(params, rho, direction=self._last_noisy):
+                with autocast():
+                    loss, parts = self.loss(model, batch)
+                loss.backward()
+        if not optimizer.pre_step():  # clip per patient, add noise, count the step
+            return parts
+        if self.spec.update == "dpsat":
+            self._last_noisy = [p.grad.detach().clone() for p in params]
+            noise_std = optimizer.noise_multiplier * optimizer.max_grad_norm
+            noise_std /= max(1, optimizer.expected_batch_size)
+            self.scores.update(
+                {
+                    m: 1.0 / branch_signal(unwrapped(model).encoder_parameters(m), noise_std)
+                    for m in self.spec.modalities
+                }
+            )
+            if self.modulation_active(epoch):
+                self.last_k = self.scores.coefficients(self.cfg.mod_alpha)
+                for m, k in self.last_k.items():
+                    if k < 1.0:
+                        scale_gradients(unwrapped(model).encoder_parameters(m), k)
+        if regulariser is not None:
+            grads = torch.autograd.grad(regulariser(model), params, allow_unused=True)
+            for p, g in zip(params, grads, strict=True):
+                if g is not None:
+                    p.grad.add_(g)
+        optimizer.original_optimizer.step()
         for m, k in self.last_k.items():
             parts[f"k_{m}"] = k
         return parts
@@ -229,6 +334,17 @@ for _spec in (
     ),
     MethodSpec(
         "remdr_no_sagm", "Re-M3Dr without SAGM (plain step)", unimodal_loss=True, contrastive=True
+    ),
+    MethodSpec(
+        "concat_dp", "late fusion under patient-level DP-SGD (the DP baseline)", private=True
+    ),
+    MethodSpec(
+        "remdr_dp",
+        "Re-M3Dr under patient-level DP-SGD: prototype-margin loss, DP-SAT, noisy modulation",
+        unimodal_loss=True,
+        prototypes=True,
+        update="dpsat",
+        private=True,
     ),
 ):
     register_method(_spec)

@@ -7,6 +7,7 @@ With one modality (the unimodal baselines) only that branch exists and its head 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from remdr.config import DataConfig, ModelConfig
@@ -35,7 +36,13 @@ def _head(in_dim: int, hidden: int, dropout: float) -> nn.Sequential:
 
 
 class Branch(nn.Module):
-    """One modality: encoder (shared over B-scans when 2.5D) -> [attention pool] -> z (d)."""
+    """One modality: encoder (shared over B-scans when 2.5D) -> [attention pool] -> z (d).
+
+    B-scans go through the encoder as one (B*K) batch, or one view per call when
+    `one_view_per_call` (DP-SGD: every encoder call must keep one row per patient).
+    """
+
+    one_view_per_call = False
 
     def __init__(self, encoder: nn.Module, embed_dim: int, multi_view: bool) -> None:
         super().__init__()
@@ -47,9 +54,17 @@ class Branch(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.pool is not None:
             b, k = x.shape[:2]  # (B, K, C, H, W)
-            feats = self.encoder(_channels_last(x.flatten(0, 1))).view(b, k, -1)
+            if self.one_view_per_call:
+                feats = torch.stack([self.encoder(_channels_last(x[:, i])) for i in range(k)], 1)
+            else:
+                feats = self.encoder(_channels_last(x.flatten(0, 1))).view(b, k, -1)
             return self.proj(self.pool(feats))
         return self.proj(self.encoder(_channels_last(x)))  # (B, C, H, W) -> (B, d)
+
+
+def full_precision(x: torch.Tensor) -> torch.Tensor:
+    """bf16/fp16 activations -> fp32 for losses; fp64 stays fp64 (the gradient check runs in it)."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
 
 
 def _channels_last(x: torch.Tensor) -> torch.Tensor:
@@ -62,6 +77,7 @@ class ReM3Dr(nn.Module):
         model_cfg: ModelConfig,
         data_cfg: DataConfig,
         modalities: tuple[str, ...] = MODALITIES,
+        n_prototypes: int = 0,
     ) -> None:
         super().__init__()
         self.modalities = tuple(m for m in MODALITIES if m in modalities)
@@ -80,6 +96,12 @@ class ReM3Dr(nn.Module):
         for m in self.modalities:
             self.heads[m] = _head(d, h, p)
         self.fusion = _head(d * len(self.modalities), h, p) if len(self.modalities) > 1 else None
+        # Learnable MD-bin prototypes per modality (remdr_dp): u . p_k for unit-norm u.
+        self.prototypes = (
+            nn.ModuleDict({m: nn.Linear(d, n_prototypes, bias=False) for m in self.modalities})
+            if n_prototypes
+            else None
+        )
 
     def forward(
         self,
@@ -88,7 +110,8 @@ class ReM3Dr(nn.Module):
         *,
         detach_heads: bool = False,
     ) -> dict[str, torch.Tensor]:
-        """Returns ``z_<m>`` (B, d), ``pred_<m>`` (B,) per modality and ``pred`` (B,).
+        """Returns ``z_<m>`` (B, d), ``pred_<m>`` (B,) per modality and ``pred`` (B,);
+        with prototypes also ``proto_<m>`` (B, n_prototypes).
 
         `detach_heads` trains the unimodal heads as probes on detached features, so they report
         each modality's strength without pushing gradients into the encoders.
@@ -99,6 +122,8 @@ class ReM3Dr(nn.Module):
             z = self.branches[m](inputs[m])
             out[f"z_{m}"] = z
             out[f"pred_{m}"] = self.heads[m](z.detach() if detach_heads else z).squeeze(-1)
+            if self.prototypes is not None:
+                out[f"proto_{m}"] = self.prototypes[m](F.normalize(full_precision(z), dim=-1))
         if self.fusion is not None:
             fused = torch.cat([out[f"z_{m}"] for m in self.modalities], dim=-1)
             out["pred"] = self.fusion(fused).squeeze(-1)

@@ -97,21 +97,41 @@ def grad_norm(params: list[nn.Parameter]) -> torch.Tensor:
 
 
 @contextmanager
-def sam_perturbation(params: list[nn.Parameter], rho: float) -> Iterator[None]:
-    """Move to theta + rho g/||g|| for the body of the block, then restore theta exactly."""
+def sam_perturbation(
+    params: list[nn.Parameter], rho: float, direction: list[torch.Tensor] | None = None
+) -> Iterator[None]:
+    """Move to theta + rho u/||u|| for the body of the block, then restore theta exactly.
+
+    u is each parameter's current gradient (SAM) or the given `direction` (DP-SAT passes the
+    previous step's noised gradient); without either, or with rho = 0, theta does not move.
+    """
+    if direction is None:
+        direction = [p.grad for p in params]
+    if rho <= 0 or all(d is None for d in direction):
+        yield
+        return
     with torch.no_grad():
         backup = [p.detach().clone() for p in params]
-        norm = grad_norm(params)
+        norm = torch.stack([d.float().norm() for d in direction if d is not None]).norm()
         scale = rho / (float(norm) + 1e-12)
-        for p in params:
-            if p.grad is not None:
-                p.add_(p.grad, alpha=scale)
+        for p, d in zip(params, direction, strict=True):
+            if d is not None:
+                p.add_(d, alpha=scale)
     try:
         yield
     finally:
         with torch.no_grad():
             for p, b in zip(params, backup, strict=True):
                 p.copy_(b)
+
+
+def branch_signal(params: list[nn.Parameter], noise_std: float) -> float:
+    """RMS gradient of a branch with the DP noise's variance subtracted (floored above zero):
+    an estimate of the un-noised gradient's size read only from the noised one."""
+    total = sum(float(p.grad.float().pow(2).sum()) for p in params if p.grad is not None)
+    count = sum(p.numel() for p in params if p.grad is not None)
+    signal = total / max(1, count) - noise_std**2
+    return math.sqrt(max(signal, 1e-3 * noise_std**2 + 1e-12))
 
 
 def proximal_term(anchor: dict[str, torch.Tensor], mu: float):

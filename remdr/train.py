@@ -14,7 +14,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from remdr.config import TrainConfig
+from remdr.config import PrivacyConfig, TrainConfig
 from remdr.data.dataset import EyeDataset
 from remdr.data.transforms import augment_image
 from remdr.methods import Method
@@ -99,6 +99,57 @@ class FitResult:
     best_val_mse: float = float("inf")
     seconds: float = 0.0
     n_steps: int = 0
+    privacy: dict | None = None  # the ledger entry of a private method's training
+
+
+def open_private(
+    model: ReM3Dr,
+    method: Method,
+    optimizer: torch.optim.Optimizer,
+    train_ds: EyeDataset,
+    cfg: TrainConfig,
+    privacy: PrivacyConfig,
+    epochs: int,
+    planned_rounds: int,
+    label: dict,
+):
+    """Check per-sample gradients, plan sigma/q/steps against the ledger, wrap with Opacus."""
+    from remdr.privacy import (
+        PatientRows,
+        PrivacyLedger,
+        PrivateSession,
+        choose_grad_sample_mode,
+        plan,
+        probe_batch,
+    )
+
+    rows = PatientRows(train_ds, (r.patient_id for r in train_ds.records), seed=cfg.seed)
+    steps_per_epoch = math.ceil(len(rows) / cfg.batch_size) if len(rows) else 0
+    ledger = PrivacyLedger(privacy.dp_ledger) if privacy.dp_ledger else None
+    the_plan = plan(
+        privacy,
+        ledger,
+        patients=len(rows),
+        batch_size=cfg.batch_size,
+        steps=steps_per_epoch * epochs,
+        planned_steps_total=steps_per_epoch * epochs * planned_rounds,
+    )
+    device = next(model.parameters()).device
+    probe = {k: v.to(device) for k, v in probe_batch(train_ds[0]).items()}
+    mode = choose_grad_sample_mode(
+        model, lambda m, b: method.loss(m, b)[0], probe, privacy.dp_grad_sample_mode
+    )
+    return PrivateSession(
+        model,
+        optimizer,
+        rows,
+        the_plan,
+        mode,
+        ledger,
+        batch_size=cfg.batch_size,
+        seed=cfg.seed,
+        label={"method": method.name, **label},
+    )
 
 
 def fit(
@@ -115,22 +166,80 @@ def fit(
     progress: bool = True,
     desc: str = "train",
     proximal: tuple[float, dict[str, torch.Tensor]] | None = None,
+    privacy: PrivacyConfig | None = None,
+    planned_rounds: int = 1,
+    ledger_label: dict | None = None,
 ) -> FitResult:
     """Train `model` in place with `method` for `epochs` (default `cfg.epochs`).
 
     With a validation set, the weights of the epoch with the lowest validation MSE are kept
     (`keep_best`); without one, the last weights are kept. `proximal=(mu, anchor)` adds
     FedProx's proximal term towards the anchor parameters.
+
+    A private method trains under DP-SGD with `privacy` (one Poisson-sampled row per patient)
+    and keeps the last weights: picking an epoch on private validation data is not covered by
+    the guarantee. `planned_rounds` sizes sigma when a target epsilon is set; the ledger entry
+    (labelled with `ledger_label`) is written even if training fails part-way.
     """
     epochs = epochs or cfg.epochs
-    loader = make_loader(
-        train_ds,
-        cfg.batch_size,
-        shuffle=True,
-        seed=cfg.seed,
-        device=device,
-        num_workers=cfg.num_workers,
-    )
+    optimizer = make_optimizer(model, cfg)
+    session = None
+    if method.spec.private:
+        session = open_private(
+            model,
+            method,
+            optimizer,
+            train_ds,
+            cfg,
+            privacy or PrivacyConfig(),
+            epochs,
+            planned_rounds,
+            ledger_label or {},
+        )
+        loader, train_model, optimizer = session.loader, session.module, session.optimizer
+        keep_best = False
+    else:
+        loader = make_loader(
+            train_ds,
+            cfg.batch_size,
+            shuffle=True,
+            seed=cfg.seed,
+            device=device,
+            num_workers=cfg.num_workers,
+        )
+        train_model = model
+    try:
+        result = _train_epochs(
+            model, train_model, method, loader, optimizer, val_ds, cfg, device,
+            epochs=epochs, augment=augment, keep_best=keep_best, progress=progress, desc=desc,
+            proximal=proximal,
+        )  # fmt: skip
+    except BaseException:
+        if session is not None:
+            session.close("aborted", model)
+        raise
+    if session is not None:
+        result.privacy = session.close("completed", model)
+    return result
+
+
+def _train_epochs(
+    model: ReM3Dr,
+    train_model: torch.nn.Module,
+    method: Method,
+    loader: DataLoader,
+    optimizer: torch.optim.Optimizer,
+    val_ds: EyeDataset | None,
+    cfg: TrainConfig,
+    device: torch.device,
+    *,
+    epochs: int,
+    augment: bool,
+    keep_best: bool,
+    progress: bool,
+    desc: str,
+    proximal: tuple[float, dict[str, torch.Tensor]] | None,
+) -> FitResult:
     val_loader = (
         make_loader(
             val_ds,
@@ -143,7 +252,6 @@ def fit(
         if val_ds is not None and len(val_ds)
         else None
     )
-    optimizer = make_optimizer(model, cfg)
     autocast = autocast_for(device)
     aug_gen = torch.Generator().manual_seed(cfg.seed + 1)
     regulariser = proximal_term(proximal[1], proximal[0]) if proximal else None
@@ -160,15 +268,17 @@ def fit(
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, total, cfg)
             batch = to_device(batch, device)
-            if augment:
+            if augment and len(batch["md"]):
                 for m in model.modalities:
                     batch[m] = augment_image(batch[m], aug_gen)
-            parts = method.step(model, optimizer, batch, epoch, autocast, regulariser)
+            parts = method.step(train_model, optimizer, batch, epoch, autocast, regulariser)
+            step += 1
+            bar.update(1)
+            if not parts:  # a noise-only step on an empty Poisson batch
+                continue
             for k, v in parts.items():
                 sums[k] = sums.get(k, 0.0) + v
             n_batches += 1
-            step += 1
-            bar.update(1)
             bar.set_postfix(epoch=epoch + 1, loss=f"{parts['loss']:.3f}")
         record = {
             "epoch": epoch + 1,

@@ -11,16 +11,29 @@ import math
 import time
 from collections.abc import Iterable
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
-from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg, Krum
+from flwr.serverapp.strategy import (
+    DifferentialPrivacyServerSideAdaptiveClipping,
+    DifferentialPrivacyServerSideFixedClipping,
+    FedAdam,
+    FedAvg,
+    FedMedian,
+    FedProx,
+    FedTrimmedAvg,
+    Krum,
+    Strategy,
+)
 
 from remdr import __version__
 from remdr.federated import FedConfig, split_run_config
-from remdr.fedrun import FederatedRun
+from remdr.fedrun import FederatedRun, privacy_summary
 from remdr.methods import create_method
+from remdr.privacy import epsilon_of
 from remdr.runtime import seed_everything
+from remdr.screening import update_problem
 
 log = logging.getLogger("flwr")  # Flower's handlers stream this to `remdr-server run`
 app = ServerApp()
@@ -93,15 +106,29 @@ class PatientGrid:
         return final
 
 
-class RoundRecorder:
-    """Mixed into a Flower strategy: remembers per-site replies, errors and missing sites."""
+class RoundAborted(RuntimeError):
+    """A sampled site did not reply and the run's policy is on-missing=abort."""
 
-    round_offset = 0
-    grid: PatientGrid | None = None
 
-    def _init_recorder(self) -> None:
+class RemdrStrategy(Strategy):
+    """The outermost layer around a Flower strategy (itself maybe DP-wrapped).
+
+    It records what every site did each round (metrics, errors, missing sites), rejects
+    malformed updates before anything aggregates them, applies the missing-site policy, and
+    shifts round numbers by `round_offset` when a run resumes.
+    """
+
+    def __init__(self, inner: Strategy, fed: FedConfig) -> None:
+        self.inner, self.fed = inner, fed
+        self.round_offset = 0
+        self.grid: PatientGrid | None = None
         self.site_of_node: dict[int, str] = {}
         self.current: dict = {}
+        self._sampled: dict[str, list[int]] = {}
+        self._global: dict[str, np.ndarray] = {}
+
+    def summary(self) -> None:  # noqa: D102
+        self.inner.summary()
 
     def _node(self, msg: Message) -> int:
         """The site a reply is about; an error made by the SuperLink names the request's node."""
@@ -114,53 +141,89 @@ class RoundRecorder:
             self.site_of_node[node] = str(msg.content["site"]["site-id"])
         return self.site_of_node.get(node, f"node-{node}")
 
-    def _note(self, phase: str, sampled: list[int], replies: list[Message]) -> None:
+    def _error(self, site: str, phase: str, reason: str) -> None:
+        self.current.setdefault("errors", []).append(
+            {"site": site, "phase": phase, "reason": reason}
+        )
+        log.warning("site %s failed in %s: %s", site, phase, reason)
+
+    def _note(self, phase: str, replies: list[Message]) -> list[Message]:
+        """Record replies; return the ones with content."""
         replied = {self._node(m) for m in replies}
         rec = self.current.setdefault("sites", {})
-        errors = self.current.setdefault("errors", [])
+        good = []
         for msg in replies:
             site = self._site(msg)
             if msg.has_error():
-                errors.append({"site": site, "phase": phase, "reason": msg.error.reason})
-                log.warning("site %s failed in %s: %s", site, phase, msg.error.reason)
+                self._error(site, phase, msg.error.reason)
                 continue
             metrics = dict(next(iter(msg.content.metric_records.values())))
             prefix = "" if phase == "train" else "eval-"
             rec.setdefault(site, {}).update({f"{prefix}{k}": v for k, v in metrics.items()})
+            good.append(msg)
+        sampled = self._sampled.get(phase, [])
         missing = [self.site_of_node.get(n, f"node-{n}") for n in sampled if n not in replied]
         if missing:
             self.current.setdefault("missing", {})[phase] = missing
             log.warning(
-                "round %s %s: no reply from %s",
-                self.current.get("round"),
-                phase,
+                "round %s %s: no reply from %s", self.current.get("round"), phase,
                 ", ".join(missing),
+            )  # fmt: skip
+            if self.fed.on_missing == "abort":
+                raise RoundAborted(
+                    f"round {self.current.get('round')} {phase}: no reply from "
+                    f"{', '.join(missing)} (on-missing=abort)"
+                )
+        return good
+
+    def _screen(self, replies: list[Message]) -> list[Message]:
+        """Drop updates that cannot be aggregated; name the site in the log and report."""
+        kept = []
+        for msg in replies:
+            update = {k: v for rec in msg.content.array_records.values() for k, v in rec.items()}
+            problem = update_problem(
+                {k: v.numpy() for k, v in update.items()}, self._global, self.fed.max_update_norm
             )
+            if problem:
+                site = self._site(msg)
+                self.current.setdefault("rejected", []).append(site)
+                self._error(site, "train", f"update rejected: {problem}")
+            else:
+                kept.append(msg)
+        return kept
 
     def configure_train(self, server_round, arrays, config, grid):  # noqa: D102
         self.current = {"round": server_round + self.round_offset, "started": time.time()}
-        msgs = list(super().configure_train(server_round + self.round_offset, arrays, config, grid))
-        self._sampled_train = [m.metadata.dst_node_id for m in msgs]
+        self._global = {k: v.numpy() for k, v in arrays.items()}
+        msgs = list(
+            self.inner.configure_train(server_round + self.round_offset, arrays, config, grid)
+        )
+        self._sampled["train"] = [m.metadata.dst_node_id for m in msgs]
         return msgs
 
     def aggregate_train(self, server_round, replies: Iterable[Message]):  # noqa: D102
-        replies = list(replies)
-        self._note("train", self._sampled_train, replies)
-        arrays, metrics = super().aggregate_train(server_round + self.round_offset, replies)
+        good = self._screen(self._note("train", list(replies)))
+        if not good:
+            log.warning("round %s: no usable update; the global model is kept", server_round)
+            self.current["train"] = {}
+            return None, None
+        arrays, metrics = self.inner.aggregate_train(server_round + self.round_offset, good)
         self.current["train"] = dict(metrics) if metrics is not None else {}
+        self.current["aggregated"] = sorted(self._site(m) for m in good)
         return arrays, metrics
 
     def configure_evaluate(self, server_round, arrays, config, grid):  # noqa: D102
         msgs = list(
-            super().configure_evaluate(server_round + self.round_offset, arrays, config, grid)
+            self.inner.configure_evaluate(server_round + self.round_offset, arrays, config, grid)
         )
-        self._sampled_eval = [m.metadata.dst_node_id for m in msgs]
+        self._sampled["evaluate"] = [m.metadata.dst_node_id for m in msgs]
         return msgs
 
     def aggregate_evaluate(self, server_round, replies: Iterable[Message]):  # noqa: D102
-        replies = list(replies)
-        self._note("evaluate", self._sampled_eval, replies)
-        metrics = super().aggregate_evaluate(server_round + self.round_offset, replies)
+        good = self._note("evaluate", list(replies))
+        metrics = (
+            self.inner.aggregate_evaluate(server_round + self.round_offset, good) if good else None
+        )
         self.current["evaluate"] = dict(metrics) if metrics is not None else {}
         return metrics
 
@@ -175,8 +238,9 @@ BASES = {
 }
 
 
-def build_strategy(fed: FedConfig) -> FedAvg:
-    """The configured Flower strategy with a fixed cohort of `min-nodes` sites per round."""
+def build_strategy(fed: FedConfig) -> RemdrStrategy:
+    """The configured Flower strategy with a fixed cohort of `min-nodes` sites per round,
+    wrapped in Flower's site-level DP when asked, inside remdr's recording/screening layer."""
     base = BASES[fed.strategy]
     kwargs = {
         "fraction_train": fed.fraction_train,
@@ -187,6 +251,8 @@ def build_strategy(fed: FedConfig) -> FedAvg:
         "train_metrics_aggr_fn": aggregate_metrics,
         "evaluate_metrics_aggr_fn": aggregate_metrics,
     }
+    if fed.site_dp != "off":
+        kwargs["weighted_by_key"] = "unit-weight"  # a plain mean: the DP sensitivity is C/m
     if fed.strategy == "fedprox":
         kwargs["proximal_mu"] = fed.proximal_mu
     elif fed.strategy == "fedadam":
@@ -198,16 +264,42 @@ def build_strategy(fed: FedConfig) -> FedAvg:
         )
     elif fed.strategy == "fedtrimmedavg":
         kwargs["beta"] = fed.trim_beta
-    cls = type(f"Remdr{base.__name__}", (RoundRecorder, base), {})
-    strategy = cls(**kwargs)
-    strategy._init_recorder()
-    return strategy
+    inner: Strategy = base(**kwargs)
+    if fed.site_dp == "fixed":
+        inner = DifferentialPrivacyServerSideFixedClipping(
+            inner, fed.site_dp_noise, fed.site_dp_clip, fed.min_nodes
+        )
+    elif fed.site_dp == "adaptive":
+        inner = DifferentialPrivacyServerSideAdaptiveClipping(
+            inner, fed.site_dp_noise, fed.min_nodes, initial_clipping_norm=fed.site_dp_clip
+        )
+    return RemdrStrategy(inner, fed)
+
+
+def site_level_privacy(fed: FedConfig, releases: int) -> dict | None:
+    """(epsilon, delta) of the site-level guarantee after `releases` noised aggregates.
+
+    Every site joins every round (q = 1, no amplification): each release is a Gaussian
+    mechanism with multiplier z on the mean of clipped updates, composed with Opacus' RDP.
+    """
+    if fed.site_dp == "off":
+        return None
+    return {
+        "granularity": "site-level: add or remove one site's whole update in a round",
+        "mechanism": f"Flower server-side {fed.site_dp} clipping, noise z*C/m on the mean",
+        "noise_multiplier": fed.site_dp_noise,
+        "clip": fed.site_dp_clip,
+        "releases": releases,
+        "delta": fed.site_dp_delta,
+        "epsilon": epsilon_of([(fed.site_dp_noise, 1.0, releases)], fed.site_dp_delta),
+    }
 
 
 def initial_state(context: Context):
     cfg, _ = split_run_config(dict(context.run_config))
     seed_everything(cfg.train.seed, torch.device("cpu"))
-    model = create_method(cfg.train.method, cfg.method).build_model(cfg.model, cfg.data)
+    method = create_method(cfg.train.method, cfg.method)
+    model = method.build_model(cfg.model, cfg.data, group_norm=cfg.privacy.group_norm)
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
@@ -232,6 +324,9 @@ def main(grid: Grid, context: Context) -> None:
         record = dict(strategy.current)
         record["seconds"] = time.time() - record.pop("started", start)
         record["config"] = dict(context.run_config)
+        if fed.site_dp != "off":
+            releases = sum(1 for r in run.records() if r.get("aggregated"))
+            record["site_dp"] = site_level_privacy(fed, releases + bool(record.get("aggregated")))
         run.save_round(server_round + done, arrays.to_torch_state_dict(), record)
         per_site = ", ".join(
             f"{site} {m['eval-val-mse']:.2f}"
@@ -249,21 +344,30 @@ def main(grid: Grid, context: Context) -> None:
         return None
 
     remaining = fed.num_server_rounds - done
-    if remaining > 0:
-        strategy.start(
-            grid=strategy.grid,
-            initial_arrays=ArrayRecord(state),
-            num_rounds=remaining,
-            timeout=fed.round_timeout,
-            train_config=ConfigRecord({"remdr-version": __version__}),
-            evaluate_config=ConfigRecord({"remdr-version": __version__}),
-            evaluate_fn=checkpoint,
-        )
+    status, reason = "completed", ""
+    try:
+        if remaining > 0:
+            strategy.start(
+                grid=strategy.grid,
+                initial_arrays=ArrayRecord(state),
+                num_rounds=remaining,
+                timeout=fed.round_timeout,
+                train_config=ConfigRecord({"remdr-version": __version__}),
+                evaluate_config=ConfigRecord({"remdr-version": __version__}),
+                evaluate_fn=checkpoint,
+            )
+    except RoundAborted as err:
+        status, reason = "aborted", str(err)
+        log.error("federation aborted: %s", err)
+    records = run.records()
+    site_dp = site_level_privacy(fed, sum(1 for r in records if r.get("aggregated")))
     report = run.write_report(
         {
-            "status": "completed",
+            "status": status,
+            **({"reason": reason} if reason else {}),
             "config": dict(context.run_config),
             "wall_seconds_last_start": time.time() - start,
+            "privacy": privacy_summary(records, site_dp),
         }
     )
     log.info(

@@ -68,6 +68,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--compare-centralized", action="store_true", help="also train on the union of site data"
     )
     ap.add_argument("--compare-local", action="store_true", help="also train each site alone")
+    ap.add_argument(
+        "--fed",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any federation key, e.g. --fed site-dp=fixed --fed on-missing=abort",
+    )
     ap.add_argument("--quiet", action="store_true")
     add_config_flags(ap)
     return ap
@@ -94,7 +101,9 @@ def _train_central(cfg: ExperimentConfig, train_ds, val_ds, epochs: int, desc: s
     seed_everything(cfg.train.seed, device)
     method = create_method(cfg.train.method, cfg.method)
     method.setup(train_ds.targets(), seed=cfg.train.seed)
-    model = prepare_model(method.build_model(cfg.model, cfg.data), device)
+    model = prepare_model(
+        method.build_model(cfg.model, cfg.data, group_norm=cfg.privacy.group_norm), device
+    )
     train_cfg = dataclasses.replace(cfg.train, schedule="constant")  # as the sites train
     start = time.perf_counter()
     fit(
@@ -108,8 +117,26 @@ def _train_central(cfg: ExperimentConfig, train_ds, val_ds, epochs: int, desc: s
         augment=cfg.data.augment,
         progress=progress,
         desc=desc,
+        privacy=cfg.privacy,
     )
     return model, time.perf_counter() - start
+
+
+def _fed_overrides(items: list[str]) -> dict[str, str]:
+    from remdr.errors import ConfigError
+    from remdr.federated import fed_keys
+
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        key = key.strip().replace("_", "-")
+        if not sep or key not in fed_keys():
+            raise ConfigError(
+                f"--fed {item!r}", "expected KEY=VALUE with a federation key",
+                f"valid keys: {', '.join(fed_keys())}",
+            )  # fmt: skip
+        out[key] = value.strip()
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -167,6 +194,7 @@ def simulate(args: argparse.Namespace) -> int:
         "out-dir": str(out / "federation"),
         "sim-data-root": str(out / "data" / "sites"),
     }
+    run_config.update(_fed_overrides(args.fed))
     split_run_config(run_config)  # fail early on a bad combination
     print(
         f"federated: {len(part.sites)} sites x {args.rounds} rounds x {args.local_epochs} local epoch(s), {cfg.train.method}, {args.strategy}"
@@ -183,7 +211,8 @@ def simulate(args: argparse.Namespace) -> int:
     fed_seconds = time.perf_counter() - t_fed
 
     test_ds = EyeDataset(part.test, cfg.data)
-    model = create_method(cfg.train.method, cfg.method).build_model(cfg.model, cfg.data)
+    method = create_method(cfg.train.method, cfg.method)
+    model = method.build_model(cfg.model, cfg.data, group_norm=cfg.privacy.group_norm)
     weights = out / "federation" / "best.safetensors"
     from safetensors.torch import load_file
 

@@ -125,6 +125,7 @@ def write_sim_report(out: Path, report: dict, fed_preds: dict[str, np.ndarray]) 
         lines.append(
             f"| {r['round']} | {r.get('evaluate', {}).get('val-mse', float('nan')):.2f} | {per} | {r['seconds']:.1f} |"
         )
+    lines += _privacy_lines(fed.get("privacy") or {})
     lines += [
         "",
         "Plots: `learning_curves.png`, `pred_vs_true.png`, `per_site.png`. Machine-readable: `report.json`; "
@@ -133,3 +134,29 @@ def write_sim_report(out: Path, report: dict, fed_preds: dict[str, np.ndarray]) 
     path = out / "report.md"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def _privacy_lines(privacy: dict) -> list[str]:
+    """The run's guarantee, per granularity; "none" said out loud when there is none."""
+    lines = ["", "## Privacy", "", f"Guarantee: **{privacy.get('guarantee', 'none')}**."]
+    sample = privacy.get("sample_level")
+    if sample:
+        lines += ["", "| site | epsilon (patient) | delta | sigma | C | q | declined rounds |"]
+        lines.append("|---|---|---|---|---|---|---|")
+        for site, p in sorted(sample["sites"].items()):
+            lines.append(
+                f"| {site} | {p.get('epsilon', float('nan')):.2f} | {p.get('delta')} | "
+                f"{p.get('noise_multiplier')} | {p.get('clip')} | {p.get('sample_rate', 0):.4f} | "
+                f"{', '.join(map(str, p.get('declined_rounds', []))) or '-'} |"
+            )
+    site = privacy.get("site_level")
+    if site:
+        lines += [
+            "",
+            f"Site-level: epsilon {site['epsilon']:.2f} at delta {site['delta']:g} after "
+            f"{site['releases']} noised aggregate(s) (z {site['noise_multiplier']}, "
+            f"C {site['clip']}).",
+        ]
+    if sample or site:
+        lines += ["", f"Not covered: {privacy.get('not_covered', '')}."]
+    return lines

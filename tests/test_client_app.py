@@ -9,13 +9,14 @@ from pathlib import Path
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, Metadata, RecordDict
-from remdr.client.app import VERSION_MISMATCH, app
+from remdr.client.app import PRIVACY_DECLINED, VERSION_MISMATCH, app
 from remdr.server.app import aggregate_metrics, build_strategy
 
 from remdr.app_bundle import bundle_pyproject
 from remdr.errors import ConfigError
 from remdr.federated import norm_state_keys, run_config_defaults, split_run_config
 from remdr.methods import create_method
+from remdr.privacy import PrivacyLedger
 
 RUN_CONFIG = {
     **run_config_defaults(),
@@ -51,8 +52,8 @@ def _initial(run_config: dict) -> dict[str, torch.Tensor]:
     return create_method(cfg.train.method, cfg.method).build_model(cfg.model, cfg.data).state_dict()
 
 
-def _context(tiny_data: Path, run_config: dict, state: RecordDict | None = None) -> Context:
-    node_config = {"data-path": str(tiny_data), "site-id": "hospA"}
+def _context(tiny_data: Path, run_config: dict, state: RecordDict | None = None, **node) -> Context:
+    node_config = {"data-path": str(tiny_data), "site-id": "hospA", **node}
     return Context(
         run_id=1,
         node_id=7,
@@ -147,8 +148,8 @@ def test_run_config_split_and_unknown_keys():
 )
 def test_strategy_wiring_is_a_fixed_cohort(name):
     _, fed = split_run_config({"strategy": name, "min-nodes": 3})
-    s = build_strategy(fed)
-    assert type(s).__name__.lower().endswith(name)
+    s = build_strategy(fed).inner
+    assert type(s).__name__.lower() == name
     assert s.min_train_nodes == s.min_evaluate_nodes == s.min_available_nodes == 3
     if name == "fedprox":
         assert s.proximal_mu == fed.proximal_mu
@@ -194,3 +195,46 @@ def test_norm_keys_cover_batchnorm_running_stats():
 def _cfgs():
     cfg, _ = split_run_config(RUN_CONFIG)
     return cfg.model, cfg.data
+
+
+DP_RUN = {**RUN_CONFIG, "method": "remdr_dp", "oct-view": "rnflt", "num-server-rounds": 4}
+
+
+def test_private_training_reports_epsilon_and_the_site_owns_its_ledger(tiny_data, tmp_path):
+    ledger = tmp_path / "hospA.jsonl"
+    coordinator_says = {**DP_RUN, "dp-ledger": str(tmp_path / "elsewhere.jsonl")}
+    ctx = _context(tiny_data, coordinator_says, ledger=str(ledger))
+    init = _initial(DP_RUN)
+    reply = app(_message(MessageType.TRAIN, init, {"server-round": 1}), ctx)
+    assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
+    m = reply.content["metrics"]
+    entries = PrivacyLedger(ledger).entries()
+    assert m["dp-epsilon"] == pytest.approx(entries[-1]["epsilon_cumulative"]) and m["dp-steps"]
+    assert entries[-1]["site"] == "hospA" and entries[-1]["round"] == 1
+    assert not (tmp_path / "elsewhere.jsonl").exists()  # the run config cannot move the ledger
+    # the site's own ceiling wins over a higher one in the run config: round 2 is declined
+    ctx = _context(
+        tiny_data, coordinator_says, ledger=str(ledger), **{"epsilon-max": m["dp-epsilon"] * 1.1}
+    )
+    reply = app(_message(MessageType.TRAIN, init, {"server-round": 2}), ctx)
+    assert reply.has_error() and reply.error.code == PRIVACY_DECLINED
+    assert "privacy budget" in reply.error.reason and "hospA" in reply.error.reason
+    assert len(PrivacyLedger(ledger).entries()) == 1
+
+
+def test_a_site_that_requires_dp_declines_non_private_methods(tiny_data, tmp_path):
+    ctx = _context(tiny_data, RUN_CONFIG, **{"require-dp": "true", "ledger": str(tmp_path / "l")})
+    reply = app(_message(MessageType.TRAIN, _initial(RUN_CONFIG), {"server-round": 1}), ctx)
+    assert reply.has_error() and reply.error.code == PRIVACY_DECLINED
+    assert "require-dp" in reply.error.reason
+
+
+def test_site_dp_wraps_the_strategy_and_needs_float_only_models():
+    _, fed = split_run_config({"site-dp": "fixed", "group-norm": "true", "min-nodes": 3})
+    s = build_strategy(fed)
+    assert type(s.inner).__name__ == "DifferentialPrivacyServerSideFixedClipping"
+    assert s.inner.strategy.weighted_by_key == "unit-weight"  # a plain mean of clipped updates
+    with pytest.raises(ConfigError, match="group-norm"):
+        split_run_config({"site-dp": "fixed"})
+    with pytest.raises(ConfigError, match="strategy"):
+        split_run_config({"site-dp": "adaptive", "group-norm": "true", "strategy": "krum"})

@@ -48,7 +48,16 @@ def test_step_is_finite_and_every_parameter_gets_a_gradient(name, tiny_cfg, tiny
     model = method.build_model(tiny_cfg.model, tiny_cfg.data).train()
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
     before = copy.deepcopy(model.state_dict())
-    parts = method.step(model, opt, batch, epoch=0)
+    step_model = model
+    if method.spec.private:  # DP methods step only as Opacus' clipped, noised step
+        from opacus.optimizers import DPOptimizer
+
+        from remdr.privacy import _wrap, choose_grad_sample_mode
+
+        mode = choose_grad_sample_mode(model, lambda m, b: method.loss(m, b)[0], batch)
+        step_model = _wrap(model, mode)
+        opt = DPOptimizer(opt, noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=8)
+    parts = method.step(step_model, opt, batch, epoch=0)
     assert np.isfinite(parts["loss"])
     missing = [
         n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()
@@ -79,7 +88,14 @@ def test_each_method_trains_one_epoch(name, tiny_cfg, tiny_data):
     result = fit(
         model, method, ds, cfg.train, torch.device("cpu"), val_ds=ds, epochs=1, progress=False
     )
-    assert result.n_steps == len(ds) // cfg.train.batch_size
+    if method.spec.private:  # Poisson batches over patients: ceil(patients / batch) steps
+        patients = len({r.patient_id for r in ds.records})
+        assert result.n_steps == -(-patients // cfg.train.batch_size)
+        assert (
+            result.privacy["steps"] == result.n_steps and result.privacy["epsilon_cumulative"] > 0
+        )
+    else:
+        assert result.n_steps == len(ds) // cfg.train.batch_size
     assert np.isfinite(result.history[0]["train_loss"]) and np.isfinite(result.best_val_mse)
 
 

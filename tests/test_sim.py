@@ -160,3 +160,38 @@ def test_ctrl_c_leaves_nothing_running(sim_data, tmp_path):
     while len(_simulation_processes()) > len(before) and time.monotonic() < deadline:
         time.sleep(1)
     assert _simulation_processes() == before
+
+
+@pytest.mark.e2e
+def test_private_simulation_reports_epsilon_per_site_and_sites_decline_past_the_ceiling(
+    sim_data, tmp_path
+):
+    """One batch per epoch (q = 1), so round 1 spends exactly epsilon(sigma, 1 step): the
+    ceiling lies between one and two rounds' spending and every site declines round 2."""
+    from remdr.privacy import PrivacyLedger, epsilon_of
+
+    sigma, delta = 2.0, 1e-5
+    one, two = epsilon_of([(sigma, 1.0, 1)], delta), epsilon_of([(sigma, 1.0, 2)], delta)
+    out = tmp_path / "run"
+    args = [
+        "--data", str(sim_data), "--out", str(out), "--sites", "2", "--rounds", "2",
+        "--image-size", "32", "--batch-size", "256", "--device", "cpu",
+        "--set", "embed-dim=16", "--set", "fusion-hidden=16", "--set", "method=remdr_dp",
+        "--set", "oct-view=rnflt", "--set", f"dp-noise={sigma}",
+        "--set", f"dp-epsilon-max={(one + two) / 2}", "--fed", "site-dp=fixed", "--quiet",
+    ]  # fmt: skip
+    assert sim_cli.main(args) == 0
+    fed = json.loads((out / "report.json").read_text())["federation"]
+    privacy = fed["privacy"]
+    assert privacy["guarantee"] == "sample-level, site-level"
+    sites = privacy["sample_level"]["sites"]
+    assert set(sites) == {"site-0", "site-1"}
+    for site, info in sites.items():
+        assert info["epsilon"] == pytest.approx(one) and info["declined_rounds"] == [2]
+        ledger = PrivacyLedger(out / "data" / "sites" / "ledgers" / f"{site}.jsonl").entries()
+        assert len(ledger) == 1 and ledger[0]["epsilon_cumulative"] == pytest.approx(one)
+    reasons = [e["reason"] for e in fed["rounds"][1]["errors"]]
+    assert len(reasons) == 2 and all("privacy budget" in r for r in reasons)
+    assert privacy["site_level"]["releases"] == 1
+    assert privacy["site_level"]["epsilon"] == pytest.approx(epsilon_of([(1.0, 1.0, 1)], delta))
+    assert not _simulation_processes()

@@ -33,7 +33,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="remdr-bench", description=__doc__)
     sub = ap.add_subparsers(dest="command", required=True)
     m = sub.add_parser("methods", help="train each method with several seeds on the same split")
-    m.add_argument("--methods", default="all", help="comma-separated names or 'all'")
+    m.add_argument(
+        "--methods",
+        default="all",
+        help="comma-separated names, 'all' (the non-private ones) or 'dp' (the DP-SGD ones)",
+    )
     m.add_argument("--seeds", type=int, default=3, help="number of seeds (0..N-1)")
     m.add_argument("--out", default="runs/bench", help="folder for results.csv, results.md, plots")
     _add_data_flags(m)
@@ -47,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _methods(arg: str) -> list[str]:
-    names = list_methods() if arg == "all" else [n.strip() for n in arg.split(",") if n.strip()]
+    groups = {"all": list_methods(private=False), "dp": list_methods(private=True)}
+    names = groups.get(arg) or [n.strip() for n in arg.split(",") if n.strip()]
     for n in names:
         get_spec(n)
     return names
@@ -123,6 +128,7 @@ def cmd_speed(args: argparse.Namespace) -> int:
             f"step ratio vs {base.method}: {r.step_seconds / base.step_seconds:.2f}{mem}"
         )
     if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps([r.__dict__ for r in results], indent=2))
     return 0
 

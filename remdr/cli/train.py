@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -47,7 +48,12 @@ def main(argv: list[str] | None = None) -> int:
         from remdr.experiment import load_splits, train_and_test, write_run
 
         cfg = config_from_args(args)
-        get_spec(cfg.train.method)  # an unknown method fails before any data is read
+        private = get_spec(cfg.train.method).private  # an unknown method fails before data
+        if private and not cfg.privacy.dp_ledger:  # the run's own ledger unless one is named
+            ledger = str(Path(args.out) / "privacy-ledger.jsonl")
+            cfg = dataclasses.replace(
+                cfg, privacy=dataclasses.replace(cfg.privacy, dp_ledger=ledger)
+            )
         data_path = args.data or str(synthetic_data(SyntheticSpec(n=args.synthetic_n)))
         data = load_splits(data_path, cfg)
         sizes = data.sizes()
@@ -67,6 +73,13 @@ def main(argv: list[str] | None = None) -> int:
                 f"{cfg.train.method}: test MSE {m['mse']:.2f} dB² (MD variance {m['md_var']:.2f}), "
                 f"MAE {m['mae']:.2f} dB, R² {m['r2']:.2f}, bin-avg MAE {m['mae_bin_avg']:.2f} dB "
                 f"[{outcome.fit.seconds:.0f}s, best epoch {outcome.fit.best_epoch}]"
+            )
+        if outcome.fit.privacy:
+            p = outcome.fit.privacy
+            print(
+                f"privacy: epsilon {p['epsilon_cumulative']:.2f} at delta {p['delta']:g} per "
+                f"patient (sigma {p['noise_multiplier']:.3g}, C {p['max_grad_norm']:g}, "
+                f"q {p['sample_rate']:.4f}, {p['steps']} steps; ledger {cfg.privacy.dp_ledger})"
             )
         print(f"wrote {out}/")
         return 0

@@ -1,0 +1,218 @@
+"""Sample-level DP: checked per-sample gradients, per-example losses, accounting and the ledger."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import TINY
+from opacus.accountants import RDPAccountant
+from torch import nn
+
+from remdr.config import ExperimentConfig, apply_overrides
+from remdr.errors import PrivacyError
+from remdr.experiment import load_splits
+from remdr.methods import create_method
+from remdr.privacy import (
+    CHECK_TOLERANCE,
+    PrivacyLedger,
+    _unwrap,
+    _wrap,
+    choose_grad_sample_mode,
+    epsilon_of,
+    make_dp_ready,
+    per_sample_gradient_error,
+    privacy_report,
+    probe_batch,
+)
+from remdr.train import fit
+
+DP = {**TINY, "method": "remdr_dp", "oct-view": "rnflt", "dropout": 0.0}
+
+
+def _cfg(**extra) -> ExperimentConfig:
+    return apply_overrides(ExperimentConfig(), {**DP, **extra})
+
+
+def _model_and_loss(cfg: ExperimentConfig, method: str = "remdr_dp"):
+    torch.manual_seed(0)
+    m = create_method(method, cfg.method)
+    return m, m.build_model(cfg.model, cfg.data), (lambda model, b: m.loss(model, b)[0])
+
+
+def _probe(cfg: ExperimentConfig, n: int = 4) -> dict[str, torch.Tensor]:
+    s = cfg.data.image_size
+    oct_shape = (cfg.data.n_bscans, 1, s, s) if cfg.data.oct_view == "bscans" else (1, s, s)
+    return probe_batch({"oct": torch.zeros(oct_shape), "fundus": torch.zeros(1, s, s)}, n=n)
+
+
+@pytest.mark.parametrize(
+    "encoder, view",
+    [
+        ("test_resnet", "rnflt"),
+        ("test_resnet", "bscans"),  # the shared encoder is called once per B-scan
+        ("efficientnet_b0", "rnflt"),  # timm's fused BatchNormAct2d
+        ("convnext_atto", "rnflt"),  # downsample convs need contiguous inputs
+    ],
+)
+def test_per_sample_gradients_of_the_dp_model_pass_the_check(encoder, view):
+    cfg = _cfg(**{"oct-encoder": encoder, "fundus-encoder": encoder, "oct-view": view})
+    _, model, loss = _model_and_loss(cfg)
+    mode = choose_grad_sample_mode(model, loss, _probe(cfg))
+    assert per_sample_gradient_error(model, loss, _probe(cfg), mode) <= CHECK_TOLERANCE
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    assert not any(getattr(m, "inplace", False) is True for m in model.modules())
+
+
+def test_the_check_catches_wrong_per_sample_gradients():
+    """ConvNeXt without the contiguous-input fix: Opacus runs but its gradients are wrong."""
+    cfg = _cfg(**{"oct-encoder": "convnext_atto", "fundus-encoder": "convnext_atto"})
+    _, model, loss = _model_and_loss(cfg)
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            m._forward_pre_hooks.clear()
+    assert per_sample_gradient_error(model, loss, _probe(cfg), "hooks") > 10 * CHECK_TOLERANCE
+    with pytest.raises(PrivacyError, match="per-sample gradients"):
+        choose_grad_sample_mode(model, loss, _probe(cfg), "hooks")
+
+
+def test_fused_batchnorm_act_becomes_groupnorm():
+    import timm
+
+    net = timm.create_model("efficientnet_b0", pretrained=False, num_classes=0)
+    assert any(type(m).__name__ == "BatchNormAct2d" for m in net.modules())
+    fixed = make_dp_ready(net)
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in fixed.modules())
+    assert fixed(torch.randn(2, 3, 32, 32)).shape == (2, net.num_features)
+
+
+def _per_row_grads(model, loss, batch) -> torch.Tensor:
+    """Opacus' per-row gradients (what DP-SGD clips), flattened: (B, n_params)."""
+    model.train()
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.eval()
+    wrapped = _wrap(model, "ew")
+    loss(wrapped, batch).backward()
+    rows = torch.cat(
+        [p.grad_sample.flatten(1) for p in model.parameters() if p.grad_sample is not None], 1
+    )
+    _unwrap(wrapped, model)
+    return rows.detach().clone()
+
+
+@pytest.mark.parametrize("objective, coupled", [("remdr_dp", False), ("remdr", True)])
+def test_replacing_one_patient_changes_no_other_rows_gradient(objective, coupled):
+    """The DP objective is per-example; Re-M3Dr's in-batch SupCon is not (and so is not DP)."""
+    cfg = _cfg()
+    _, model, _ = _model_and_loss(cfg)  # one DP-ready model, two objectives
+    loss_method = create_method(objective, cfg.method)
+    loss = lambda m, b: loss_method.loss(m, b)[0]  # noqa: E731
+    batch = _probe(cfg, n=8)
+    batch["md"] = torch.tensor([-2.0, -2.4, -10.0, -10.5, -20.0, -20.3, -5.0, -5.6])
+    replaced = {k: v.clone() for k, v in batch.items()}
+    gen = torch.Generator().manual_seed(9)
+    for k in ("oct", "fundus"):
+        replaced[k][0] = torch.randn(replaced[k][0].shape, generator=gen)
+    replaced["md"][0] = -2.2
+    before, after = _per_row_grads(model, loss, batch), _per_row_grads(model, loss, replaced)
+    assert not torch.allclose(before[0], after[0])  # the replaced row itself changes
+    others = (before[1:] - after[1:]).norm(dim=1) / before[1:].norm(dim=1)
+    if coupled:
+        assert (others > 1e-3).all()
+    else:
+        assert float(others.max()) < 1e-5
+
+
+def _train(data, cfg: ExperimentConfig):
+    m = create_method(cfg.train.method, cfg.method)
+    m.setup(data.train.targets())
+    torch.manual_seed(0)
+    model = m.build_model(cfg.model, cfg.data)
+    result = fit(model, m, data.train, cfg.train, torch.device("cpu"), privacy=cfg.privacy)
+    return model, result
+
+
+def _independent_epsilon(entries: list[dict], delta: float) -> float:
+    acc = RDPAccountant()
+    for e in entries:
+        for _ in range(e["steps"]):
+            acc.step(noise_multiplier=e["noise_multiplier"], sample_rate=e["sample_rate"])
+    return acc.get_epsilon(delta)
+
+
+def test_epsilon_matches_an_independent_accountant_and_survives_a_restart(tiny_data, tmp_path):
+    ledger = tmp_path / "site" / "privacy-ledger.jsonl"
+    cfg = _cfg(**{"dp-ledger": str(ledger), "dp-noise": 1.3, "epochs": 2})
+    data = load_splits(tiny_data, cfg)
+    _, first = _train(data, cfg)
+    entries = [json.loads(line) for line in ledger.read_text().splitlines()]
+    assert len(entries) == 1 and entries[0]["unit"] == "patient"
+    assert entries[0]["steps"] == 2 * int(round(1 / entries[0]["sample_rate"]))
+    assert first.privacy["epsilon_cumulative"] == pytest.approx(
+        _independent_epsilon(entries, cfg.privacy.dp_delta), rel=1e-9
+    )
+    # a new process: nothing in memory, only the file; the budget keeps accumulating
+    _, second = _train(data, cfg)
+    entries = PrivacyLedger(ledger).entries()
+    assert len(entries) == 2
+    total = _independent_epsilon(entries, cfg.privacy.dp_delta)
+    assert second.privacy["epsilon_cumulative"] == pytest.approx(total, rel=1e-9)
+    assert total > first.privacy["epsilon_cumulative"]
+    report = privacy_report(ledger)
+    assert f"epsilon = {total:.3f}" in report and "not covered" in report
+
+
+def test_ceiling_declines_training_before_it_is_exceeded(tiny_data, tmp_path):
+    ledger = tmp_path / "ledger.jsonl"
+    cfg = _cfg(**{"dp-ledger": str(ledger)})
+    data = load_splits(tiny_data, cfg)
+    _, first = _train(data, cfg)
+    spent = first.privacy["epsilon_cumulative"]
+    capped = apply_overrides(cfg, {"dp-epsilon-max": spent * 1.2})  # one more would exceed it
+    m = create_method("remdr_dp", capped.method)
+    model = m.build_model(capped.model, capped.data)
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(PrivacyError, match="declined") as err:
+        fit(model, m, data.train, capped.train, torch.device("cpu"), privacy=capped.privacy)
+    assert f"{spent:.2f}" in str(err.value)
+    assert len(PrivacyLedger(ledger).entries()) == 1  # nothing was spent
+    assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items())
+
+
+def test_target_epsilon_solves_sigma(tiny_data):
+    cfg = _cfg(**{"dp-target-epsilon": 4.0, "epochs": 2})
+    _, result = _train(load_splits(tiny_data, cfg), cfg)
+    assert result.privacy["epsilon_cumulative"] == pytest.approx(4.0, abs=0.05)
+
+
+def test_bad_privacy_settings_are_clear_errors(tiny_data, tmp_path):
+    data = load_splits(tiny_data, _cfg())
+    for extra, match in [({"dp-delta": 0.5}, "dp-delta"), ({"dp-noise": 0.0}, "no privacy")]:
+        cfg = _cfg(**extra)
+        m = create_method("remdr_dp", cfg.method)
+        with pytest.raises(PrivacyError, match=match):
+            fit(m.build_model(cfg.model, cfg.data), m, data.train, cfg.train,
+                torch.device("cpu"), privacy=cfg.privacy)  # fmt: skip
+    corrupt = tmp_path / "ledger.jsonl"
+    corrupt.write_text('{"noise_multiplier": 1.0, "sample_rate": 0.1, "steps": 3}\nnot json\n')
+    with pytest.raises(PrivacyError, match="line 2 is corrupt"):
+        PrivacyLedger(corrupt).epsilon(1e-5)
+
+
+def test_a_private_method_never_steps_without_dp():
+    cfg = _cfg()
+    m, model, _ = _model_and_loss(cfg)
+    batch = _probe(cfg)
+    with pytest.raises(PrivacyError, match="only under DP-SGD"):
+        m.step(model, torch.optim.SGD(model.parameters(), lr=0.1), batch, 0)
+
+
+def test_epsilon_of_composes_like_opacus():
+    assert epsilon_of([], 1e-5) == 0.0
+    assert epsilon_of([(1.0, 0.1, 0)], 1e-5) == 0.0
+    two = epsilon_of([(1.0, 0.1, 10), (1.0, 0.1, 10)], 1e-5)
+    assert two == pytest.approx(epsilon_of([(1.0, 0.1, 20)], 1e-5))
+    assert np.isinf(epsilon_of([(0.0, 0.1, 1)], 1e-5))
