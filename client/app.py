@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
@@ -28,6 +29,7 @@ from remdr.federated import (
     versions_compatible,
 )
 from remdr.methods import get_spec
+from remdr.screening import FAULT_ENV, corrupt_update, fault_for_round
 
 log = logging.getLogger(__name__)
 app = ClientApp()
@@ -106,13 +108,14 @@ def train(msg: Message, context: Context) -> Message:
     state = context.state
     method_state = json.loads(state["method"]["json"]) if "method" in state else None
     local = state["fedbn"].to_torch_state_dict() if "fedbn" in state else None
+    server_round = int(msg.content["config"].get("server-round", 1))
     try:
         result = train_round(
             cfg,
             fed,
             msg.content["arrays"].to_torch_state_dict(),
             site,
-            server_round=int(msg.content["config"].get("server-round", 1)),
+            server_round=server_round,
             method_state=method_state,
             local_state=local,
             ledger_label={"run": str(context.run_id), "site": _site_id(context)},
@@ -121,6 +124,10 @@ def train(msg: Message, context: Context) -> Message:
         log.warning("site %s: %s", _site_id(context), err)
         reason = f"site {_site_id(context)}: {err}"
         return Message(Error(code=PRIVACY_DECLINED, reason=reason), reply_to=msg)
+    drill = fault_for_round(os.environ.get(FAULT_ENV, ""), server_round)
+    if drill:  # a fault drill: this site misbehaves on purpose, the coordinator must cope
+        log.warning("site %s: fault drill, sending a '%s' update", _site_id(context), drill)
+        result.state = corrupt_update(result.state, drill)
     state["method"] = ConfigRecord({"json": json.dumps(result.method_state)})
     if result.local_state:
         state["fedbn"] = ArrayRecord(result.local_state)

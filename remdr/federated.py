@@ -50,7 +50,8 @@ class FedConfig:
     min_nodes: int = 2  # the expected number of sites: every round waits for all of them
     round_timeout: float = 900.0  # seconds to wait for replies in one round
     fedbn: bool = False  # keep normalisation layers local to each site
-    on_missing: str = "continue"  # a sampled site does not reply in time: continue or abort
+    on_missing: str = "continue"  # a site does not reply or connect in time: continue or abort
+    node_wait: float = 120.0  # seconds a round waits for all min-nodes sites to be connected
     max_update_norm: float = 1e4  # reject a site update whose change is larger (0: no limit)
     site_dp: str = "off"  # site-level DP of the aggregate: off, fixed or adaptive clipping
     site_dp_noise: float = 1.0  # z: noise std is z * C / number of sites

@@ -17,7 +17,8 @@ def update_problem(
     update: dict[str, np.ndarray], reference: dict[str, np.ndarray], max_norm: float
 ) -> str | None:
     """Why `update` (a site's weights) cannot be aggregated with the global `reference`; None if
-    it can. The norm is of the change, update - reference, over the floating-point arrays."""
+    it can. The norm is of the change, update - reference, over the update's floating-point
+    arrays (integer counters are not weights)."""
     missing = sorted(set(reference) - set(update))
     extra = sorted(set(update) - set(reference))
     if missing or extra:
@@ -32,8 +33,10 @@ def update_problem(
         arr = np.asarray(update[key])
         if arr.shape != ref.shape:
             return f"wrong shape for {key}: {arr.shape}, expected {ref.shape}"
-        if arr.dtype != ref.dtype:
-            return f"wrong dtype for {key}: {arr.dtype}, expected {ref.dtype}"
+        # FedAvg hands back integer buffers (BatchNorm's counters) as floats, so only a
+        # non-numeric array is a dtype error.
+        if not np.issubdtype(arr.dtype, np.number):
+            return f"wrong dtype for {key}: {arr.dtype}, expected numbers like {ref.dtype}"
         if np.issubdtype(arr.dtype, np.floating):
             if not np.isfinite(arr).all():
                 return f"non-finite values (NaN/Inf) in {key}"
@@ -42,3 +45,33 @@ def update_problem(
     if max_norm > 0 and norm > max_norm:
         return f"update norm {norm:.3g} exceeds the limit {max_norm:g} (max-update-norm)"
     return None
+
+
+FAULT_ENV = "REMDR_FAULT_UPDATE"  # fault drills: a site sends this kind of bad update on purpose
+FAULTS = ("nan", "inf", "shape", "keys", "norm")
+
+
+def corrupt_update(state: dict, kind: str) -> dict:
+    """A deliberately malformed copy of a site's weights, for fault drills (`deploy/chaos`, the
+    fault tests): set `REMDR_FAULT_UPDATE=nan,keys` on a SuperNode and round r sends kind r."""
+    if kind not in FAULTS:
+        raise ValueError(f"unknown fault {kind!r}; one of {', '.join(FAULTS)}")
+    out = {k: v.clone() for k, v in state.items()}
+    key = next(k for k, v in out.items() if v.is_floating_point() and v.numel() > 1)
+    if kind in ("nan", "inf"):
+        out[key].view(-1)[0] = float(kind)
+    elif kind == "shape":
+        out[key] = out[key].flatten()[:-1]
+    elif kind == "keys":
+        out[key + "_renamed"] = out.pop(key)
+    else:
+        for k, v in out.items():
+            if v.is_floating_point():
+                out[k] = v * 1e6
+    return out
+
+
+def fault_for_round(spec: str, server_round: int) -> str | None:
+    """The fault a drill asks for in this round (comma list, cycled); None without a drill."""
+    kinds = [k.strip() for k in spec.split(",") if k.strip()]
+    return kinds[(server_round - 1) % len(kinds)] if kinds else None

@@ -192,8 +192,32 @@ class RemdrStrategy(Strategy):
                 kept.append(msg)
         return kept
 
+    def _cohort(self, grid) -> None:
+        """Wait up to `node-wait` for all `min-nodes` sites; then go on with those connected
+        (on-missing=continue) or stop the run (abort). Flower alone would wait forever."""
+        want = self.fed.min_nodes
+        deadline = time.monotonic() + self.fed.node_wait
+        while len(nodes := list(grid.get_node_ids())) < want and time.monotonic() < deadline:
+            time.sleep(1.0)
+        have = max(1, min(want, len(nodes)))
+        if have < want:
+            gone = sorted(
+                site for node, site in self.site_of_node.items() if node not in set(nodes)
+            )
+            self.current.setdefault("missing", {})["connect"] = gone or [f"{want - have} site(s)"]
+            note = f"{len(nodes)} of {want} sites connected after {self.fed.node_wait:.0f}s"
+            if self.fed.on_missing == "abort":
+                raise RoundAborted(f"round {self.current['round']}: {note} (on-missing=abort)")
+            log.warning("round %s: %s; continuing without %s", self.current["round"], note,
+                        ", ".join(gone) or "them")  # fmt: skip
+        base = getattr(self.inner, "strategy", self.inner)  # under a DP wrapper
+        base.min_train_nodes = base.min_evaluate_nodes = base.min_available_nodes = have
+        if hasattr(self.inner, "num_sampled_clients"):  # DP noise zC/m must use the real m
+            self.inner.num_sampled_clients = have
+
     def configure_train(self, server_round, arrays, config, grid):  # noqa: D102
         self.current = {"round": server_round + self.round_offset, "started": time.time()}
+        self._cohort(grid)
         self._global = {k: v.numpy() for k, v in arrays.items()}
         msgs = list(
             self.inner.configure_train(server_round + self.round_offset, arrays, config, grid)
@@ -213,6 +237,7 @@ class RemdrStrategy(Strategy):
         return arrays, metrics
 
     def configure_evaluate(self, server_round, arrays, config, grid):  # noqa: D102
+        self._cohort(grid)  # a site may have gone since training started
         msgs = list(
             self.inner.configure_evaluate(server_round + self.round_offset, arrays, config, grid)
         )

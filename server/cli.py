@@ -155,7 +155,8 @@ def cmd_certs(args: argparse.Namespace) -> int:
     from remdr.pki import make_deployment
 
     sites = [s.strip() for s in args.sites.split(",") if s.strip()]
-    out = make_deployment(args.out, args.san or ["127.0.0.1", "localhost"], sites)
+    sans = [n.strip() for value in args.san or [] for n in value.split(",") if n.strip()]
+    out = make_deployment(args.out, sans or ["127.0.0.1", "localhost"], sites)
     print(
         f"remdr-server: wrote {out}/ca.crt, server.pem, server.key and keys for {', '.join(sites) or 'no sites'}"
     )
@@ -203,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument(
         "--san",
         action="append",
-        help="name or IP sites dial (repeatable; default 127.0.0.1, localhost)",
+        help="names or IPs sites dial (repeatable or comma-separated; default 127.0.0.1, localhost)",
     )
     c.add_argument("--sites", default="", help="comma-separated site ids to make key pairs for")
     return ap

@@ -6,10 +6,10 @@ import json
 
 import pytest
 import torch
-from loopback import Loopback, make_sites, wait_for, write_experiment
 
 from remdr.federated import split_run_config
 from remdr.fedrun import FederatedRun
+from remdr.loopback import Loopback, make_sites, wait_for, write_experiment
 from remdr.methods import create_method
 from remdr.pki import make_deployment
 

@@ -1,8 +1,10 @@
-"""A real federation on loopback for tests: SuperLink and SuperNodes started through
-`remdr-server` / `remdr-client`, stopped (with every helper process) even when a test fails."""
+"""A real federation on loopback: SuperLink and SuperNodes started through `remdr-server` /
+`remdr-client`, stopped (with every helper process) even when something fails. Used by the
+end-to-end tests and by the fault drill `deploy/chaos`."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -54,6 +56,7 @@ class Loopback:
         self.node_ports: list[int] = []
         self.group = ProcessGroup(markers=[f"127.0.0.1:{self.port}", f"{root}/"])
         self.superlink = None
+        self.sites: dict[str, tuple] = {}
 
     def tls_args(self) -> list[str]:
         return ["--root-cert", str(self.certs / "ca.crt")] if self.certs else ["--insecure"]
@@ -71,7 +74,8 @@ class Loopback:
         ]
         self.superlink = self.group.start(cmd, self.root / "superlink.log")
         ca = str(self.certs / "ca.crt") if self.certs else None
-        assert wait_healthy(self.address, ca_cert=ca, timeout=60), self.log("superlink.log")
+        if not wait_healthy(self.address, ca_cert=ca, timeout=60):
+            raise RuntimeError("SuperLink did not become healthy:\n" + self.log("superlink.log"))
 
     def stop_superlink(self) -> None:
         self.group.stop_one(self.superlink)
@@ -93,18 +97,39 @@ class Loopback:
             *self.tls_args(),
         ]
         res = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=flower_env())
-        assert res.returncode == 0, res.stdout + res.stderr
+        if res.returncode != 0:
+            raise RuntimeError(f"registering {site} failed:\n{res.stdout}{res.stderr}")
 
-    def start_site(self, name: str, data: Path) -> None:
+    def start_site(self, name: str, data: Path, env: dict[str, str] | None = None, key: str = ""):
+        """Start a SuperNode for `name` (authenticating with `key`, default its own); returns
+        (process, port)."""
         port = free_port()
         self.node_ports.append(port)
         self.group.markers.append(f"127.0.0.1:{port}")
-        auth = ["--key", str(self.certs / "keys" / name)] if self.certs else []
+        auth = ["--key", key or str(self.certs / "keys" / name)] if self.certs else []
         cmd = [
             str(BIN / "remdr-client"), "start", "--data", str(data), "--site-id", name,
             "--superlink", self.address, "--port", str(port), *self.tls_args(), *auth,
+            "--ledger", str(self.root / f"ledger-{name}.jsonl"),
         ]  # fmt: skip
-        self.group.start(cmd, self.root / f"site-{name}.log")
+        proc = self.group.start(
+            cmd, self.root / f"site-{name}.log", {**flower_env(), **(env or {})}
+        )
+        self.sites[name] = (proc, port)
+        return proc, port
+
+    def kill_site(self, name: str) -> None:
+        """The hospital's machine dies: SIGKILL the SuperNode and its ClientApp, no goodbye."""
+        import os
+        import signal
+
+        from remdr.processes import kill_matching
+
+        proc, port = self.sites.pop(name)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+        kill_matching([f"127.0.0.1:{port}"])
 
     def run(self, experiment: Path, timeout: float = 900, background: bool = False):
         cmd = [

@@ -1,0 +1,51 @@
+"""Faults a multi-site study meets, survived by a real federation on loopback."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from remdr.fedrun import FederatedRun
+from remdr.loopback import Loopback, make_sites, wait_for, write_experiment
+from remdr.screening import FAULT_ENV
+
+pytestmark = pytest.mark.e2e
+
+
+def test_a_hostile_round_a_bad_update_and_a_site_that_dies(tmp_path):
+    """Four sites: M sends a NaN update in round 1 and an absurd one in round 2; C dies after
+    round 1. Both rounds finish with the sites that behaved, and the report says who did what."""
+    sites = make_sites(tmp_path / "data", ["A", "B", "C", "M"])
+    fed = Loopback(tmp_path)
+    out = tmp_path / "coord-run"
+    experiment = write_experiment(
+        tmp_path / "exp.toml",
+        **{"out-dir": str(out), "min-nodes": 4, "round-timeout": 150.0, "node-wait": 10.0},
+    )
+    try:
+        fed.start_superlink()
+        for name, data in sites.items():
+            fed.start_site(name, data, env={FAULT_ENV: "nan,norm"} if name == "M" else None)
+        run = fed.run(experiment, background=True)
+        wait_for(lambda: FederatedRun(out).last_round() >= 1, 600, "round 1 checkpoint")
+        fed.kill_site("C")
+        wait_for(lambda: run.poll() is not None, 900, "the run to finish")
+        assert run.returncode == 0, fed.log("run.log")
+        report = json.loads((out / "report.json").read_text())
+        assert report["status"] == "completed"
+        one, two = report["rounds"]
+        assert [one["round"], two["round"]] == [1, 2]
+        assert one["rejected"] == ["M"] and one["aggregated"] == ["A", "B", "C"]
+        assert two["rejected"] == ["M"] and two["aggregated"] == ["A", "B"]
+        reasons = [e["reason"] for e in one["errors"] + two["errors"] if e["site"] == "M"]
+        assert any("non-finite" in r for r in reasons) and any("norm" in r for r in reasons)
+        missing = json.dumps(two.get("missing", {})) + json.dumps(two.get("errors", []))
+        assert '"C"' in missing, two
+        final = FederatedRun(out).load_weights(2)
+        assert all(torch.isfinite(v.float()).all() for v in final.values())
+        assert "update rejected" in fed.log("run.log", tail=10**7)
+    finally:
+        fed.stop()
+    assert fed.leftovers() == []
