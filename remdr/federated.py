@@ -225,6 +225,7 @@ def train_round(
     metrics = {
         "num-examples": len(site.train),
         "unit-weight": 1.0,  # equal weights: site-level DP's sensitivity assumes them
+        "skipped-records": site.dataset.report.n_bad,  # corrupt or invalid files, not used
         "train-loss": float(result.history[-1].get("train_loss", float("nan"))),
         "train-seconds": seconds,
     }
