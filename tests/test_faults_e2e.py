@@ -22,7 +22,7 @@ def test_a_hostile_round_a_bad_update_and_a_site_that_dies(tmp_path):
     out = tmp_path / "coord-run"
     experiment = write_experiment(
         tmp_path / "exp.toml",
-        **{"out-dir": str(out), "min-nodes": 4, "round-timeout": 150.0, "node-wait": 10.0},
+        **{"out-dir": str(out), "min-nodes": 4, "round-timeout": 300.0, "node-wait": 10.0},
     )
     try:
         fed.start_superlink()
