@@ -130,7 +130,8 @@ class Method:
 
     def build_model(self, model_cfg, data_cfg, *, group_norm: bool = False) -> ReM3Dr:
         """The method's network; private methods (and `group_norm`) get a DP-ready one."""
-        n_proto = len(self.centres) if self.spec.prototypes else 0
+        uses_prototypes = self.spec.prototypes and self.cfg.lambda_con > 0
+        n_proto = len(self.centres) if uses_prototypes else 0  # unused layers break DP-SGD
         model = ReM3Dr(model_cfg, data_cfg, self.spec.modalities, n_prototypes=n_proto)
         if self.spec.private or group_norm:
             from remdr.privacy import make_dp_ready
@@ -269,7 +270,13 @@ class Method:
                 with autocast():
                     loss, parts = self.loss(model, batch)
                 loss.backward()
-        if not optimizer.pre_step():  # clip per patient, add noise, count the step
+        try:
+            stepped = optimizer.pre_step()  # clip per patient, add noise, count the step
+        except ValueError as err:  # Opacus: a trainable parameter got no per-sample gradient
+            raise PrivacyError(
+                "DP-SGD step failed", str(err), "every trainable parameter must be used by the loss"
+            ) from None
+        if not stepped:
             return parts
         if self.spec.update == "dpsat":
             self._last_noisy = [p.grad.detach().clone() for p in params]

@@ -16,8 +16,11 @@ pytestmark = pytest.mark.e2e
 
 def test_a_hostile_round_a_bad_update_and_a_site_that_dies(tmp_path):
     """Four sites: M sends a NaN update in round 1 and an absurd one in round 2; C dies after
-    round 1. Both rounds finish with the sites that behaved, and the report says who did what."""
+    round 1; A has corrupt files. Both rounds finish with the sites that behaved (A training on
+    its good files), and the report says who did what."""
     sites = make_sites(tmp_path / "data", ["A", "B", "C", "M"])
+    for path in sorted(sites["A"].glob("*.npz"))[:2]:  # A's disk has two corrupt files
+        path.write_bytes(path.read_bytes()[:64])
     fed = Loopback(tmp_path)
     out = tmp_path / "coord-run"
     experiment = write_experiment(
@@ -43,6 +46,8 @@ def test_a_hostile_round_a_bad_update_and_a_site_that_dies(tmp_path):
         assert any("non-finite" in r for r in reasons) and any("norm" in r for r in reasons)
         missing = json.dumps(two.get("missing", {})) + json.dumps(two.get("errors", []))
         assert '"C"' in missing, two
+        assert all(row["skipped-records"] == 2 for row in report["sites"]["A"])
+        assert all(row["num-examples"] > 0 for row in report["sites"]["A"])  # A still trains
         final = FederatedRun(out).load_weights(2)
         assert all(torch.isfinite(v.float()).all() for v in final.values())
         assert "update rejected" in fed.log("run.log", tail=10**7)

@@ -216,3 +216,9 @@ def test_epsilon_of_composes_like_opacus():
     two = epsilon_of([(1.0, 0.1, 10), (1.0, 0.1, 10)], 1e-5)
     assert two == pytest.approx(epsilon_of([(1.0, 0.1, 20)], 1e-5))
     assert np.isinf(epsilon_of([(0.0, 0.1, 1)], 1e-5))
+
+
+def test_remdr_dp_without_the_contrastive_term_has_no_unused_layers(tiny_data):
+    cfg = _cfg(**{"lambda-con": 0.0})
+    _, result = _train(load_splits(tiny_data, cfg), cfg)
+    assert result.privacy["steps"] > 0 and np.isfinite(result.history[-1]["train_loss"])
