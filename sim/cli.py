@@ -148,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, on_term)
+    # Ctrl-C / kill -INT clean up even when started as a background job (SIGINT inherited ignored)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     return run_cli("remdr-sim", lambda: simulate(args))
 
 

@@ -145,7 +145,15 @@ def test_ctrl_c_leaves_nothing_running(sim_data, tmp_path):
         sys.executable, "-m", "remdr.sim.cli", "--data", str(sim_data), "--out", str(out), "--sites", "2",
         "--rounds", "20", "--image-size", "32", "--n-bscans", "2", "--device", "cpu", "--quiet",
     ]  # fmt: skip
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # A shell's background job (nohup, `&` in CI scripts) starts with SIGINT ignored, and Python
+    # keeps an ignored SIGINT: give the child the default a user at a terminal has.
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     try:
         deadline = time.monotonic() + 300
         for line in proc.stdout:  # wait until training is under way
