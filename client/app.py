@@ -56,6 +56,12 @@ def _data_path(context: Context, sim_data_root: str) -> str:
     raise RemdrError("node config has no data-path", "", "start the SuperNode with remdr-client")
 
 
+def _site_error(msg: Message, context: Context, err: RemdrError) -> Message:
+    """The error reply the coordinator's report shows: a privacy refusal or any other failure."""
+    code = PRIVACY_DECLINED if isinstance(err, PrivacyError) else SITE_ERROR
+    return Message(Error(code=code, reason=f"site {_site_id(context)}: {err}"), reply_to=msg)
+
+
 def _setup(msg: Message, context: Context):
     """Check version and config, load the site's data. Returns (cfg, fed, site) or an error reply."""
     config = msg.content["config"] if "config" in msg.content else ConfigRecord()
@@ -68,8 +74,7 @@ def _setup(msg: Message, context: Context):
         cfg = _site_privacy(cfg, fed, context)
         site = load_site(_data_path(context, fed.sim_data_root), cfg, seed=cfg.train.seed)
     except RemdrError as err:
-        code = PRIVACY_DECLINED if isinstance(err, PrivacyError) else SITE_ERROR
-        return Message(Error(code=code, reason=f"site {_site_id(context)}: {err}"), reply_to=msg)
+        return _site_error(msg, context, err)
     return cfg, fed, site
 
 
@@ -122,8 +127,7 @@ def train(msg: Message, context: Context) -> Message:
         )
     except PrivacyError as err:
         log.warning("site %s: %s", _site_id(context), err)
-        reason = f"site {_site_id(context)}: {err}"
-        return Message(Error(code=PRIVACY_DECLINED, reason=reason), reply_to=msg)
+        return _site_error(msg, context, err)
     drill = fault_for_round(os.environ.get(FAULT_ENV, ""), server_round)
     if drill:  # a fault drill: this site misbehaves on purpose, the coordinator must cope
         log.warning("site %s: fault drill, sending a '%s' update", _site_id(context), drill)

@@ -91,11 +91,6 @@ def frozen_buffers(model: nn.Module) -> Iterator[None]:
                 b.copy_(copy)
 
 
-def grad_norm(params: list[nn.Parameter]) -> torch.Tensor:
-    grads = [p.grad.detach().float().norm() for p in params if p.grad is not None]
-    return torch.stack(grads).norm() if grads else torch.tensor(0.0)
-
-
 @contextmanager
 def sam_perturbation(
     params: list[nn.Parameter], rho: float, direction: list[torch.Tensor] | None = None

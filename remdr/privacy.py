@@ -233,6 +233,11 @@ class PatientRows(Dataset):
 History = list[tuple[float, float, int]]  # (noise multiplier, sample rate, steps)
 
 
+def release_of(entry: dict) -> tuple[float, float, int]:
+    """The accountant's view of one ledger entry: (noise multiplier, sample rate, steps)."""
+    return float(entry["noise_multiplier"]), float(entry["sample_rate"]), int(entry["steps"])
+
+
 def epsilon_of(history: History, delta: float) -> float:
     """Cumulative epsilon of a sequence of Poisson-subsampled Gaussian steps (Opacus RDP)."""
     from opacus.accountants import RDPAccountant
@@ -262,7 +267,7 @@ class PrivacyLedger:
                 continue
             try:
                 entry = json.loads(line)
-                float(entry["noise_multiplier"]), float(entry["sample_rate"]), int(entry["steps"])
+                release_of(entry)
             except (ValueError, KeyError, TypeError):
                 raise PrivacyError(
                     f"privacy ledger {self.path} line {n} is corrupt",
@@ -273,10 +278,7 @@ class PrivacyLedger:
         return out
 
     def history(self) -> History:
-        return [
-            (float(e["noise_multiplier"]), float(e["sample_rate"]), int(e["steps"]))
-            for e in self.entries()
-        ]
+        return [release_of(e) for e in self.entries()]
 
     def epsilon(self, delta: float, extra: History = ()) -> float:
         return epsilon_of(self.history() + list(extra), delta)
@@ -310,10 +312,13 @@ def plan(
     *,
     patients: int,
     batch_size: int,
-    steps: int,
-    planned_steps_total: int,
+    epochs: int,
+    planned_rounds: int = 1,
 ) -> PrivacyPlan:
-    """Fix sigma, q and the step count, and refuse training that would break the ceiling."""
+    """Fix sigma, q and the step count, and refuse training that would break the ceiling.
+
+    Opacus' Poisson loader takes ceil(patients / batch) steps per epoch at q = 1 / that; sigma
+    for a target epsilon is solved over `planned_rounds` such trainings."""
     if patients < 2:
         raise PrivacyError(f"{patients} patient(s) at this site", "DP-SGD needs at least two")
     if cfg.dp_delta > 1.0 / patients:
@@ -322,7 +327,8 @@ def plan(
             f"must be at most 1/{patients} (one over the number of patients)",
             f"set dp-delta to {0.1 / patients:.1g} or less",
         )
-    q = 1.0 / math.ceil(patients / batch_size)  # the rate Opacus' Poisson loader will use
+    steps_per_epoch = math.ceil(patients / batch_size)
+    q, steps = 1.0 / steps_per_epoch, steps_per_epoch * epochs
     if cfg.dp_target_epsilon > 0:
         from opacus.accountants.utils import get_noise_multiplier
 
@@ -332,15 +338,16 @@ def plan(
                 target_epsilon=cfg.dp_target_epsilon,
                 target_delta=cfg.dp_delta,
                 sample_rate=q,
-                steps=planned_steps_total,
+                steps=steps * planned_rounds,
                 accountant=ACCOUNTANT,
             )
     else:
         sigma = cfg.dp_noise
     if sigma <= 0:
         raise PrivacyError("dp-noise=0", "training without noise has no privacy guarantee")
-    before = ledger.epsilon(cfg.dp_delta) if ledger else 0.0
-    after = epsilon_of((ledger.history() if ledger else []) + [(sigma, q, steps)], cfg.dp_delta)
+    spent = ledger.history() if ledger else []
+    before = epsilon_of(spent, cfg.dp_delta)
+    after = epsilon_of(spent + [(sigma, q, steps)], cfg.dp_delta)
     if after > cfg.dp_epsilon_max:
         raise PrivacyError(
             "privacy budget: training declined",
@@ -434,23 +441,6 @@ class PrivateSession:
         return entry
 
 
-def ledger_summary(entries: list[dict], delta: float | None = None) -> dict:
-    """Totals for a report: cumulative epsilon at the latest (or given) delta."""
-    if not entries:
-        return {"releases": 0, "steps": 0, "epsilon": 0.0, "delta": delta}
-    d = delta if delta is not None else float(entries[-1]["delta"])
-    history = [
-        (float(e["noise_multiplier"]), float(e["sample_rate"]), int(e["steps"])) for e in entries
-    ]
-    return {
-        "releases": len(entries),
-        "steps": sum(h[2] for h in history),
-        "epsilon": epsilon_of(history, d),
-        "delta": d,
-        "runs": sorted({str(e.get("run", "")) for e in entries}),
-    }
-
-
 def privacy_report(path: str | Path, delta: float | None = None) -> str:
     """The ledger as a privacy officer reads it: every release, the total, what is not covered."""
     ledger = PrivacyLedger(path)
@@ -468,7 +458,7 @@ def privacy_report(path: str | Path, delta: float | None = None) -> str:
     ]
     history: History = []
     for e in entries:
-        history.append((float(e["noise_multiplier"]), float(e["sample_rate"]), int(e["steps"])))
+        history.append(release_of(e))
         lines.append(
             f"{e.get('time', ''):20} {str(e.get('run', '-'))[-6:]:>6} {e.get('round', '-')!s:>5} "
             f"{e.get('method', '-'):10} {e.get('status', '-'):9} {e.get('patients', 0):>8} "

@@ -124,15 +124,14 @@ def open_private(
     )
 
     rows = PatientRows(train_ds, (r.patient_id for r in train_ds.records), seed=cfg.seed)
-    steps_per_epoch = math.ceil(len(rows) / cfg.batch_size) if len(rows) else 0
     ledger = PrivacyLedger(privacy.dp_ledger) if privacy.dp_ledger else None
     the_plan = plan(
         privacy,
         ledger,
         patients=len(rows),
         batch_size=cfg.batch_size,
-        steps=steps_per_epoch * epochs,
-        planned_steps_total=steps_per_epoch * epochs * planned_rounds,
+        epochs=epochs,
+        planned_rounds=planned_rounds,
     )
     device = next(model.parameters()).device
     probe = {k: v.to(device) for k, v in probe_batch(train_ds[0]).items()}

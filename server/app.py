@@ -201,9 +201,8 @@ class RemdrStrategy(Strategy):
             time.sleep(1.0)
         have = max(1, min(want, len(nodes)))
         if have < want:
-            gone = sorted(
-                site for node, site in self.site_of_node.items() if node not in set(nodes)
-            )
+            connected = set(nodes)
+            gone = sorted(site for node, site in self.site_of_node.items() if node not in connected)
             self.current.setdefault("missing", {})["connect"] = gone or [f"{want - have} site(s)"]
             note = f"{len(nodes)} of {want} sites connected after {self.fed.node_wait:.0f}s"
             if self.fed.on_missing == "abort":
