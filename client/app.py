@@ -1,4 +1,4 @@
-"""The Flower ClientApp: translates messages to `remdr.federated` calls and back.
+"""The Flower ClientApp: translates messages to `remdr.federation` calls and back.
 
 Node config (set by `remdr-client` or the simulator): `data-path` (the site's data folder),
 `site-id`, and the site's privacy policy: `ledger` (its append-only privacy ledger),
@@ -21,15 +21,10 @@ from flwr.clientapp import ClientApp
 
 from remdr import __version__
 from remdr.errors import PrivacyError, RemdrError
-from remdr.federated import (
-    evaluate_global,
-    load_site,
-    split_run_config,
-    train_round,
-    versions_compatible,
-)
+from remdr.federation.run_config import split_run_config, versions_compatible
+from remdr.federation.screening import FAULT_ENV, corrupt_update, fault_for_round
+from remdr.federation.site_round import evaluate_global, load_site, train_round
 from remdr.methods import get_spec
-from remdr.screening import FAULT_ENV, corrupt_update, fault_for_round
 
 log = logging.getLogger(__name__)
 app = ClientApp()

@@ -70,7 +70,7 @@ def node_config(
 
 
 def supernode_command(args: argparse.Namespace) -> list[str]:
-    from remdr.processes import executable
+    from remdr.ops.processes import executable
 
     cmd = [
         executable("flower-supernode"),
@@ -103,7 +103,7 @@ def cmd_start(args: argparse.Namespace) -> int:
     if not args.site_id:
         raise ConfigError("no --site-id given", "the coordinator's report names sites by it")
     cmd = supernode_command(args)
-    from remdr.processes import flower_env
+    from remdr.ops.processes import flower_env
 
     print(f"remdr-client: connecting site {args.site_id} to {args.superlink}", flush=True)
     os.execvpe(cmd[0], cmd, flower_env())

@@ -20,7 +20,7 @@ import torch
 
 from remdr.config import ExperimentConfig
 from remdr.experiment import SplitData, train_and_test
-from remdr.methods import create_method
+from remdr.methods import build_model, create_method
 from remdr.metrics import BINS
 from remdr.runtime import autocast_for, prepare_model, resolve_device, seed_everything, to_device
 from remdr.train import make_loader, make_optimizer, open_private
@@ -148,9 +148,7 @@ def measure_speed(
     for name in methods:
         method = create_method(name, cfg.method)
         method.setup(data.train.targets())
-        model = prepare_model(
-            method.build_model(cfg.model, cfg.data, group_norm=cfg.privacy.group_norm), device
-        ).train()
+        model = prepare_model(build_model(cfg, method), device).train()
         opt = make_optimizer(model, cfg.train)
         if method.spec.private:  # the real DP-SGD step: Opacus' per-sample clip and noise
             unbounded = dataclasses.replace(cfg.privacy, dp_epsilon_max=1e12, dp_ledger="")

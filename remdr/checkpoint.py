@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from remdr import __version__
 from remdr.config import ExperimentConfig
 from remdr.errors import ConfigError
-from remdr.methods import create_method
+from remdr.methods import build_model, create_method
 from remdr.model import ReM3Dr
 
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
@@ -56,7 +56,7 @@ def load_run(
     except (json.JSONDecodeError, KeyError) as err:
         raise ConfigError(f"{run_dir / CONFIG} is damaged", str(err)) from None
     method = create_method(cfg.train.method, cfg.method)
-    model = method.build_model(cfg.model, cfg.data, group_norm=cfg.privacy.group_norm)
+    model = build_model(cfg, method)
     missing, unexpected = model.load_state_dict(load_file(str(run_dir / WEIGHTS)), strict=False)
     if missing or unexpected:
         raise ConfigError(

@@ -18,7 +18,7 @@ from remdr.data import load_dataset
 from remdr.data.dataset import EyeDataset
 from remdr.data.loading import Dataset
 from remdr.data.splits import split_records
-from remdr.methods import Method, create_method
+from remdr.methods import Method, build_model, create_method
 from remdr.metrics import regression_metrics
 from remdr.model import ReM3Dr
 from remdr.runtime import prepare_model, resolve_device, seed_everything
@@ -63,9 +63,7 @@ def train_and_test(
     seed_everything(cfg.train.seed, device)
     method = create_method(cfg.train.method, cfg.method)
     method.setup(data.train.targets(), seed=cfg.train.seed)
-    model = prepare_model(
-        method.build_model(cfg.model, cfg.data, group_norm=cfg.privacy.group_norm), device
-    )
+    model = prepare_model(build_model(cfg, method), device)
     result = fit(
         model,
         method,

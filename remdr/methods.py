@@ -36,7 +36,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from remdr.config import MethodConfig
+from remdr.config import ExperimentConfig, MethodConfig
 from remdr.errors import ConfigError, PrivacyError
 from remdr.losses import (
     LabelDensity,
@@ -94,6 +94,12 @@ def get_spec(name: str) -> MethodSpec:
 
 def create_method(name: str, cfg: MethodConfig | None = None) -> Method:
     return Method(get_spec(name), cfg or MethodConfig())
+
+
+def build_model(cfg: ExperimentConfig, method: Method | None = None) -> ReM3Dr:
+    """The network `cfg` trains: its method's branches, DP-ready for private methods or group-norm."""
+    method = method or create_method(cfg.train.method, cfg.method)
+    return method.build_model(cfg.model, cfg.data, group_norm=cfg.privacy.group_norm)
 
 
 Batch = dict[str, torch.Tensor]

@@ -28,12 +28,12 @@ from flwr.serverapp.strategy import (
 )
 
 from remdr import __version__
-from remdr.federated import FedConfig, split_run_config
-from remdr.fedrun import FederatedRun, privacy_summary
-from remdr.methods import create_method
+from remdr.federation.run_config import FedConfig, split_run_config
+from remdr.federation.run_directory import RunDirectory, privacy_summary
+from remdr.federation.screening import update_problem
+from remdr.methods import build_model, create_method
 from remdr.privacy import epsilon_of
 from remdr.runtime import seed_everything
-from remdr.screening import update_problem
 
 log = logging.getLogger("flwr")  # Flower's handlers stream this to `remdr-server run`
 app = ServerApp()
@@ -323,14 +323,14 @@ def initial_state(context: Context):
     cfg, _ = split_run_config(dict(context.run_config))
     seed_everything(cfg.train.seed, torch.device("cpu"))
     method = create_method(cfg.train.method, cfg.method)
-    model = method.build_model(cfg.model, cfg.data, group_norm=cfg.privacy.group_norm)
+    model = build_model(cfg, method)
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     cfg, fed = split_run_config(dict(context.run_config))
-    run = FederatedRun(fed.out_dir)
+    run = RunDirectory(fed.out_dir)
     done = run.last_round()
     if done:
         state = run.load_weights(done)

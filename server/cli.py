@@ -22,7 +22,7 @@ from pathlib import Path
 
 from remdr.cli.common import run_cli
 from remdr.errors import ConfigError
-from remdr.processes import executable, flower_env, wait_healthy, write_flwr_home
+from remdr.ops.processes import executable, flower_env, wait_healthy, write_flwr_home
 
 TLS_FILES = {"ca": "ca.crt", "cert": "server.pem", "key": "server.key"}
 
@@ -93,7 +93,7 @@ def _flwr(args: list[str], home: Path, check: bool = True) -> int:
 
 def load_experiment(path: str) -> dict:
     """Read and validate an experiment TOML (flat run-config keys) before anything is submitted."""
-    from remdr.federated import split_run_config
+    from remdr.federation.run_config import split_run_config
 
     try:
         data = tomllib.loads(Path(path).read_text())
@@ -106,7 +106,7 @@ def load_experiment(path: str) -> dict:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from remdr.app_bundle import write_bundle
+    from remdr.federation.app_bundle import write_bundle
 
     overrides = load_experiment(args.config) if args.config else {}
     with tempfile.TemporaryDirectory(prefix="remdr-run-") as tmp:
@@ -124,7 +124,7 @@ def check_outcome(overrides: dict) -> None:
     """`flwr run` exits 0 even when the ServerApp fails: read the run directory to be sure."""
     import json
 
-    from remdr.federated import FedConfig
+    from remdr.federation.run_config import FedConfig
 
     report = Path(str(overrides.get("out-dir", FedConfig.out_dir))) / "report.json"
     if not report.is_file():
@@ -152,7 +152,7 @@ def cmd_register(args: argparse.Namespace) -> int:
 
 
 def cmd_certs(args: argparse.Namespace) -> int:
-    from remdr.pki import make_deployment
+    from remdr.ops.pki import make_deployment
 
     sites = [s.strip() for s in args.sites.split(",") if s.strip()]
     sans = [n.strip() for value in args.san or [] for n in value.split(",") if n.strip()]

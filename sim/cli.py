@@ -92,39 +92,33 @@ def _test_metrics(model, test_ds, cfg: ExperimentConfig):
     return regression_metrics(preds["md"], preds["pred"]), preds
 
 
-def _train_central(cfg: ExperimentConfig, train_ds, val_ds, epochs: int, desc: str, progress: bool):
-    from remdr.methods import create_method
-    from remdr.runtime import prepare_model, resolve_device, seed_everything
-    from remdr.train import fit
+def _train_central(
+    cfg: ExperimentConfig,
+    dataset,
+    train_ds,
+    val_ds,
+    test_ds,
+    *,
+    epochs: int,
+    desc: str,
+    progress: bool,
+) -> dict:
+    """Pooled training on `train_ds` with the sites' settings, tested on the global test set."""
+    from remdr.experiment import SplitData, train_and_test
 
-    device = resolve_device(cfg.train.device)
-    seed_everything(cfg.train.seed, device)
-    method = create_method(cfg.train.method, cfg.method)
-    method.setup(train_ds.targets(), seed=cfg.train.seed)
-    model = prepare_model(
-        method.build_model(cfg.model, cfg.data, group_norm=cfg.privacy.group_norm), device
+    # the same passes over the data and the constant learning rate the sites train with
+    central_cfg = dataclasses.replace(
+        cfg, train=dataclasses.replace(cfg.train, epochs=epochs, schedule="constant")
     )
-    train_cfg = dataclasses.replace(cfg.train, schedule="constant")  # as the sites train
-    start = time.perf_counter()
-    fit(
-        model,
-        method,
-        train_ds,
-        train_cfg,
-        device,
-        val_ds=val_ds,
-        epochs=epochs,
-        augment=cfg.data.augment,
-        progress=progress,
-        desc=desc,
-        privacy=cfg.privacy,
+    outcome = train_and_test(
+        central_cfg, SplitData(dataset, train_ds, val_ds, test_ds), progress=progress, desc=desc
     )
-    return model, time.perf_counter() - start
+    return {"test": outcome.test_metrics, "wall_seconds": outcome.fit.seconds}
 
 
 def _fed_overrides(items: list[str]) -> dict[str, str]:
     from remdr.errors import ConfigError
-    from remdr.federated import fed_keys
+    from remdr.federation.run_config import fed_keys
 
     out = {}
     for item in items:
@@ -160,10 +154,11 @@ def simulate(args: argparse.Namespace) -> int:
 
     from remdr.data import load_dataset
     from remdr.data.dataset import EyeDataset
-    from remdr.federated import load_site, split_run_config
-    from remdr.fedrun import FederatedRun, clean
-    from remdr.methods import create_method
-    from remdr.processes import free_port
+    from remdr.federation.run_config import split_run_config
+    from remdr.federation.run_directory import RunDirectory, clean
+    from remdr.federation.site_round import load_site
+    from remdr.methods import build_model
+    from remdr.ops.processes import free_port
 
     t0 = time.perf_counter()
     cfg = config_from_args(args, apply_overrides(ExperimentConfig(), SIM_DEFAULTS))
@@ -207,14 +202,13 @@ def simulate(args: argparse.Namespace) -> int:
     resources = SimResources(args.cpus_per_site, args.gpus_per_site)
     code = run_federation(run_config, len(part.sites), resources, log_path, stream_printer(), ports)
     check_finished(code, log_path)
-    fed_run = FederatedRun(out / "federation")
+    fed_run = RunDirectory(out / "federation")
     if fed_run.last_round() < args.rounds:
         raise_incomplete(fed_run, log_path)
     fed_seconds = time.perf_counter() - t_fed
 
     test_ds = EyeDataset(part.test, cfg.data)
-    method = create_method(cfg.train.method, cfg.method)
-    model = method.build_model(cfg.model, cfg.data, group_norm=cfg.privacy.group_norm)
+    model = build_model(cfg)
     weights = out / "federation" / "best.safetensors"
     from safetensors.torch import load_file
 
@@ -235,24 +229,21 @@ def simulate(args: argparse.Namespace) -> int:
     if args.compare_centralized:
         union_train = EyeDataset([r for s in sites.values() for r in s.train.records], cfg.data)
         union_val = EyeDataset([r for s in sites.values() for r in s.val.records], cfg.data)
-        central, secs = _train_central(
-            cfg, union_train, union_val, epochs, "centralized", not args.quiet
-        )
         results["centralized"] = {
-            "test": _test_metrics(central, test_ds, cfg)[0],
-            "wall_seconds": secs,
+            **_train_central(
+                cfg, dataset, union_train, union_val, test_ds,
+                epochs=epochs, desc="centralized", progress=not args.quiet,
+            ),
             "epochs": epochs,
-        }
+        }  # fmt: skip
     if args.compare_local:
-        results["local"] = {}
-        for name, site in sites.items():
-            local, secs = _train_central(
-                cfg, site.train, site.val, epochs, f"local {name}", not args.quiet
+        results["local"] = {
+            name: _train_central(
+                cfg, dataset, site.train, site.val, test_ds,
+                epochs=epochs, desc=f"local {name}", progress=not args.quiet,
             )
-            results["local"][name] = {
-                "test": _test_metrics(local, test_ds, cfg)[0],
-                "wall_seconds": secs,
-            }
+            for name, site in sites.items()
+        }  # fmt: skip
 
     report = {
         "config": cfg.to_dict(),

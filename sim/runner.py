@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from remdr.app_bundle import write_bundle
 from remdr.errors import RemdrError
-from remdr.processes import executable, flower_env, free_port, kill_matching
+from remdr.federation.app_bundle import write_bundle
+from remdr.ops.processes import executable, flower_env, free_port, kill_matching
 
 ROUND_LINE = re.compile(r"remdr round \d+/\d+:.*")
 ERROR_LINE = re.compile(r"ERROR|Traceback|error in reply|Exception", re.IGNORECASE)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from remdr.processes import flower_env
+from remdr.ops.processes import flower_env
 
 pytestmark = pytest.mark.e2e
 CHAOS = Path(__file__).parents[1] / "deploy" / "chaos"

@@ -12,10 +12,11 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, M
 from remdr.client.app import PRIVACY_DECLINED, VERSION_MISMATCH, app
 from remdr.server.app import aggregate_metrics, build_strategy
 
-from remdr.app_bundle import bundle_pyproject
 from remdr.errors import ConfigError
-from remdr.federated import norm_state_keys, run_config_defaults, split_run_config
-from remdr.methods import create_method
+from remdr.federation.app_bundle import bundle_pyproject
+from remdr.federation.run_config import run_config_defaults, split_run_config
+from remdr.federation.site_round import norm_state_keys
+from remdr.methods import build_model, create_method
 from remdr.privacy import PrivacyLedger
 
 RUN_CONFIG = {
@@ -49,7 +50,7 @@ def _message(kind: str, arrays: dict, config: dict) -> Message:
 def _initial(run_config: dict) -> dict[str, torch.Tensor]:
     cfg, _ = split_run_config(run_config)
     torch.manual_seed(0)
-    return create_method(cfg.train.method, cfg.method).build_model(cfg.model, cfg.data).state_dict()
+    return build_model(cfg).state_dict()
 
 
 def _context(tiny_data: Path, run_config: dict, state: RecordDict | None = None, **node) -> Context:

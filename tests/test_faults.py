@@ -11,8 +11,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.app import Metadata as FlwrMetadata
 from remdr.server.app import RemdrStrategy, RoundAborted, build_strategy
 
-from remdr.federated import split_run_config
-from remdr.screening import FAULTS, corrupt_update, fault_for_round, update_problem
+from remdr.federation.run_config import split_run_config
+from remdr.federation.screening import FAULTS, corrupt_update, fault_for_round, update_problem
 
 
 def _state(seed: int = 0) -> dict[str, torch.Tensor]:

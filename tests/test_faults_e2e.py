@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
-from remdr.fedrun import FederatedRun
-from remdr.loopback import Loopback, make_sites, wait_for, write_experiment
-from remdr.screening import FAULT_ENV
+from remdr.federation.run_directory import RunDirectory
+from remdr.federation.screening import FAULT_ENV
+from remdr.ops.loopback import Loopback, make_sites, wait_for, write_experiment
 
 pytestmark = pytest.mark.e2e
 
@@ -32,7 +32,7 @@ def test_a_hostile_round_a_bad_update_and_a_site_that_dies(tmp_path):
         for name, data in sites.items():
             fed.start_site(name, data, env={FAULT_ENV: "nan,norm"} if name == "M" else None)
         run = fed.run(experiment, background=True)
-        wait_for(lambda: FederatedRun(out).last_round() >= 1, 600, "round 1 checkpoint")
+        wait_for(lambda: RunDirectory(out).last_round() >= 1, 600, "round 1 checkpoint")
         fed.kill_site("C")
         wait_for(lambda: run.poll() is not None, 900, "the run to finish")
         assert run.returncode == 0, fed.log("run.log")
@@ -48,7 +48,7 @@ def test_a_hostile_round_a_bad_update_and_a_site_that_dies(tmp_path):
         assert '"C"' in missing, two
         assert all(row["skipped-records"] == 2 for row in report["sites"]["A"])
         assert all(row["num-examples"] > 0 for row in report["sites"]["A"])  # A still trains
-        final = FederatedRun(out).load_weights(2)
+        final = RunDirectory(out).load_weights(2)
         assert all(torch.isfinite(v.float()).all() for v in final.values())
         assert "update rejected" in fed.log("run.log", tail=10**7)
     finally:

@@ -7,11 +7,11 @@ import json
 import pytest
 import torch
 
-from remdr.federated import split_run_config
-from remdr.fedrun import FederatedRun
-from remdr.loopback import Loopback, make_sites, wait_for, write_experiment
-from remdr.methods import create_method
-from remdr.pki import make_deployment
+from remdr.federation.run_config import split_run_config
+from remdr.federation.run_directory import RunDirectory
+from remdr.methods import build_model
+from remdr.ops.loopback import Loopback, make_sites, wait_for, write_experiment
+from remdr.ops.pki import make_deployment
 
 pytestmark = pytest.mark.e2e
 
@@ -24,7 +24,7 @@ def sites(tmp_path):
 def _initial_weights(experiment: dict) -> dict[str, torch.Tensor]:
     cfg, _ = split_run_config(experiment)
     torch.manual_seed(cfg.train.seed)
-    return create_method(cfg.train.method, cfg.method).build_model(cfg.model, cfg.data).state_dict()
+    return build_model(cfg).state_dict()
 
 
 def _check_report(out, rounds: int) -> dict:
@@ -60,7 +60,7 @@ def test_two_sites_two_rounds(tmp_path, sites, secure):
             fed.start_site(name, data)
         assert fed.run(experiment) == 0, fed.log("run.log")
         _check_report(out, rounds=2)
-        final = FederatedRun(out).load_weights(2)
+        final = RunDirectory(out).load_weights(2)
         initial = _initial_weights(
             {"image-size": 32, "n-bscans": 2, "embed-dim": 16, "fusion-hidden": 16}
         )
@@ -82,10 +82,10 @@ def test_resume_after_the_coordinator_is_killed(tmp_path, sites):
         for name, data in sites.items():
             fed.start_site(name, data)
         first = fed.run(experiment, background=True)
-        wait_for(lambda: FederatedRun(out).last_round() >= 1, 600, "round 1 checkpoint")
+        wait_for(lambda: RunDirectory(out).last_round() >= 1, 600, "round 1 checkpoint")
         fed.stop_superlink()  # the coordinator dies mid-run
         fed.group.stop_one(first)
-        done_before = FederatedRun(out).last_round()
+        done_before = RunDirectory(out).last_round()
         assert 1 <= done_before < 3
         fed.start_superlink()  # restart: same state folder, same run directory
         assert fed.run(experiment) == 0, fed.log("run.log")

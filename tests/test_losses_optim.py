@@ -13,7 +13,7 @@ from remdr.config import MethodConfig, apply_overrides
 from remdr.data import load_dataset
 from remdr.data.dataset import EyeDataset
 from remdr.losses import LabelDensity, adaptive_margin_supcon, negative_margins
-from remdr.methods import create_method
+from remdr.methods import build_model, create_method
 from remdr.optim import ModalityScores, frozen_buffers, sam_perturbation
 from remdr.train import make_loader
 
@@ -92,7 +92,7 @@ def _setup(tiny_cfg, tiny_data, name: str, **method_overrides):
     torch.manual_seed(0)
     method = create_method(name, cfg.method)
     method.setup(ds.targets())
-    model = method.build_model(cfg.model, cfg.data).train()
+    model = build_model(cfg, method).train()
     return cfg, method, model, batch
 
 

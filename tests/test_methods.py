@@ -12,7 +12,7 @@ from remdr.config import ExperimentConfig, MethodConfig, apply_overrides
 from remdr.data import load_dataset
 from remdr.data.dataset import EyeDataset
 from remdr.errors import ConfigError
-from remdr.methods import create_method, get_spec, list_methods
+from remdr.methods import build_model, create_method, get_spec, list_methods
 from remdr.runtime import seed_everything
 from remdr.train import fit, make_loader
 
@@ -45,7 +45,7 @@ def test_step_is_finite_and_every_parameter_gets_a_gradient(name, tiny_cfg, tiny
     method = create_method(name, tiny_cfg.method)
     batch = _batch(tiny_cfg, tiny_data)
     method.setup(batch["md"].numpy())
-    model = method.build_model(tiny_cfg.model, tiny_cfg.data).train()
+    model = build_model(tiny_cfg, method).train()
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
     before = copy.deepcopy(model.state_dict())
     step_model = model
@@ -84,7 +84,7 @@ def test_each_method_trains_one_epoch(name, tiny_cfg, tiny_data):
     ds = EyeDataset(load_dataset(tiny_data, cfg.data).records, cfg.data)
     method = create_method(name, cfg.method)
     method.setup(ds.targets())
-    model = method.build_model(cfg.model, cfg.data)
+    model = build_model(cfg, method)
     result = fit(
         model, method, ds, cfg.train, torch.device("cpu"), val_ds=ds, epochs=1, progress=False
     )

@@ -14,7 +14,7 @@ from torch import nn
 from remdr.config import ExperimentConfig, apply_overrides
 from remdr.errors import PrivacyError
 from remdr.experiment import load_splits
-from remdr.methods import create_method
+from remdr.methods import build_model, create_method
 from remdr.privacy import (
     CHECK_TOLERANCE,
     PrivacyLedger,
@@ -39,7 +39,7 @@ def _cfg(**extra) -> ExperimentConfig:
 def _model_and_loss(cfg: ExperimentConfig, method: str = "remdr_dp"):
     torch.manual_seed(0)
     m = create_method(method, cfg.method)
-    return m, m.build_model(cfg.model, cfg.data), (lambda model, b: m.loss(model, b)[0])
+    return m, build_model(cfg, m), (lambda model, b: m.loss(model, b)[0])
 
 
 def _probe(cfg: ExperimentConfig, n: int = 4) -> dict[str, torch.Tensor]:
@@ -130,7 +130,7 @@ def _train(data, cfg: ExperimentConfig):
     m = create_method(cfg.train.method, cfg.method)
     m.setup(data.train.targets())
     torch.manual_seed(0)
-    model = m.build_model(cfg.model, cfg.data)
+    model = build_model(cfg, m)
     result = fit(model, m, data.train, cfg.train, torch.device("cpu"), privacy=cfg.privacy)
     return model, result
 
@@ -173,7 +173,7 @@ def test_ceiling_declines_training_before_it_is_exceeded(tiny_data, tmp_path):
     spent = first.privacy["epsilon_cumulative"]
     capped = apply_overrides(cfg, {"dp-epsilon-max": spent * 1.2})  # one more would exceed it
     m = create_method("remdr_dp", capped.method)
-    model = m.build_model(capped.model, capped.data)
+    model = build_model(capped, m)
     weights = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(PrivacyError, match="declined") as err:
         fit(model, m, data.train, capped.train, torch.device("cpu"), privacy=capped.privacy)
@@ -194,7 +194,7 @@ def test_bad_privacy_settings_are_clear_errors(tiny_data, tmp_path):
         cfg = _cfg(**extra)
         m = create_method("remdr_dp", cfg.method)
         with pytest.raises(PrivacyError, match=match):
-            fit(m.build_model(cfg.model, cfg.data), m, data.train, cfg.train,
+            fit(build_model(cfg, m), m, data.train, cfg.train,
                 torch.device("cpu"), privacy=cfg.privacy)  # fmt: skip
     corrupt = tmp_path / "ledger.jsonl"
     corrupt.write_text('{"noise_multiplier": 1.0, "sample_rate": 0.1, "steps": 3}\nnot json\n')

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from remdr.loopback import Loopback, make_sites, write_experiment
-from remdr.pki import make_deployment
-from remdr.processes import free_port, wait_healthy
+from remdr.ops.loopback import Loopback, make_sites, write_experiment
+from remdr.ops.pki import make_deployment
+from remdr.ops.processes import free_port, wait_healthy
 
 pytestmark = pytest.mark.e2e
 TEMPLATE = Path(__file__).parents[1] / "deploy" / "nginx" / "remdr-fleet.conf.template"

@@ -13,7 +13,7 @@ from remdr.sim.partition import PartitionSpec, partition
 from remdr.data import load_dataset
 from remdr.data.synthetic import SyntheticSpec, generate
 from remdr.metrics import BINS
-from remdr.processes import matching_processes
+from remdr.ops.processes import matching_processes
 
 
 @pytest.fixture(scope="module")

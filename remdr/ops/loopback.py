@@ -12,7 +12,13 @@ import time
 from pathlib import Path
 
 from remdr.data.synthetic import SyntheticSpec, generate
-from remdr.processes import ProcessGroup, flower_env, free_port, matching_processes, wait_healthy
+from remdr.ops.processes import (
+    ProcessGroup,
+    flower_env,
+    free_port,
+    matching_processes,
+    wait_healthy,
+)
 
 BIN = Path(sys.executable).parent
 EXPERIMENT = {
@@ -79,7 +85,7 @@ class Loopback:
 
     def stop_superlink(self) -> None:
         self.group.stop_one(self.superlink)
-        from remdr.processes import kill_matching
+        from remdr.ops.processes import kill_matching
 
         # the SuperLink's helpers (SuperExec, ServerApp) die with it; the sites stay up
         kill_matching(
@@ -123,7 +129,7 @@ class Loopback:
         import os
         import signal
 
-        from remdr.processes import kill_matching
+        from remdr.ops.processes import kill_matching
 
         proc, port = self.sites.pop(name)
         with contextlib.suppress(ProcessLookupError):

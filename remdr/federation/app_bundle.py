@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from remdr import __version__
-from remdr.federated import run_config_defaults
+from remdr.federation.run_config import run_config_defaults
 
 COMPONENTS = {"serverapp": "remdr.server.app:app", "clientapp": "remdr.client.app:app"}
 
