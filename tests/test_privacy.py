@@ -131,7 +131,9 @@ def _train(data, cfg: ExperimentConfig):
     m.setup(data.train.targets())
     torch.manual_seed(0)
     model = build_model(cfg, m)
-    result = fit(model, m, data.train, cfg.train, torch.device("cpu"), privacy=cfg.privacy)
+    result = fit(
+        model, m, data.train, cfg=cfg.train, device=torch.device("cpu"), privacy=cfg.privacy
+    )
     return model, result
 
 
@@ -176,7 +178,14 @@ def test_ceiling_declines_training_before_it_is_exceeded(tiny_data, tmp_path):
     model = build_model(capped, m)
     weights = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(PrivacyError, match="declined") as err:
-        fit(model, m, data.train, capped.train, torch.device("cpu"), privacy=capped.privacy)
+        fit(
+            model,
+            m,
+            data.train,
+            cfg=capped.train,
+            device=torch.device("cpu"),
+            privacy=capped.privacy,
+        )
     assert f"{spent:.2f}" in str(err.value)
     assert len(PrivacyLedger(ledger).entries()) == 1  # nothing was spent
     assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items())
@@ -194,8 +203,8 @@ def test_bad_privacy_settings_are_clear_errors(tiny_data, tmp_path):
         cfg = _cfg(**extra)
         m = create_method("remdr_dp", cfg.method)
         with pytest.raises(PrivacyError, match=match):
-            fit(build_model(cfg, m), m, data.train, cfg.train,
-                torch.device("cpu"), privacy=cfg.privacy)  # fmt: skip
+            fit(build_model(cfg, m), m, data.train, cfg=cfg.train,
+                device=torch.device("cpu"), privacy=cfg.privacy)  # fmt: skip
     corrupt = tmp_path / "ledger.jsonl"
     corrupt.write_text('{"noise_multiplier": 1.0, "sample_rate": 0.1, "steps": 3}\nnot json\n')
     with pytest.raises(PrivacyError, match="line 2 is corrupt"):
