@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
@@ -22,7 +21,6 @@ from flwr.clientapp import ClientApp
 from remdr import __version__
 from remdr.errors import PrivacyError, RemdrError
 from remdr.federation.run_config import split_run_config, versions_compatible
-from remdr.federation.screening import FAULT_ENV, corrupt_update, fault_for_round
 from remdr.federation.site_round import evaluate_global, load_site, train_round
 from remdr.methods import get_spec
 
@@ -123,10 +121,6 @@ def train(msg: Message, context: Context) -> Message:
     except PrivacyError as err:
         log.warning("site %s: %s", _site_id(context), err)
         return _site_error(msg, context, err)
-    drill = fault_for_round(os.environ.get(FAULT_ENV, ""), server_round)
-    if drill:  # a fault drill: this site misbehaves on purpose, the coordinator must cope
-        log.warning("site %s: fault drill, sending a '%s' update", _site_id(context), drill)
-        result.state = corrupt_update(result.state, drill)
     state["method"] = ConfigRecord({"json": json.dumps(result.method_state)})
     if result.local_state:
         state["fedbn"] = ArrayRecord(result.local_state)

@@ -23,7 +23,7 @@ from remdr.experiment import SplitData, train_and_test
 from remdr.methods import build_model, create_method
 from remdr.metrics import BINS
 from remdr.runtime import autocast_for, prepare_model, resolve_device, seed_everything, to_device
-from remdr.train import make_loader, make_optimizer, open_private
+from remdr.train import make_loader, make_optimizer
 
 log = logging.getLogger(__name__)
 
@@ -151,8 +151,18 @@ def measure_speed(
         model = prepare_model(build_model(cfg, method), device).train()
         opt = make_optimizer(model, cfg.train)
         if method.spec.private:  # the real DP-SGD step: Opacus' per-sample clip and noise
-            unbounded = dataclasses.replace(cfg.privacy, dp_epsilon_max=1e12, dp_ledger="")
-            session = open_private(model, method, opt, data.train, cfg.train, unbounded, 1, 1, {})
+            from remdr.privacy import open_private
+
+            session = open_private(
+                model,
+                opt,
+                data.train,
+                loss_fn=lambda m, b, method=method: method.loss(m, b)[0],
+                method_name=method.name,
+                train_cfg=cfg.train,
+                privacy=dataclasses.replace(cfg.privacy, dp_epsilon_max=1e12, dp_ledger=""),
+                epochs=1,
+            )
             model, opt = session.module, session.optimizer
         runners[name] = (method, model, opt)
 

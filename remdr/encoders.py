@@ -12,10 +12,6 @@ from torch import nn
 
 from remdr.errors import ConfigError
 
-# Tiny real timm models for CPU tests and demos; production configs name e.g. resnet18 or
-# convnext_atto at 224 px.
-CPU_DEFAULT = "test_resnet"
-
 
 @lru_cache(maxsize=1)
 def available_encoders() -> frozenset[str]:

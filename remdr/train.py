@@ -102,55 +102,6 @@ class FitResult:
     privacy: dict | None = None  # the ledger entry of a private method's training
 
 
-def open_private(
-    model: ReM3Dr,
-    method: Method,
-    optimizer: torch.optim.Optimizer,
-    train_ds: EyeDataset,
-    cfg: TrainConfig,
-    privacy: PrivacyConfig,
-    epochs: int,
-    planned_rounds: int,
-    label: dict,
-):
-    """Check per-sample gradients, plan sigma/q/steps against the ledger, wrap with Opacus."""
-    from remdr.privacy import (
-        PatientRows,
-        PrivacyLedger,
-        PrivateSession,
-        choose_grad_sample_mode,
-        plan,
-        probe_batch,
-    )
-
-    rows = PatientRows(train_ds, (r.patient_id for r in train_ds.records), seed=cfg.seed)
-    ledger = PrivacyLedger(privacy.dp_ledger) if privacy.dp_ledger else None
-    the_plan = plan(
-        privacy,
-        ledger,
-        patients=len(rows),
-        batch_size=cfg.batch_size,
-        epochs=epochs,
-        planned_rounds=planned_rounds,
-    )
-    device = next(model.parameters()).device
-    probe = {k: v.to(device) for k, v in probe_batch(train_ds[0]).items()}
-    mode = choose_grad_sample_mode(
-        model, lambda m, b: method.loss(m, b)[0], probe, privacy.dp_grad_sample_mode
-    )
-    return PrivateSession(
-        model,
-        optimizer,
-        rows,
-        the_plan,
-        mode,
-        ledger,
-        batch_size=cfg.batch_size,
-        seed=cfg.seed,
-        label={"method": method.name, **label},
-    )
-
-
 def fit(
     model: ReM3Dr,
     method: Method,
@@ -184,16 +135,19 @@ def fit(
     optimizer = make_optimizer(model, cfg)
     session = None
     if method.spec.private:
+        from remdr.privacy import open_private  # lazily: plain training never loads DP code
+
         session = open_private(
             model,
-            method,
             optimizer,
             train_ds,
-            cfg,
-            privacy or PrivacyConfig(),
-            epochs,
-            planned_rounds,
-            ledger_label or {},
+            loss_fn=lambda m, b: method.loss(m, b)[0],
+            method_name=method.name,
+            train_cfg=cfg,
+            privacy=privacy or PrivacyConfig(),
+            epochs=epochs,
+            planned_rounds=planned_rounds,
+            label=ledger_label,
         )
         loader, train_model, optimizer = session.loader, session.module, session.optimizer
         keep_best = False

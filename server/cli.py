@@ -3,6 +3,7 @@
     remdr-server start --out runs/coord [--insecure | --certs deploy/certs]
     remdr-server register keys/site_a.pub --federation 127.0.0.1:8000 [--root-cert ca.crt]
     remdr-server run --federation 127.0.0.1:8000 --config exp.toml [--root-cert ca.crt]
+    remdr-server run ... --fault-drill    # sites run remdr.client.fault_drill (deploy/chaos)
     remdr-server certs --out deploy/certs --san coord.example.org --sites hospA,hospB
 
 Thin wrappers over `flower-superlink`, `flwr supernode register` and `flwr run` with safe
@@ -112,7 +113,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="remdr-run-") as tmp:
         home = Path(tmp) / "flwr-home"
         conn = _connection(args, home)
-        bundle = write_bundle(Path(tmp) / "app", overrides)
+        bundle = write_bundle(Path(tmp) / "app", overrides, fault_drill=args.fault_drill)
         flags = ["--stream"] if not args.detach else []
         _flwr(["run", str(bundle), conn, *flags], home, check=True)
     if not args.detach:
@@ -195,6 +196,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--config", help="experiment TOML: flat run-config keys (method, num-server-rounds, ...)"
     )
     r.add_argument("--detach", action="store_true", help="submit and return without streaming logs")
+    r.add_argument(
+        "--fault-drill",
+        action="store_true",
+        help="sites run the fault-drill ClientApp: one started with REMDR_FAULT_UPDATE=nan,norm "
+        "sends those bad updates (deploy/chaos); never in a study",
+    )
     _add_connection_flags(r)
     g = sub.add_parser("register", help="register a site's public key (node authentication)")
     g.add_argument("public_key")

@@ -12,33 +12,13 @@ os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
 
 from remdr.config import ExperimentConfig, apply_overrides  # noqa: E402
 from remdr.data.synthetic import SyntheticSpec, generate  # noqa: E402
+from remdr.ops.loopback import TINY as TINY_SETTINGS  # noqa: E402
 
-TINY = {
-    "image-size": 32,
-    "n-bscans": 2,
-    "embed-dim": 16,
-    "fusion-hidden": 16,
-    "epochs": 1,
-    "batch-size": 8,
-    "device": "cpu",
-}
+# The one tiny setting of the suite (the loopback harness and the chaos drill train the same).
+TINY = {**TINY_SETTINGS, "epochs": 1}
 
 # The same tiny setting as command-line flags, for the CLI tests.
-TINY_CLI_FLAGS = [
-    *(
-        "--image-size",
-        "32",
-        "--n-bscans",
-        "2",
-        "--epochs",
-        "1",
-        "--batch-size",
-        "8",
-        "--device",
-        "cpu",
-    ),
-    *("--set", "embed-dim=16", "--quiet"),
-]
+TINY_CLI_FLAGS = [*(arg for k, v in TINY.items() for arg in ("--set", f"{k}={v}")), "--quiet"]
 
 
 @pytest.fixture(scope="session")

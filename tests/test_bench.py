@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import csv
+import math
+import re
 
 from conftest import TINY_CLI_FLAGS
 
@@ -77,4 +79,7 @@ def test_speed_bench_reports_ratios(tiny_data, capsys):
     ]
     assert bench.main(args) == 0
     out = capsys.readouterr().out
-    assert "step ratio vs concat: 1.00" in out and "sam" in out
+    sam_line = next(ln for ln in out.splitlines() if ln.strip().startswith("sam "))
+    ratio = float(re.search(r"step ratio vs concat: ([0-9.]+)", sam_line).group(1))
+    # measured, not assumed: a positive finite number (SAM's two passes make it ~2 on a quiet CPU)
+    assert math.isfinite(ratio) and ratio > 0

@@ -10,7 +10,7 @@ import pytest
 
 from remdr.ops.processes import flower_env
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 CHAOS = Path(__file__).parents[1] / "deploy" / "chaos"
 
 
@@ -19,7 +19,7 @@ def test_chaos_drill_passes(tmp_path):
     args = [
         sys.executable, str(CHAOS), "--sites", "3", "--rounds", "3", "--kills", "2",
         "--every", "40", "--down", "15", "--bad-site", "--seed", "2",
-        "--round-timeout", "240", "--out", str(out),
+        "--round-timeout", "150", "--out", str(out),
     ]  # fmt: skip
     res = subprocess.run(args, capture_output=True, text=True, timeout=1500, env=flower_env())
     log = (out / "chaos.log").read_text() if (out / "chaos.log").exists() else res.stdout

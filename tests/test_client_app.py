@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, Metadata, RecordDict
 from remdr.client.app import PRIVACY_DECLINED, VERSION_MISMATCH, app
-from remdr.server.app import aggregate_metrics, build_strategy
+from remdr.server.strategy import aggregate_metrics, build_strategy
 
 from remdr.errors import ConfigError
 from remdr.federation.app_bundle import bundle_pyproject
@@ -19,16 +20,7 @@ from remdr.federation.site_round import norm_state_keys
 from remdr.methods import build_model, create_method
 from remdr.privacy import PrivacyLedger
 
-RUN_CONFIG = {
-    **run_config_defaults(),
-    "image-size": 32,
-    "n-bscans": 2,
-    "embed-dim": 16,
-    "fusion-hidden": 16,
-    "batch-size": 8,
-    "device": "cpu",
-    "local-epochs": 1,
-}
+RUN_CONFIG = {**run_config_defaults(), **TINY, "local-epochs": 1}
 
 
 def _message(kind: str, arrays: dict, config: dict) -> Message:

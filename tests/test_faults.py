@@ -1,18 +1,25 @@
-"""Bad updates are named and refused before aggregation; the missing-site policy is applied."""
+"""Bad updates are named and refused; the missing-site policy is applied; a site that left is
+not waited for, one that is reconnecting is."""
 
 from __future__ import annotations
 
+import importlib
 import time
+import tomllib
 
 import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 from flwr.app import Metadata as FlwrMetadata
-from remdr.server.app import RemdrStrategy, RoundAborted, build_strategy
+from flwr.supercore.task_identity import TaskIdentity
+from remdr.client.fault_drill import FAULTS, corrupt_update, fault_for_round
+from remdr.server.grid import NODE_UNAVAILABLE, RetryingGrid
+from remdr.server.strategy import RemdrStrategy, RoundAborted, build_strategy
 
+from remdr.federation.app_bundle import bundle_pyproject
 from remdr.federation.run_config import split_run_config
-from remdr.federation.screening import FAULTS, corrupt_update, fault_for_round, update_problem
+from remdr.federation.screening import update_problem
 
 
 def _state(seed: int = 0) -> dict[str, torch.Tensor]:
@@ -50,6 +57,36 @@ def test_a_normal_update_passes_also_after_fedavg_made_counters_float():
     assert update_problem(_np(moved), aggregated, max_norm=1.0) is None
     text = {**_np(moved), "w": np.array([["x"] * 3] * 4)}
     assert "wrong dtype" in update_problem(text, _np(ref), max_norm=1.0)
+
+
+def test_only_the_drill_app_sends_a_drilled_sites_bad_update(tiny_data, monkeypatch):
+    """With REMDR_FAULT_UPDATE set, the production ClientApp still sends a good update; the
+    drill ClientApp sends the bad one the coordinator must refuse."""
+    from remdr.client import fault_drill
+    from remdr.client.app import app as production
+    from test_client_app import RUN_CONFIG, MessageType, _context, _initial, _message
+
+    monkeypatch.setenv(fault_drill.FAULT_ENV, "nan")
+    initial = _np(_initial(RUN_CONFIG))
+    for app, problem in ((production, None), (fault_drill.app, "non-finite")):
+        msg = _message(MessageType.TRAIN, _initial(RUN_CONFIG), {"server-round": 1})
+        reply = app(msg, _context(tiny_data, RUN_CONFIG))
+        update = _np(reply.content["arrays"].to_torch_state_dict())
+        reason = update_problem(update, initial, max_norm=0.0)
+        assert reason is None if problem is None else problem in reason
+
+
+def test_a_drill_bundle_names_the_drill_client_app_and_a_study_never_does():
+    from remdr.client import fault_drill
+
+    def clientapp(**kw) -> str:
+        return tomllib.loads(bundle_pyproject(**kw))["tool"]["flwr"]["app"]["components"][
+            "clientapp"
+        ]
+
+    assert clientapp() == "remdr.client.app:app"
+    module, attr = clientapp(fault_drill=True).split(":")
+    assert getattr(importlib.import_module(module), attr) is fault_drill.app
 
 
 def test_fault_schedule_cycles_by_round():
@@ -149,3 +186,80 @@ def test_site_level_dp_noise_follows_the_real_cohort():
 def test_update_norm_is_of_the_change_not_the_weights():
     ref = {"w": np.full((10,), 100.0, dtype=np.float32)}
     assert update_problem({"w": ref["w"] + 0.1}, ref, max_norm=1.0) is None
+
+
+def _request(node: int) -> Message:
+    meta = FlwrMetadata(
+        run_id=1,
+        message_id="",
+        src_node_id=0,
+        dst_node_id=node,
+        reply_to_message_id="",
+        group_id="2",
+        created_at=time.time(),
+        ttl=60.0,
+        message_type="train",
+    )
+    return Message(content=RecordDict({"config": ConfigRecord({"x": 1})}), metadata=meta)
+
+
+class _Federation:
+    """A SuperLink's view: node 2 is unavailable to the first message sent to it; `listed` are
+    the node ids `get_node_ids()` returns, one entry per call (the last one repeats)."""
+
+    def __init__(self, listed: list[list[int]]) -> None:
+        self.listed, self.sent = listed, []
+
+    def get_node_ids(self):
+        return self.listed.pop(0) if len(self.listed) > 1 else self.listed[0]
+
+    def send_and_receive(self, messages, *, timeout=None):
+        messages = list(messages)
+        self.sent.append([m.metadata.dst_node_id for m in messages])
+        replies = []
+        for m in messages:
+            m.metadata.__dict__["_message_id"] = m.object_id  # as Flower's push_messages does
+            if m.metadata.dst_node_id == 2 and len(self.sent) == 1:
+                replies.append(
+                    Message(Error(code=NODE_UNAVAILABLE, reason="no heartbeat"), reply_to=m)
+                )
+            else:
+                replies.append(Message(RecordDict(), reply_to=m))
+        return replies
+
+
+@pytest.fixture()
+def _in_a_run(monkeypatch):
+    """What Flower's ServerApp runtime sets before `main` runs: new messages need a run id."""
+    for attr, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
+        monkeypatch.setattr(TaskIdentity, attr, value)
+
+
+def test_a_reconnecting_site_is_sent_its_message_again(_in_a_run):
+    """Right after the ServerApp starts (a SuperLink restart) node 2 is unavailable and not
+    listed: it is still reconnecting, so the grid waits until Flower lists it again and resends."""
+    link = _Federation(listed=[[1], [1], [1, 2]])
+    grid = RetryingGrid(link, reconnect_window=30.0, poll=0.01)
+    replies = grid.send_and_receive([_request(1), _request(2)], timeout=60)
+    assert link.sent == [[1, 2], [2]]
+    assert [r.has_error() for r in replies] == [False, False]
+    assert sorted(grid.dst_of_message[r.metadata.reply_to_message_id] for r in replies) == [1, 2]
+
+
+def test_a_site_that_left_is_reported_at_once(_in_a_run):
+    """Later in the run, an unavailable node Flower no longer lists has left: no resend, no wait."""
+    link = _Federation(listed=[[1]])
+    grid = RetryingGrid(link, reconnect_window=0.0, poll=10.0)
+    start = time.monotonic()
+    replies = grid.send_and_receive([_request(1), _request(2)], timeout=300)
+    assert time.monotonic() - start < 1.0 and link.sent == [[1, 2]]
+    errors = [r for r in replies if r.has_error()]
+    assert [grid.dst_of_message[e.metadata.reply_to_message_id] for e in errors] == [2]
+    assert errors[0].error.code == NODE_UNAVAILABLE
+
+
+def test_a_site_that_does_not_come_back_within_the_window_is_reported(_in_a_run):
+    link = _Federation(listed=[[1]])
+    grid = RetryingGrid(link, reconnect_window=0.2, poll=0.01)
+    replies = grid.send_and_receive([_request(2)], timeout=300)
+    assert link.sent == [[2]] and replies[0].error.code == NODE_UNAVAILABLE

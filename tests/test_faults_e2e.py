@@ -6,12 +6,13 @@ import json
 
 import pytest
 import torch
+from e2e_helpers import wait_for
+from remdr.client.fault_drill import FAULT_ENV
 
 from remdr.federation.run_directory import RunDirectory
-from remdr.federation.screening import FAULT_ENV
-from remdr.ops.loopback import Loopback, make_sites, wait_for, write_experiment
+from remdr.ops.loopback import Loopback, make_sites, write_experiment
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 
 def test_a_hostile_round_a_bad_update_and_a_site_that_dies(tmp_path):
@@ -25,16 +26,16 @@ def test_a_hostile_round_a_bad_update_and_a_site_that_dies(tmp_path):
     out = tmp_path / "coord-run"
     experiment = write_experiment(
         tmp_path / "exp.toml",
-        **{"out-dir": str(out), "min-nodes": 4, "round-timeout": 300.0, "node-wait": 10.0},
+        **{"out-dir": str(out), "min-nodes": 4, "round-timeout": 180.0, "node-wait": 10.0},
     )
     try:
         fed.start_superlink()
         for name, data in sites.items():
             fed.start_site(name, data, env={FAULT_ENV: "nan,norm"} if name == "M" else None)
-        run = fed.run(experiment, background=True)
-        wait_for(lambda: RunDirectory(out).last_round() >= 1, 600, "round 1 checkpoint")
+        run = fed.run(experiment, background=True, fault_drill=True)
+        wait_for(lambda: RunDirectory(out).last_round() >= 1, 300, "round 1 checkpoint")
         fed.kill_site("C")
-        wait_for(lambda: run.poll() is not None, 900, "the run to finish")
+        wait_for(lambda: run.poll() is not None, 400, "the run to finish")
         assert run.returncode == 0, fed.log("run.log")
         report = json.loads((out / "report.json").read_text())
         assert report["status"] == "completed"

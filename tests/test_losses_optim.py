@@ -108,6 +108,43 @@ def test_gradient_reaches_both_encoders(tiny_cfg, tiny_data):
         assert grads and sum(grads) > 0
 
 
+def test_sam_second_pass_runs_at_theta_plus_rho_g_over_norm_g():
+    """L = 0.5 * ||theta||^2 at theta = (3, 4): g = (3, 4), ||g|| = 5, so with rho = 0.5 the
+    second pass runs at (3.3, 4.4) and sees the gradient (3.3, 4.4); theta then comes back."""
+    a, b = torch.nn.Parameter(torch.tensor([3.0])), torch.nn.Parameter(torch.tensor([4.0]))
+    (0.5 * (a**2 + b**2)).sum().backward()
+    with sam_perturbation([a, b], rho=0.5):
+        assert (a.item(), b.item()) == pytest.approx((3.3, 4.4))
+        a.grad = b.grad = None
+        (0.5 * (a**2 + b**2)).sum().backward()
+    assert (a.grad.item(), b.grad.item()) == pytest.approx((3.3, 4.4))
+    assert (a.item(), b.item()) == (3.0, 4.0)
+    # DP-SAT's given direction u = (0, -2): theta + 0.5 * u / ||u|| = (3, 3.5)
+    with sam_perturbation([a, b], rho=0.5, direction=[torch.zeros(1), torch.tensor([-2.0])]):
+        assert (a.item(), b.item()) == pytest.approx((3.0, 3.5))
+
+
+def test_sam_step_descends_with_the_gradient_taken_at_the_ascent_point(tiny_cfg, tiny_data):
+    """The `sam` method's whole step with SGD(lr=1) equals theta - g(theta + rho g/||g||)."""
+    cfg = apply_overrides(tiny_cfg, {"dropout": 0.0, "sam-rho": 0.5})
+    _, method, model, batch = _setup(cfg, tiny_data, "sam")
+    expected_model = copy.deepcopy(model)
+    params = [p for p in expected_model.parameters() if p.requires_grad]
+    method.loss(expected_model, batch)[0].backward()
+    g = [p.grad.clone() for p in params]
+    norm = torch.sqrt(sum((x**2).sum() for x in g))
+    with torch.no_grad():
+        for p, x in zip(params, g, strict=True):
+            p.add_(0.5 * x / norm)  # the ascent point, by hand
+    expected_model.zero_grad()
+    method.loss(expected_model, batch)[0].backward()
+    expected = [p.detach() - p.grad - 0.5 * x / norm for p, x in zip(params, g, strict=True)]
+    method.step(model, torch.optim.SGD(model.parameters(), lr=1.0), batch, epoch=0)
+    got = [p.detach() for p in model.parameters() if p.requires_grad]
+    for e, p in zip(expected, got, strict=True):
+        torch.testing.assert_close(p, e, rtol=1e-4, atol=1e-5)
+
+
 def test_sam_restores_parameters_exactly(tiny_cfg, tiny_data):
     _, method, model, batch = _setup(tiny_cfg, tiny_data, "sam")
     method.loss(model, batch)[0].backward()

@@ -52,10 +52,10 @@ def test_step_is_finite_and_every_parameter_gets_a_gradient(name, tiny_cfg, tiny
     if method.spec.private:  # DP methods step only as Opacus' clipped, noised step
         from opacus.optimizers import DPOptimizer
 
-        from remdr.privacy import _wrap, choose_grad_sample_mode
+        from remdr.privacy.gradcheck import choose_grad_sample_mode, wrap_model
 
         mode = choose_grad_sample_mode(model, lambda m, b: method.loss(m, b)[0], batch)
-        step_model = _wrap(model, mode)
+        step_model = wrap_model(model, mode)
         opt = DPOptimizer(opt, noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=8)
     parts = method.step(step_model, opt, batch, epoch=0)
     assert np.isfinite(parts["loss"])
@@ -86,7 +86,14 @@ def test_each_method_trains_one_epoch(name, tiny_cfg, tiny_data):
     method.setup(ds.targets())
     model = build_model(cfg, method)
     result = fit(
-        model, method, ds, cfg.train, torch.device("cpu"), val_ds=ds, epochs=1, progress=False
+        model,
+        method,
+        ds,
+        cfg=cfg.train,
+        device=torch.device("cpu"),
+        val_ds=ds,
+        epochs=1,
+        progress=False,
     )
     if method.spec.private:  # Poisson batches over patients: ceil(patients / batch) steps
         patients = len({r.patient_id for r in ds.records})
@@ -99,14 +106,30 @@ def test_each_method_trains_one_epoch(name, tiny_cfg, tiny_data):
     assert np.isfinite(result.history[0]["train_loss"]) and np.isfinite(result.best_val_mse)
 
 
-def test_default_hyperparameters_follow_the_design():
-    c = MethodConfig()
-    assert (c.con_delta, c.con_tau, c.con_mu, c.con_gamma, c.con_span, c.lambda_con) == (
-        1.0,
-        0.1,
-        0.5,
-        0.5,
-        10.0,
-        0.1,
-    )
-    assert (c.sam_rho, c.mod_alpha, c.lambda_uni) == (0.05, 0.5, 0.5)
+@pytest.mark.parametrize(
+    "name, contrastive, passes, modulated",
+    [
+        ("remdr", True, 2, True),
+        ("remdr_no_con", False, 2, True),
+        ("remdr_no_sagm", True, 1, False),
+        ("sam", False, 2, False),
+        ("concat", False, 1, False),
+    ],
+)
+def test_default_config_runs_the_parts_each_method_names(
+    name, contrastive, passes, modulated, tiny_cfg, tiny_data
+):
+    """At the default settings Re-M3Dr runs every part of the design (contrastive terms, a SAM
+    second pass, modulation from epoch 0) and each ablation drops exactly its own part."""
+    seed_everything(0, torch.device("cpu"))
+    method = create_method(name, MethodConfig())
+    batch = _batch(tiny_cfg, tiny_data)
+    method.setup(batch["md"].numpy())
+    model = build_model(tiny_cfg, method).train()
+    forwards = []
+    model.register_forward_hook(lambda *_: forwards.append(1))
+    parts = method.step(model, torch.optim.SGD(model.parameters(), lr=1e-3), batch, epoch=0)
+    assert len(forwards) == passes
+    assert {"con_oct", "con_fundus"} <= parts.keys() if contrastive else "con_oct" not in parts
+    modulates = method.spec.update in ("modulate", "sagm") and method.modulation_active(0)
+    assert modulates is modulated

@@ -11,22 +11,21 @@ from conftest import TINY
 from opacus.accountants import RDPAccountant
 from torch import nn
 
-from remdr.config import ExperimentConfig, apply_overrides
+from remdr.config import ExperimentConfig, PrivacyConfig, apply_overrides
 from remdr.errors import PrivacyError
 from remdr.experiment import load_splits
 from remdr.methods import build_model, create_method
 from remdr.privacy import (
-    CHECK_TOLERANCE,
     PrivacyLedger,
-    _unwrap,
-    _wrap,
     choose_grad_sample_mode,
     epsilon_of,
     make_dp_ready,
     per_sample_gradient_error,
+    plan,
     privacy_report,
     probe_batch,
 )
+from remdr.privacy.gradcheck import CHECK_TOLERANCE, unwrap_model, wrap_model
 from remdr.train import fit
 
 DP = {**TINY, "method": "remdr_dp", "oct-view": "rnflt", "dropout": 0.0}
@@ -61,7 +60,7 @@ def test_per_sample_gradients_of_the_dp_model_pass_the_check(encoder, view):
     cfg = _cfg(**{"oct-encoder": encoder, "fundus-encoder": encoder, "oct-view": view})
     _, model, loss = _model_and_loss(cfg)
     mode = choose_grad_sample_mode(model, loss, _probe(cfg))
-    assert per_sample_gradient_error(model, loss, _probe(cfg), mode) <= CHECK_TOLERANCE
+    assert per_sample_gradient_error(model, loss, _probe(cfg), mode=mode) <= CHECK_TOLERANCE
     assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
     assert not any(getattr(m, "inplace", False) is True for m in model.modules())
 
@@ -73,9 +72,9 @@ def test_the_check_catches_wrong_per_sample_gradients():
     for m in model.modules():
         if isinstance(m, nn.Conv2d):
             m._forward_pre_hooks.clear()
-    assert per_sample_gradient_error(model, loss, _probe(cfg), "hooks") > 10 * CHECK_TOLERANCE
+    assert per_sample_gradient_error(model, loss, _probe(cfg), mode="hooks") > 10 * CHECK_TOLERANCE
     with pytest.raises(PrivacyError, match="per-sample gradients"):
-        choose_grad_sample_mode(model, loss, _probe(cfg), "hooks")
+        choose_grad_sample_mode(model, loss, _probe(cfg), requested="hooks")
 
 
 def test_fused_batchnorm_act_becomes_groupnorm():
@@ -94,12 +93,12 @@ def _per_row_grads(model, loss, batch) -> torch.Tensor:
     for m in model.modules():
         if isinstance(m, nn.Dropout):
             m.eval()
-    wrapped = _wrap(model, "ew")
+    wrapped = wrap_model(model, "ew")
     loss(wrapped, batch).backward()
     rows = torch.cat(
         [p.grad_sample.flatten(1) for p in model.parameters() if p.grad_sample is not None], 1
     )
-    _unwrap(wrapped, model)
+    unwrap_model(wrapped, model)
     return rows.detach().clone()
 
 
@@ -219,12 +218,43 @@ def test_a_private_method_never_steps_without_dp():
         m.step(model, torch.optim.SGD(model.parameters(), lr=0.1), batch, 0)
 
 
-def test_epsilon_of_composes_like_opacus():
-    assert epsilon_of([], 1e-5) == 0.0
-    assert epsilon_of([(1.0, 0.1, 0)], 1e-5) == 0.0
-    two = epsilon_of([(1.0, 0.1, 10), (1.0, 0.1, 10)], 1e-5)
-    assert two == pytest.approx(epsilon_of([(1.0, 0.1, 20)], 1e-5))
-    assert np.isinf(epsilon_of([(0.0, 0.1, 1)], 1e-5))
+def test_the_budget_composes_every_release_in_the_ledger_and_plan_stops_at_the_ceiling(tmp_path):
+    """Releases of different (sigma, q, steps), aborted ones included, compose into the ledger's
+    epsilon exactly as an independent replay of those steps; `plan` adds its planned steps to
+    that history and declines just above the ceiling, accepting just below it."""
+    delta, ledger = 1e-5, PrivacyLedger(tmp_path / "ledger.jsonl")
+    assert ledger.epsilon(delta) == 0.0  # no file yet: nothing spent
+    releases = [
+        ("completed", 1.1, 0.05, 40),
+        ("aborted", 0.8, 0.1, 7),  # failed part-way: its steps were still released
+        ("aborted", 0.9, 0.2, 0),  # failed before its first step: nothing released
+        ("completed", 1.3, 0.1, 60),
+    ]
+    for status, sigma, q, steps in releases:
+        ledger.append(
+            {"status": status, "noise_multiplier": sigma, "sample_rate": q, "steps": steps}
+        )
+    entries = ledger.entries()
+    spent = _independent_epsilon(entries, delta)
+    assert ledger.epsilon(delta) == pytest.approx(spent, rel=1e-9)
+    for i, e in enumerate(entries):  # the check can fail: every release with steps counts
+        if e["steps"]:
+            assert _independent_epsilon(entries[:i] + entries[i + 1 :], delta) < 0.99 * spent
+
+    # 40 patients in batches of 8: 5 steps per epoch at q = 1/5, for 2 epochs
+    shape = dict(patients=40, batch_size=8, epochs=2)
+    planned = {"noise_multiplier": 1.5, "sample_rate": 0.2, "steps": 10}
+    after = _independent_epsilon([*entries, planned], delta)
+    assert _independent_epsilon([planned], delta) < 0.99 * spent  # alone it would pass: history
+    fits = PrivacyConfig(dp_noise=1.5, dp_delta=delta, dp_epsilon_max=after * 1.001)
+    p = plan(fits, ledger.history(), **shape)
+    assert (p.noise_multiplier, p.sample_rate, p.steps) == (1.5, 0.2, 10)
+    assert p.epsilon_before == pytest.approx(spent, rel=1e-9)
+    assert p.epsilon_after == pytest.approx(after, rel=1e-9)
+    too_tight = PrivacyConfig(dp_noise=1.5, dp_delta=delta, dp_epsilon_max=after * 0.999)
+    with pytest.raises(PrivacyError, match="declined"):
+        plan(too_tight, ledger.history(), **shape)
+    assert epsilon_of([(0.0, 0.1, 1)], delta) == float("inf")  # no noise: no guarantee
 
 
 def test_remdr_dp_without_the_contrastive_term_has_no_unused_layers(tiny_data):

@@ -18,7 +18,7 @@ from remdr.ops.loopback import Loopback, make_sites, write_experiment
 from remdr.ops.pki import make_deployment
 from remdr.ops.processes import free_port, wait_healthy
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 TEMPLATE = Path(__file__).parents[1] / "deploy" / "nginx" / "remdr-fleet.conf.template"
 NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
 

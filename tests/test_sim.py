@@ -101,6 +101,7 @@ def _flower_leftovers(markers: list[str]) -> list[str]:
 
 
 @pytest.mark.e2e
+@pytest.mark.slow
 def test_short_simulation_completes_and_leaves_nothing_running(sim_data, tmp_path, capsys):
     out = tmp_path / "run"
     args = [
@@ -133,6 +134,7 @@ def _simulation_processes() -> list[str]:
 
 
 @pytest.mark.e2e
+@pytest.mark.slow
 def test_ctrl_c_leaves_nothing_running(sim_data, tmp_path):
     import signal
     import subprocess
@@ -147,23 +149,29 @@ def test_ctrl_c_leaves_nothing_running(sim_data, tmp_path):
     ]  # fmt: skip
     # A shell's background job (nohup, `&` in CI scripts) starts with SIGINT ignored, and Python
     # keeps an ignored SIGINT: give the child the default a user at a terminal has.
-    proc = subprocess.Popen(
-        cmd,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-    )
+    log = tmp_path / "sim.log"
+    with open(log, "w") as fh:
+        proc = subprocess.Popen(
+            cmd,
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        )
     try:
+        # poll the log file, never block on the child's output: the deadline always holds
         deadline = time.monotonic() + 300
-        for line in proc.stdout:  # wait until training is under way
-            if "round 1/20" in line or time.monotonic() > deadline:
-                break
+        while "round 1/20" not in log.read_text(errors="replace"):
+            assert proc.poll() is None, f"remdr-sim exited early:\n{log.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, (
+                f"training never started:\n{log.read_text()[-3000:]}"
+            )
+            time.sleep(0.5)
         proc.send_signal(signal.SIGINT)
         assert proc.wait(60) == 130
     finally:
         if proc.poll() is None:
             proc.kill()
+            proc.wait(10)
     deadline = time.monotonic() + 30
     while len(_simulation_processes()) > len(before) and time.monotonic() < deadline:
         time.sleep(1)
@@ -171,6 +179,7 @@ def test_ctrl_c_leaves_nothing_running(sim_data, tmp_path):
 
 
 @pytest.mark.e2e
+@pytest.mark.slow
 def test_private_simulation_reports_epsilon_per_site_and_sites_decline_past_the_ceiling(
     sim_data, tmp_path
 ):

@@ -45,33 +45,3 @@ def update_problem(
     if max_norm > 0 and norm > max_norm:
         return f"update norm {norm:.3g} exceeds the limit {max_norm:g} (max-update-norm)"
     return None
-
-
-FAULT_ENV = "REMDR_FAULT_UPDATE"  # fault drills: a site sends this kind of bad update on purpose
-FAULTS = ("nan", "inf", "shape", "keys", "norm")
-
-
-def corrupt_update(state: dict, kind: str) -> dict:
-    """A deliberately malformed copy of a site's weights, for fault drills (`deploy/chaos`, the
-    fault tests): set `REMDR_FAULT_UPDATE=nan,keys` on a SuperNode and round r sends kind r."""
-    if kind not in FAULTS:
-        raise ValueError(f"unknown fault {kind!r}; one of {', '.join(FAULTS)}")
-    out = {k: v.clone() for k, v in state.items()}
-    key = next(k for k, v in out.items() if v.is_floating_point() and v.numel() > 1)
-    if kind in ("nan", "inf"):
-        out[key].view(-1)[0] = float(kind)
-    elif kind == "shape":
-        out[key] = out[key].flatten()[:-1]
-    elif kind == "keys":
-        out[key + "_renamed"] = out.pop(key)
-    else:
-        for k, v in out.items():
-            if v.is_floating_point():
-                out[k] = v * 1e6
-    return out
-
-
-def fault_for_round(spec: str, server_round: int) -> str | None:
-    """The fault a drill asks for in this round (comma list, cycled); None without a drill."""
-    kinds = [k.strip() for k in spec.split(",") if k.strip()]
-    return kinds[(server_round - 1) % len(kinds)] if kinds else None

@@ -35,12 +35,6 @@ class SiteData:
     train: EyeDataset
     val: EyeDataset
 
-    def histogram(self) -> dict[str, int]:
-        from remdr.metrics import severity_bins
-
-        bins = severity_bins(np.array([r.md for r in self.dataset.records]))
-        return {name: int((bins == i).sum()) for i, name in enumerate(BINS)}
-
 
 def load_site(data_path: str | Path, cfg: ExperimentConfig, seed: int = 0) -> SiteData:
     """The site's records split by patient into local train and validation sets."""

@@ -6,6 +6,7 @@ No Flower imports: the wrappers exec Flower's public commands (`flower-superlink
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import ssl
@@ -126,17 +127,6 @@ def _children() -> dict[int, list[int]]:
     return tree
 
 
-def _ancestors_and_self() -> set[int]:
-    out, pid = set(), os.getpid()
-    while pid > 1 and pid not in out:
-        out.add(pid)
-        try:
-            pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-        except OSError:
-            break
-    return out
-
-
 def with_descendants(pids: list[int]) -> list[int]:
     tree, out, todo = _children(), [], list(pids)
     while todo:
@@ -169,23 +159,15 @@ def kill_matching(
         if p != os.getpid()
     ]
     for pid in pids:
-        with _ignore_missing():
+        with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + sig_timeout
     while alive(pids) and time.monotonic() < deadline:
         time.sleep(0.2)
     for pid in alive(pids):
-        with _ignore_missing():
+        with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(pid, signal.SIGKILL)
     return len(pids)
-
-
-class _ignore_missing:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, kind, value, tb) -> bool:
-        return kind is not None and issubclass(kind, ProcessLookupError | PermissionError)
 
 
 class ProcessGroup:
@@ -211,12 +193,12 @@ class ProcessGroup:
         import signal
 
         if proc.poll() is None:
-            with _ignore_missing():
+            with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(proc.pid, signal.SIGTERM)
             try:
                 proc.wait(timeout)
             except self._subprocess.TimeoutExpired:
-                with _ignore_missing():
+                with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(timeout)
         proc._remdr_log.close()

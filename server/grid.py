@@ -1,0 +1,102 @@
+"""Flower's Grid, with a second chance for a site that is reconnecting and none for one that left.
+
+What Flower 1.42 reports (`flwr/common/constant.py`, `flwr/supercore/heartbeat.py`,
+`flwr/server/superlink/linkstate/`): a SuperNode heartbeats every 17.5-22.5 s and is online until
+2 x 30 s after its last heartbeat. The SuperLink answers a message whose node is past that with a
+NODE_UNAVAILABLE error, and `get_node_ids()` lists online nodes only, so at that moment a dead
+site and one still reconnecting look alike. What tells them apart is time: a live SuperNode whose
+heartbeat failed retries at least every 20 s (backoff cap; 5 s call timeout), so it is online
+again within about 25 s of the SuperLink being reachable - and the SuperLink has been reachable
+since it started this ServerApp.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+
+from flwr.app import Message
+from flwr.serverapp import Grid
+
+log = logging.getLogger("flwr")  # Flower's handlers stream this to `remdr-server run`
+
+NODE_UNAVAILABLE = 5  # flwr ErrorCode.NODE_UNAVAILABLE: no heartbeat from the node lately
+RECONNECT_WINDOW = 30.0  # s after the ServerApp starts in which a missing node may be reconnecting
+POLL = 2.0  # s between looks at `get_node_ids()` while a node may still come back
+
+
+class RetryingGrid:
+    """Flower's Grid, but a message whose node is unavailable is sent again if the node is back.
+
+    Within `reconnect_window` seconds of the ServerApp's start (a SuperLink restart: its
+    SuperNodes are reconnecting) an unavailable node is waited for until it is listed by
+    `get_node_ids()` again, then re-sent its message; after the window, or once the round's
+    timeout is spent, a node that is not listed has left and its error reply stands at once.
+    """
+
+    def __init__(
+        self, grid: Grid, *, reconnect_window: float = RECONNECT_WINDOW, poll: float = POLL
+    ) -> None:
+        self._grid = grid
+        self._reconnect_until = time.monotonic() + reconnect_window
+        self._poll = poll
+        self.dst_of_message: dict[str, int] = {}  # SuperLink errors name the request, not a node
+
+    def __getattr__(self, name: str):
+        return getattr(self._grid, name)
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> list[Message]:
+        deadline = time.monotonic() + (timeout if timeout is not None else 3600.0)
+        pending = list(messages)
+        final: list[Message] = []
+        while pending:
+            left = max(1.0, deadline - time.monotonic())
+            replies = list(self._grid.send_and_receive(pending, timeout=left))
+            sent = {m.metadata.message_id: m for m in pending}
+            self.dst_of_message.update({mid: m.metadata.dst_node_id for mid, m in sent.items()})
+            unavailable: dict[int, tuple[Message, Message]] = {}
+            for reply in replies:
+                request = sent.get(reply.metadata.reply_to_message_id)
+                if (
+                    request is not None
+                    and reply.has_error()
+                    and reply.error.code == NODE_UNAVAILABLE
+                ):
+                    unavailable[request.metadata.dst_node_id] = (request, reply)
+                else:
+                    final.append(reply)
+            back = self._listed_again(set(unavailable), deadline)
+            final += [reply for node, (_, reply) in unavailable.items() if node not in back]
+            pending = [
+                _resend(request) for node, (request, _) in unavailable.items() if node in back
+            ]
+            if pending:
+                log.info("%d site(s) reconnected, sending their messages again", len(pending))
+        return final
+
+    def _listed_again(self, nodes: set[int], deadline: float) -> set[int]:
+        """The `nodes` Flower lists as online again, waited for only while they may still be
+        reconnecting; none if the round has no time left for a second try."""
+        listed: set[int] = set()
+        wait_until = min(self._reconnect_until, deadline - self._poll)
+        while nodes:
+            listed = nodes & set(self._grid.get_node_ids())
+            if listed == nodes or time.monotonic() >= wait_until:
+                break
+            time.sleep(self._poll)
+        return listed if time.monotonic() + self._poll < deadline else set()
+
+
+def _resend(request: Message) -> Message:
+    """A fresh copy of `request` (a message id is the hash of its content and metadata)."""
+    meta = request.metadata
+    return Message(
+        content=request.content,
+        dst_node_id=meta.dst_node_id,
+        message_type=meta.message_type,
+        ttl=meta.ttl,
+        group_id=meta.group_id,
+    )

@@ -1,0 +1,124 @@
+"""The layers of ARCHITECTURE.md and the one-way imports between them, read from the source."""
+
+from __future__ import annotations
+
+import ast
+import pkgutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import remdr
+
+ROOT = Path(__file__).resolve().parents[1]
+# where each installed package lives in the repository (pyproject's package-dir)
+PACKAGE_DIRS = {
+    "remdr": "remdr",
+    "remdr.server": "server",
+    "remdr.client": "client",
+    "remdr.sim": "sim",
+}
+APPS = ("remdr.server", "remdr.client", "remdr.sim")
+# layer -> the layers it may import (itself included); anything else is a wrong-way arrow
+ALLOWED = {
+    "foundation": {"foundation"},
+    "privacy": {"foundation", "privacy"},
+    "core": {"foundation", "privacy", "core"},
+    "federation": {"foundation", "privacy", "core", "federation"},
+    "ops": {"foundation", "core", "ops"},
+    **{app: {"foundation", "privacy", "core", "federation", "ops", app} for app in APPS},
+}
+FOUNDATION = {"remdr", "remdr.config", "remdr.errors"}
+
+
+def layer_of(module: str) -> str:
+    if module in FOUNDATION:
+        return "foundation"
+    for app in APPS:
+        if module == app or module.startswith(app + "."):
+            return app
+    for sub in ("privacy", "federation", "ops"):
+        if module == f"remdr.{sub}" or module.startswith(f"remdr.{sub}."):
+            return sub
+    return "core"
+
+
+def source_modules() -> dict[str, Path]:
+    out = {}
+    for package, folder in PACKAGE_DIRS.items():
+        for path in (ROOT / folder).rglob("*.py"):
+            rel = path.relative_to(ROOT / folder).with_suffix("")
+            parts = [p for p in rel.parts if p != "__init__"]
+            name = ".".join([package, *parts])
+            if package == "remdr" and parts and parts[0] in ("server", "client", "sim"):
+                continue
+            out[name] = path
+    return out
+
+
+def imports_of(path: Path) -> set[str]:
+    """Every module an import statement names, lazy imports inside functions included."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module)
+            found |= {f"{node.module}.{a.name}" for a in node.names}
+    return found
+
+
+def _remdr_module(name: str, known: dict[str, Path]) -> str | None:
+    """The project module an import refers to (`from remdr.x import f` names remdr.x)."""
+    while name and name not in known:
+        name = name.rpartition(".")[0]
+    return name or None
+
+
+def test_imports_point_one_way_between_layers():
+    modules = source_modules()
+    assert {"remdr.train", "remdr.privacy", "remdr.federation.site_round", "remdr.ops.loopback",
+            "remdr.server.app", "remdr.client.app", "remdr.sim.cli"} <= modules.keys()  # fmt: skip
+    wrong = []
+    for name, path in sorted(modules.items()):
+        src = layer_of(name)
+        for imported in imports_of(path):
+            root = imported.split(".")[0]
+            if root in ("flwr", "flwr_datasets") and src not in APPS:
+                wrong.append(f"{name} ({src}) imports {imported}: only the apps use Flower")
+            if root != "remdr":
+                continue
+            target = _remdr_module(imported, modules)
+            if target and layer_of(target) not in ALLOWED[src]:
+                wrong.append(f"{name} ({src}) imports {target} ({layer_of(target)})")
+    assert wrong == [], "\n".join(wrong)
+
+
+@pytest.mark.parametrize(
+    "module, layer",
+    [("remdr.privacy.ledger", "privacy"), ("remdr.train", "core"),
+     ("remdr.federation.site_round", "federation"), ("remdr.ops.pki", "ops"),
+     ("remdr.server.app", "remdr.server"), ("remdr.config", "foundation")],
+)  # fmt: skip
+def test_layer_map(module, layer):
+    assert layer_of(module) == layer
+
+
+def test_core_never_imports_flower_at_run_time():
+    """DESIGN §2, also through third-party imports: importing every module outside the apps
+    leaves Flower unloaded."""
+    outside_apps = [
+        m.name
+        for m in pkgutil.walk_packages(remdr.__path__, "remdr.")
+        if m.name.split(".")[1] not in ("server", "client", "sim")
+    ]
+    code = (
+        "import importlib, sys\n"
+        + "".join(f"importlib.import_module({n!r})\n" for n in outside_apps)
+        + "print(any(k == 'flwr' or k.startswith('flwr.') for k in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "False"
