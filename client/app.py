@@ -4,8 +4,11 @@ Node config (set by `remdr-client` or the simulator): `data-path` (the site's da
 `site-id`, and the site's privacy policy: `ledger` (its append-only privacy ledger),
 `epsilon-max` (its ceiling; the coordinator can only lower it) and `require-dp` (refuse methods
 that do not train under DP-SGD). The coordinator's run config can never move the ledger or raise
-the ceiling. Cross-round state lives in `context.state`: the method's EMA modality scores and,
-with FedBN, the site's own normalisation layers. Replies carry weights and aggregate metrics.
+the ceiling. Cross-round state (the method's EMA modality scores and, with FedBN, the site's own
+normalisation layers) lives on the site's disk beside its ledger, per coordinator run
+(`remdr.federation.site_state`), so it survives a coordinator restart, which starts a new Flower
+run with an empty `context.state`; a site without a ledger keeps it in `context.state` only.
+Replies carry weights and aggregate metrics.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from remdr import __version__
 from remdr.errors import PrivacyError, RemdrError
 from remdr.federation.run_config import split_run_config, versions_compatible
 from remdr.federation.site_round import evaluate_global, load_site, train_round
+from remdr.federation.site_state import SiteState
 from remdr.methods import get_spec
 
 log = logging.getLogger(__name__)
@@ -71,12 +75,30 @@ def _setup(msg: Message, context: Context):
     return cfg, fed, site
 
 
-def _site_privacy(cfg, fed, context: Context):
-    """The site's own privacy policy overrides the run config: its ledger, its ceiling."""
+def _ledger(context: Context, fed) -> str:
+    """The site's privacy ledger: its node config's, or the simulator's per virtual node."""
     node = context.node_config
     ledger = str(node.get("ledger", ""))
     if not ledger and fed.sim_data_root and "partition-id" in node:
         ledger = str(Path(fed.sim_data_root) / "ledgers" / f"site-{node['partition-id']}.jsonl")
+    return ledger
+
+
+def _site_state(msg: Message, context: Context, fed) -> SiteState | None:
+    """The site's cross-round state for this coordinator run, beside its ledger; keyed by the
+    run key the coordinator sends (else its run directory's name), not by Flower's run id."""
+    ledger = _ledger(context, fed)
+    if not ledger:
+        return None
+    config = msg.content["config"] if "config" in msg.content else ConfigRecord()
+    key = str(config.get("remdr-run", "")) or Path(fed.out_dir).name
+    return SiteState(Path(ledger).parent / f"{Path(ledger).stem}-site-state", key)
+
+
+def _site_privacy(cfg, fed, context: Context):
+    """The site's own privacy policy overrides the run config: its ledger, its ceiling."""
+    node = context.node_config
+    ledger = _ledger(context, fed)
     ceiling = min(
         float(node.get("epsilon-max", cfg.privacy.dp_epsilon_max)), cfg.privacy.dp_epsilon_max
     )
@@ -104,9 +126,13 @@ def train(msg: Message, context: Context) -> Message:
         return setup
     cfg, fed, site = setup
     state = context.state
-    method_state = json.loads(state["method"]["json"]) if "method" in state else None
-    local = state["fedbn"].to_torch_state_dict() if "fedbn" in state else None
     server_round = int(msg.content["config"].get("server-round", 1))
+    store = _site_state(msg, context, fed)
+    if store is not None:
+        method_state, local = store.load(before=server_round)
+    else:
+        method_state = json.loads(state["method"]["json"]) if "method" in state else None
+        local = state["fedbn"].to_torch_state_dict() if "fedbn" in state else None
     try:
         result = train_round(
             cfg,
@@ -118,12 +144,14 @@ def train(msg: Message, context: Context) -> Message:
             local_state=local,
             ledger_label={"run": str(context.run_id), "site": _site_id(context)},
         )
-    except PrivacyError as err:
+    except RemdrError as err:  # declined by privacy, or a training failure: one line, no traceback
         log.warning("site %s: %s", _site_id(context), err)
         return _site_error(msg, context, err)
     state["method"] = ConfigRecord({"json": json.dumps(result.method_state)})
     if result.local_state:
         state["fedbn"] = ArrayRecord(result.local_state)
+    if store is not None:
+        store.save(server_round, result.method_state, result.local_state)
     content = RecordDict(
         {
             "arrays": ArrayRecord(result.state),
@@ -140,12 +168,19 @@ def evaluate(msg: Message, context: Context) -> Message:
     if isinstance(setup, Message):
         return setup
     cfg, fed, site = setup
-    local = (
-        context.state["fedbn"].to_torch_state_dict()
-        if fed.fedbn and "fedbn" in context.state
-        else None
-    )
-    metrics = evaluate_global(cfg, msg.content["arrays"].to_torch_state_dict(), site, local)
+    store = _site_state(msg, context, fed)
+    if not fed.fedbn:
+        local = None
+    elif store is not None:  # the layers this site's latest training left, this round included
+        server_round = int(msg.content["config"].get("server-round", 1))
+        local = store.load(before=server_round + 1)[1]
+    else:
+        local = context.state["fedbn"].to_torch_state_dict() if "fedbn" in context.state else None
+    try:
+        metrics = evaluate_global(cfg, msg.content["arrays"].to_torch_state_dict(), site, local)
+    except RemdrError as err:
+        log.warning("site %s: %s", _site_id(context), err)
+        return _site_error(msg, context, err)
     metrics["num-examples"] = metrics["num-val"]
     metrics["unit-weight"] = 1.0
     content = RecordDict({"metrics": MetricRecord(metrics), "site": _site_record(context)})

@@ -34,6 +34,10 @@ class PrivacyError(RemdrError):
     """A privacy setting is unsafe or a privacy budget would be exceeded."""
 
 
+class TrainingError(RemdrError):
+    """Training or evaluation failed part-way (e.g. a site's round); the cause in one line."""
+
+
 @dataclass
 class Problems:
     """Collects every problem found by a validator so the user sees them all at once."""

@@ -23,6 +23,10 @@ learnable MD-bin prototypes (`prototype_margin_loss`), SAM becomes DP-SAT (ascen
 previous step's *noised* gradient, Park et al. ICML 2023), and the modulation coefficients come
 from the previous noised gradients' per-branch energy (noise variance subtracted) instead of the
 batch's unimodal losses; scaling a noised gradient is post-processing, so it costs no privacy.
+A private method computes no statistic of the private labels outside DP-SGD: it fits no LDS
+label density (none of them uses one) and its state holds only what it read from noised
+gradients, so nothing it saves or sends is outside the guarantee. Its random draws come from OS
+entropy (`remdr.privacy`), never from the run seed.
 """
 
 from __future__ import annotations
@@ -75,6 +79,11 @@ _REGISTRY: dict[str, MethodSpec] = {}
 def register_method(spec: MethodSpec) -> MethodSpec:
     if spec.update not in UPDATES:
         raise ValueError(f"unknown update rule {spec.update!r}")
+    if spec.private and (spec.contrastive or spec.update in ("sam", "sagm", "modulate")):
+        raise ValueError(  # these couple rows or read private labels outside DP-SGD
+            f"private method {spec.name!r} may not use in-batch SupCon (with its label density), "
+            "SAM or loss-based modulation: use prototypes and dpsat"
+        )
     _REGISTRY[spec.name] = spec
     return spec
 
@@ -127,7 +136,15 @@ class Method:
         return self.spec.name
 
     def setup(self, train_targets: np.ndarray, seed: int = 0) -> None:
-        """Fit what depends on the training labels (the LDS density), once per training set."""
+        """Fit what depends on the training labels (the LDS density), once per training set.
+
+        A private method fits nothing from the labels (a histogram of private labels would
+        leave the guarantee) and seeds its noise from OS entropy instead of `seed`."""
+        if self.spec.private:
+            from remdr.privacy import entropy_seed
+
+            self._noise_gen.manual_seed(entropy_seed())
+            return
         if len(train_targets):
             self.density = LabelDensity.fit(
                 np.asarray(train_targets, dtype=np.float64), self.cfg.lds_sigma
@@ -256,7 +273,8 @@ class Method:
         DP-SAT: the forward/backward runs at theta + rho u/||u|| where u is the previous step's
         noised gradient (already released), so the ascent costs no privacy. Modulation scales
         the noised gradient by coefficients from earlier noised gradients. FedProx's proximal
-        term depends on no data and is added after the noise.
+        term depends on no data and is added after the noise; its gradient is taken before the
+        noised step, so a failure there releases nothing.
         """
         if not hasattr(optimizer, "pre_step"):
             raise PrivacyError(
@@ -276,6 +294,9 @@ class Method:
                 with autocast():
                     loss, parts = self.loss(model, batch)
                 loss.backward()
+        prox = None
+        if regulariser is not None:  # data-independent: at theta, before anything is released
+            prox = torch.autograd.grad(regulariser(model), params, allow_unused=True)
         try:
             stepped = optimizer.pre_step()  # clip per patient, add noise, count the step
         except ValueError as err:  # Opacus: a trainable parameter got no per-sample gradient
@@ -299,9 +320,8 @@ class Method:
                 for m, k in self.last_k.items():
                     if k < 1.0:
                         scale_gradients(unwrapped(model).encoder_parameters(m), k)
-        if regulariser is not None:
-            grads = torch.autograd.grad(regulariser(model), params, allow_unused=True)
-            for p, g in zip(params, grads, strict=True):
+        if prox is not None:
+            for p, g in zip(params, prox, strict=True):
                 if g is not None:
                     p.grad.add_(g)
         optimizer.original_optimizer.step()
@@ -311,19 +331,22 @@ class Method:
 
     # -- state -------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {
-            "name": self.name,
-            "density": self.density.values.tolist(),
-            "scores": self.scores.state_dict(),
-        }
+        """What is saved with a run and kept between rounds. A private method's holds no label
+        density; its scores (DP-SAT) are read from noised gradients only."""
+        state: dict = {"name": self.name}
+        if not self.spec.private:
+            state["density"] = self.density.values.tolist()
+        state["scores"] = self.scores.state_dict()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("name") != self.name:
             raise ValueError(f"state is for method {state.get('name')!r}, not {self.name!r}")
-        values = np.asarray(state["density"], dtype=np.float64)
-        if values.shape != self.density.values.shape:
-            raise ValueError("label density has the wrong number of bins")
-        self.density = LabelDensity(values=values)
+        if "density" in state and not self.spec.private:
+            values = np.asarray(state["density"], dtype=np.float64)
+            if values.shape != self.density.values.shape:
+                raise ValueError("label density has the wrong number of bins")
+            self.density = LabelDensity(values=values)
         self.scores.load_state_dict(state["scores"])
 
 

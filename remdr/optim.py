@@ -129,14 +129,26 @@ def branch_signal(params: list[nn.Parameter], noise_std: float) -> float:
     return math.sqrt(max(signal, 1e-3 * noise_std**2 + 1e-12))
 
 
-def proximal_term(anchor: dict[str, torch.Tensor], mu: float):
-    """FedProx: (mu / 2) * ||theta - theta_global||^2 over the trainable parameters."""
+def proximal_term(model: nn.Module, anchor: dict[str, torch.Tensor], mu: float):
+    """FedProx: (mu / 2) * ||theta - theta_global||^2 over `model`'s trainable parameters.
 
-    def term(model: nn.Module) -> torch.Tensor:
-        total = torch.zeros((), device=next(iter(anchor.values())).device)
-        for name, p in model.named_parameters():
-            if p.requires_grad and name in anchor:
-                total = total + (p - anchor[name]).pow(2).sum()
+    `anchor` is keyed by `model`'s parameter names; the pairs are matched once, here, and then
+    held by identity, so the term is the same whatever wraps `model` when it is evaluated (Opacus'
+    GradSampleModule prefixes every name with `_module.`). The returned `term(wrapper)` ignores
+    its argument. An anchor that matches no trainable parameter is an error, not a zero term.
+    """
+    pairs = [
+        (p, anchor[name])
+        for name, p in model.named_parameters()
+        if p.requires_grad and name in anchor
+    ]
+    if not pairs:
+        raise ValueError("the FedProx anchor matches none of the model's trainable parameters")
+
+    def term(_model: nn.Module | None = None) -> torch.Tensor:
+        total = torch.zeros((), device=pairs[0][0].device)
+        for p, a in pairs:
+            total = total + (p - a).pow(2).sum()
         return 0.5 * mu * total
 
     return term

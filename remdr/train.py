@@ -7,6 +7,7 @@ import logging
 import math
 import sys
 import time
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -129,13 +130,20 @@ def fit(
     A private method trains under DP-SGD with `privacy` (one Poisson-sampled row per patient)
     and keeps the last weights: picking an epoch on private validation data is not covered by
     the guarantee. `planned_rounds` sizes sigma when a target epsilon is set; the ledger entry
-    (labelled with `ledger_label`) is written even if training fails part-way.
+    (labelled with `ledger_label`) is written even if training fails part-way. Its randomness
+    (sampling, noise, augmentation, dropout) comes from OS entropy, not `cfg.seed`: two private
+    trainings never repeat each other, while plain training is reproducible from `cfg.seed`.
     """
     epochs = epochs or cfg.epochs
     optimizer = make_optimizer(model, cfg)
     session = None
+    aug_gen = torch.Generator().manual_seed(cfg.seed + 1)
+    rng_scope: AbstractContextManager = nullcontext()
     if method.spec.private:
-        from remdr.privacy import open_private  # lazily: plain training never loads DP code
+        # lazily: plain training never loads DP code
+        from remdr.privacy import open_private, private_generator, private_global_rng
+
+        aug_gen, rng_scope = private_generator(), private_global_rng(device)
 
         session = open_private(
             model,
@@ -162,11 +170,12 @@ def fit(
         )
         train_model = model
     try:
-        result = _train_epochs(
-            model, train_model, method, loader, optimizer, val_ds, cfg, device,
-            epochs=epochs, augment=augment, keep_best=keep_best, progress=progress, desc=desc,
-            proximal=proximal,
-        )  # fmt: skip
+        with rng_scope:
+            result = _train_epochs(
+                model, train_model, method, loader, optimizer, val_ds, cfg, device,
+                epochs=epochs, augment=augment, keep_best=keep_best, progress=progress,
+                desc=desc, proximal=proximal, aug_gen=aug_gen,
+            )  # fmt: skip
     except BaseException:
         if session is not None:
             session.close("aborted", model)
@@ -192,6 +201,7 @@ def _train_epochs(
     progress: bool,
     desc: str,
     proximal: tuple[float, dict[str, torch.Tensor]] | None,
+    aug_gen: torch.Generator,
 ) -> FitResult:
     val_loader = (
         make_loader(
@@ -206,8 +216,7 @@ def _train_epochs(
         else None
     )
     autocast = autocast_for(device)
-    aug_gen = torch.Generator().manual_seed(cfg.seed + 1)
-    regulariser = proximal_term(proximal[1], proximal[0]) if proximal else None
+    regulariser = proximal_term(model, proximal[1], proximal[0]) if proximal else None
     total = epochs * len(loader)
     result, best_state = FitResult(), None
     start, step = time.perf_counter(), 0

@@ -3,6 +3,12 @@
 All ML lives in `remdr`; the strategy (`remdr.server.strategy`) maps the run config onto a Flower
 strategy, and this module runs it over a `RetryingGrid`, recording what each round did in the
 coordinator's run directory (`out-dir`).
+
+Resume: a restarted coordinator continues after the last complete round with that round's
+weights and the strategy's state saved with it (FedAdam moments, the adaptive clipping norm). It
+refuses a changed training config (`resume_changes`). Sites key their cross-round state by the
+run's `run-key`, sent with every message, so their FedBN layers and EMA scores continue too.
+Site-level DP releases are journalled when made, so each counts once, checkpointed or not.
 """
 
 from __future__ import annotations
@@ -10,14 +16,16 @@ from __future__ import annotations
 import logging
 import time
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 from remdr.server.grid import RetryingGrid
-from remdr.server.strategy import RoundAborted, build_strategy, site_level_privacy
+from remdr.server.strategy import RemdrStrategy, RoundAborted, build_strategy, site_level_privacy
 
 from remdr import __version__
-from remdr.federation.run_config import split_run_config
+from remdr.errors import ConfigError
+from remdr.federation.run_config import RESUMABLE, FedConfig, resume_changes, split_run_config
 from remdr.federation.run_directory import RunDirectory, privacy_summary
 from remdr.methods import build_model, create_method
 from remdr.runtime import seed_everything
@@ -31,22 +39,53 @@ def initial_state(context: Context):
     seed_everything(cfg.train.seed, torch.device("cpu"))
     method = create_method(cfg.train.method, cfg.method)
     model = build_model(cfg, method)
+    # the initial model is seeded; the coordinator's later draws (Flower's site-level DP noise
+    # and noisy clipped count use NumPy's global generator) must not be replayable from the seed
+    np.random.seed()
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def resume_point(run: RunDirectory, run_config: dict) -> int:
+    """The last complete round of `run` (0 for a new run), after checking that `run_config`
+    may continue it: a changed training key is refused in one line that names it."""
+    done = run.last_round()
+    if done:
+        changes = resume_changes(run.records()[-1].get("config", {}), run_config, done)
+        if changes:
+            raise ConfigError(
+                f"cannot resume {run.dir} after round {done}: the training config changed "
+                f"({'; '.join(changes)})",
+                "",
+                "restore those values or use a new out-dir; a resume may change only "
+                f"num-server-rounds (not below {done}), {', '.join(RESUMABLE)}",
+            )
+    return done
+
+
+def resumed_strategy(fed: FedConfig, run: RunDirectory, done: int) -> RemdrStrategy:
+    """The strategy, continuing after round `done` with the state saved with it, journalling
+    every site-level DP release in the run directory."""
+    strategy = build_strategy(fed)
+    strategy.round_offset = done
+    if done:
+        strategy.load_state_dict(*run.load_strategy_state(done))
+    strategy.on_release = run.record_release
+    return strategy
 
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     cfg, fed = split_run_config(dict(context.run_config))
     run = RunDirectory(fed.out_dir)
-    done = run.last_round()
+    done = resume_point(run, dict(context.run_config))
     if done:
         state = run.load_weights(done)
         log.info("resuming from %s after round %d of %d", run.dir, done, fed.num_server_rounds)
     else:
         state = initial_state(context)
-    strategy = build_strategy(fed)
-    strategy.round_offset = done
+    strategy = resumed_strategy(fed, run, done)
     strategy.grid = RetryingGrid(grid)
+    to_sites = ConfigRecord({"remdr-version": __version__, "remdr-run": run.run_key()})
     start = time.time()
 
     def checkpoint(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
@@ -55,10 +94,11 @@ def main(grid: Grid, context: Context) -> None:
         record = dict(strategy.current)
         record["seconds"] = time.time() - record.pop("started", start)
         record["config"] = dict(context.run_config)
-        if fed.site_dp != "off":
-            releases = sum(1 for r in run.records() if r.get("aggregated"))
-            record["site_dp"] = site_level_privacy(fed, releases + bool(record.get("aggregated")))
-        run.save_round(server_round + done, arrays.to_torch_state_dict(), record)
+        if fed.site_dp != "off":  # the cumulative guarantee of every release made so far
+            record["site_dp"] = site_level_privacy(fed, run.releases())
+        run.save_round(
+            server_round + done, arrays.to_torch_state_dict(), record, strategy.state_dict()
+        )
         per_site = ", ".join(
             f"{site} {m['eval-val-mse']:.2f}"
             for site, m in sorted(record.get("sites", {}).items())
@@ -83,15 +123,15 @@ def main(grid: Grid, context: Context) -> None:
                 initial_arrays=ArrayRecord(state),
                 num_rounds=remaining,
                 timeout=fed.round_timeout,
-                train_config=ConfigRecord({"remdr-version": __version__}),
-                evaluate_config=ConfigRecord({"remdr-version": __version__}),
+                train_config=to_sites,
+                evaluate_config=ConfigRecord(dict(to_sites)),
                 evaluate_fn=checkpoint,
             )
     except RoundAborted as err:
         status, reason = "aborted", str(err)
         log.error("federation aborted: %s", err)
     records = run.records()
-    site_dp = site_level_privacy(fed, sum(1 for r in records if r.get("aggregated")))
+    site_dp = site_level_privacy(fed, run.releases())
     report = run.write_report(
         {
             "status": status,

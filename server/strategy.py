@@ -4,7 +4,12 @@
 aggregator with a fixed cohort, maybe inside Flower's site-level DP wrapper, and wraps it in
 `RemdrStrategy`, which records what every site did each round, refuses malformed updates before
 anything aggregates them and applies the missing-site policy. `site_level_privacy` accounts the
-DP wrapper's guarantee.
+DP wrapper's guarantee from the releases actually made.
+
+Site-level DP releases the sum of the clipped updates actually aggregated divided by the round's
+fixed cohort size m (the sites asked), plus Gaussian noise of std z*C/m: adding or removing one
+site's update moves the release by at most C/m whether other sites replied or were refused, so
+the multiplier z holds. A missing or refused site counts as a zero update.
 """
 
 from __future__ import annotations
@@ -12,10 +17,10 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import numpy as np
-from flwr.app import Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import (
     DifferentialPrivacyServerSideAdaptiveClipping,
     DifferentialPrivacyServerSideFixedClipping,
@@ -36,15 +41,24 @@ from remdr.privacy import epsilon_of
 log = logging.getLogger("flwr")  # Flower's handlers stream this to `remdr-server run`
 
 
+# Per-site only, never averaged: a site's privacy spend (`dp-*`: one site's epsilon averaged with
+# another's is no guarantee of anyone; each site's value stays in the round record and in
+# report.privacy) and its own test split (`test-*`: reported per site, so nothing selects on it).
+PER_SITE_ONLY = ("dp-", "test-", "num-test")
+
+
 def aggregate_metrics(records: list[RecordDict], weight_key: str) -> MetricRecord:
-    """Weighted mean of every metric, ignoring NaN (a site without severe eyes has no severe MAE)."""
+    """Weighted mean of every metric, ignoring NaN (a site without severe eyes has no severe MAE)
+    and the per-site-only keys (`PER_SITE_ONLY`)."""
     totals: dict[str, float] = {}
     weights: dict[str, float] = {}
     for rec in records:
         metrics = next(iter(rec.metric_records.values()))
         w = float(metrics[weight_key])
         for k, v in metrics.items():
-            if k == weight_key or isinstance(v, list) or not math.isfinite(float(v)):
+            if k == weight_key or k.startswith(PER_SITE_ONLY):
+                continue
+            if isinstance(v, list) or not math.isfinite(float(v)):
                 continue
             totals[k] = totals.get(k, 0.0) + w * float(v)
             weights[k] = weights.get(k, 0.0) + w
@@ -73,9 +87,36 @@ class RemdrStrategy(Strategy):
         self.current: dict = {}
         self._sampled: dict[str, list[int]] = {}
         self._global: dict[str, np.ndarray] = {}
+        # called with each site-level DP release the moment it is made, before the model
+        # leaves the coordinator (the ServerApp journals it): a crash cannot lose a release
+        self.on_release: Callable[[dict], None] | None = None
 
     def summary(self) -> None:  # noqa: D102
         self.inner.summary()
+
+    # -- state a resumed coordinator needs ---------------------------------------------------
+
+    def state_dict(self) -> tuple[dict[str, np.ndarray], dict]:
+        """(arrays, scalars) that continue this strategy exactly after a restart: a server
+        optimiser's moments (FedAdam's m_t, v_t) and the adaptive clipping norm."""
+        base = getattr(self.inner, "strategy", self.inner)
+        arrays: dict[str, np.ndarray] = {}
+        for name in ("m_t", "v_t"):
+            for k, v in (getattr(base, name, None) or {}).items():
+                arrays[f"{name}/{k}"] = np.asarray(v)
+        scalars = {}
+        if isinstance(self.inner, DifferentialPrivacyServerSideAdaptiveClipping):
+            scalars["clipping_norm"] = float(self.inner.clipping_norm)
+        return arrays, scalars
+
+    def load_state_dict(self, arrays: dict[str, np.ndarray], scalars: dict) -> None:
+        base = getattr(self.inner, "strategy", self.inner)
+        for name in ("m_t", "v_t"):
+            part = {k[len(name) + 1 :]: v for k, v in arrays.items() if k.startswith(f"{name}/")}
+            if part:
+                setattr(base, name, part)
+        if "clipping_norm" in scalars:
+            self.inner.clipping_norm = float(scalars["clipping_norm"])
 
     def _node(self, msg: Message) -> int:
         """The site a reply is about; an error made by the SuperLink names the request's node."""
@@ -158,7 +199,7 @@ class RemdrStrategy(Strategy):
                         ", ".join(gone) or "them")  # fmt: skip
         base = getattr(self.inner, "strategy", self.inner)  # under a DP wrapper
         base.min_train_nodes = base.min_evaluate_nodes = base.min_available_nodes = have
-        if hasattr(self.inner, "num_sampled_clients"):  # DP noise zC/m must use the real m
+        if hasattr(self.inner, "num_sampled_clients"):  # the cohort m; see `_release`
             self.inner.num_sampled_clients = have
 
     def configure_train(self, server_round, arrays, config, grid):  # noqa: D102
@@ -177,10 +218,47 @@ class RemdrStrategy(Strategy):
             log.warning("round %s: no usable update; the global model is kept", server_round)
             self.current["train"] = {}
             return None, None
+        private = isinstance(self.inner, DP_WRAPPERS)
+        if private:  # the wrapper's noise z*C/k on the mean of the k updates it gets
+            self.inner.num_sampled_clients = len(good)
+            clip = float(self.inner.clipping_norm)
         arrays, metrics = self.inner.aggregate_train(server_round + self.round_offset, good)
         self.current["train"] = dict(metrics) if metrics is not None else {}
         self.current["aggregated"] = sorted(self._site(m) for m in good)
+        if private and arrays is not None:
+            arrays = self._release(arrays, len(good), clip)
         return arrays, metrics
+
+    def _release(self, arrays, k: int, clip: float):
+        """Rescale the wrapper's g + mean_k + N(0, (zC/k)^2) to g + sum_k/m + N(0, (zC/m)^2),
+        with m the round's cohort (the sites asked): the release has sensitivity C/m and
+        multiplier z however many replied or passed screening. Record and journal it."""
+        m = max(len(self._sampled.get("train", [])), k)
+        if k < m:
+            scaled = {}
+            for key, array in arrays.items():
+                a, g = array.numpy(), self._global[key].astype(np.float64)
+                scaled[key] = Array((g + (a.astype(np.float64) - g) * (k / m)).astype(a.dtype))
+            arrays = ArrayRecord(scaled)
+            log.warning(
+                "round %s: site-level DP over %d of %d sites; missing or refused sites count "
+                "as zero updates (the release is the sum over m=%d)", self.current["round"], k, m, m,
+            )  # fmt: skip
+        z = float(self.inner.noise_multiplier)
+        release = {
+            "round": self.current.get("round"),
+            "cohort": m,
+            "aggregated": k,
+            "noise_multiplier": z,
+            "clip": clip,
+            "noise_std": z * clip / m,
+        }
+        if isinstance(self.inner, DifferentialPrivacyServerSideAdaptiveClipping):
+            release["count_noise"] = float(self.inner.clipped_count_stddev)
+        self.current["site_dp_release"] = release
+        if self.on_release is not None:
+            self.on_release(release)
+        return arrays
 
     def configure_evaluate(self, server_round, arrays, config, grid):  # noqa: D102
         self._cohort(grid)  # a site may have gone since training started
@@ -198,6 +276,33 @@ class RemdrStrategy(Strategy):
         self.current["evaluate"] = dict(metrics) if metrics is not None else {}
         return metrics
 
+
+class ServerSideAdaptiveClipping(DifferentialPrivacyServerSideAdaptiveClipping):
+    """Flower's server-side adaptive clipping, noised with the norm the updates were clipped to.
+
+    Flower 1.42 moves the clipping norm (`_geometric_update`) before it adds the noise, so a
+    shrinking norm under-noises the release (std z*C_next/m for updates clipped to C). Here the
+    next norm takes effect only after the release."""
+
+    _next_norm: float | None = None
+
+    def _geometric_update(self, clipped_fraction: float) -> None:
+        used = self.clipping_norm
+        super()._geometric_update(clipped_fraction)
+        self._next_norm, self.clipping_norm = self.clipping_norm, used
+
+    def aggregate_train(self, server_round, replies):  # noqa: D102
+        self._next_norm = None
+        out = super().aggregate_train(server_round, replies)
+        if self._next_norm is not None:
+            self.clipping_norm = self._next_norm
+        return out
+
+
+DP_WRAPPERS = (
+    DifferentialPrivacyServerSideFixedClipping,
+    DifferentialPrivacyServerSideAdaptiveClipping,
+)
 
 BASES = {
     "fedavg": FedAvg,
@@ -241,26 +346,35 @@ def build_strategy(fed: FedConfig) -> RemdrStrategy:
             inner, fed.site_dp_noise, fed.site_dp_clip, fed.min_nodes
         )
     elif fed.site_dp == "adaptive":
-        inner = DifferentialPrivacyServerSideAdaptiveClipping(
+        inner = ServerSideAdaptiveClipping(
             inner, fed.site_dp_noise, fed.min_nodes, initial_clipping_norm=fed.site_dp_clip
         )
     return RemdrStrategy(inner, fed)
 
 
-def site_level_privacy(fed: FedConfig, releases: int) -> dict | None:
-    """(epsilon, delta) of the site-level guarantee after `releases` noised aggregates.
+def site_level_privacy(fed: FedConfig, releases: list[dict]) -> dict | None:
+    """(epsilon, delta) of the site-level guarantee after the noised aggregates in `releases`
+    (the journal: one entry per release made, as `RemdrStrategy` recorded it).
 
     Every site joins every round (q = 1, no amplification): each release is a Gaussian
-    mechanism with multiplier z on the mean of clipped updates, composed with Opacus' RDP.
+    mechanism with multiplier z on the sum of clipped updates over the fixed cohort m (std
+    z*C/m on the released mean), composed with Opacus' RDP. Adaptive clipping also releases a
+    noisy count of clipped updates (sensitivity 1, std `count_noise`), accounted as a second
+    Gaussian mechanism per release.
     """
     if fed.site_dp == "off":
         return None
+    history = [(float(r["noise_multiplier"]), 1.0, 1) for r in releases]
+    history += [(float(r["count_noise"]), 1.0, 1) for r in releases if "count_noise" in r]
     return {
         "granularity": "site-level: add or remove one site's whole update in a round",
-        "mechanism": f"Flower server-side {fed.site_dp} clipping, noise z*C/m on the mean",
+        "mechanism": (
+            f"Flower server-side {fed.site_dp} clipping; the sum of the clipped updates over the "
+            "round's cohort m (a missing or refused site counts as zero), noise z*C/m on the mean"
+        ),
         "noise_multiplier": fed.site_dp_noise,
-        "clip": fed.site_dp_clip,
-        "releases": releases,
+        "clip": fed.site_dp_clip if fed.site_dp == "fixed" else f"adaptive from {fed.site_dp_clip}",
+        "releases": len(releases),
         "delta": fed.site_dp_delta,
-        "epsilon": epsilon_of([(fed.site_dp_noise, 1.0, releases)], fed.site_dp_delta),
+        "epsilon": epsilon_of(history, fed.site_dp_delta),
     }

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import shutil
 import sys
 import time
@@ -23,6 +24,18 @@ from remdr.data import SyntheticSpec, synthetic_data
 
 # Defaults that finish on a 2-core CPU in a few minutes and still show learning.
 SIM_DEFAULTS = {"method": "concat", "batch-size": 32, "lr": 1e-3}
+
+# The DP recipe of the README (Privacy, "Measured utility and cost"): DP-SGD learns only with
+# large batches (q ~ 0.5), more passes over the data and a constant learning rate; at the
+# defaults above a private method predicts the mean. A private method gets it for every key the
+# user does not set; batch-size is half the smallest site's training patients (q = 0.5 there).
+DP_RECIPE = {
+    "batch-size": "half the smallest site's training patients",
+    "local-epochs": 4,
+    "lr": 3e-3,
+    "schedule": "constant",
+    "dp-target-epsilon": 8.0,  # sigma solved so the planned rounds end there (not if dp-noise is set)
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,7 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="patients kept apart as the global test set",
     )
     ap.add_argument("--rounds", type=int, default=8)
-    ap.add_argument("--local-epochs", type=int, default=1)
+    ap.add_argument(
+        "--local-epochs", type=int, default=None, help="default 1; 4 with a private method"
+    )
     ap.add_argument(
         "--strategy",
         default="fedavg",
@@ -116,6 +131,42 @@ def _train_central(
     return {"test": outcome.test_metrics, "wall_seconds": outcome.fit.seconds}
 
 
+def explicit_keys(args: argparse.Namespace) -> set[str]:
+    """The config and federation keys the user set on the command line."""
+    from remdr.cli.common import COMMON_FLAGS
+
+    keys = {k for k in COMMON_FLAGS if getattr(args, k.replace("-", "_"), None) is not None}
+    keys |= {item.split("=", 1)[0].strip().replace("_", "-") for item in [*args.set, *args.fed]}
+    if args.local_epochs is not None:
+        keys.add("local-epochs")
+    return keys
+
+
+def resolve_config(args: argparse.Namespace) -> tuple[ExperimentConfig, int, dict]:
+    """(core config, local epochs, the DP recipe keys used): a private method gets the
+    README's DP recipe for every recipe key the user did not set."""
+    from remdr.methods import get_spec
+
+    cfg = config_from_args(args, apply_overrides(ExperimentConfig(), SIM_DEFAULTS))
+    recipe: dict = {}
+    if get_spec(cfg.train.method).private:
+        explicit = explicit_keys(args)
+        if "dp-noise" in explicit:  # the user chose sigma: no target to solve it for
+            explicit.add("dp-target-epsilon")
+        recipe = {k: v for k, v in DP_RECIPE.items() if k not in explicit}
+        core = {k: v for k, v in recipe.items() if k not in ("batch-size", "local-epochs")}
+        cfg = config_from_args(args, apply_overrides(ExperimentConfig(), {**SIM_DEFAULTS, **core}))
+    epochs = args.local_epochs if args.local_epochs is not None else recipe.get("local-epochs", 1)
+    return cfg, epochs, recipe
+
+
+def dp_batch_size(site_patients: list[int], val_fraction: float) -> int:
+    """Half the smallest site's training patients: Poisson rate q = 1/ceil(patients/batch) is
+    0.5 at that site and at most 0.5 at the others."""
+    train = max(2, round(min(site_patients) * (1 - val_fraction)))
+    return math.ceil(train / 2)
+
+
 def _fed_overrides(items: list[str]) -> dict[str, str]:
     from remdr.errors import ConfigError
     from remdr.federation.run_config import fed_keys
@@ -161,7 +212,15 @@ def simulate(args: argparse.Namespace) -> int:
     from remdr.ops.processes import free_port
 
     t0 = time.perf_counter()
-    cfg = config_from_args(args, apply_overrides(ExperimentConfig(), SIM_DEFAULTS))
+    cfg, local_epochs, recipe = resolve_config(args)
+    if recipe:
+        print(
+            f"{cfg.train.method} is a private method: using the DP recipe (README, Privacy) for "
+            "the keys not set on the command line: "
+            + ", ".join(f"{k} {v}" for k, v in recipe.items())
+            + "; without it DP-SGD learns nothing at these sizes",
+            flush=True,
+        )
     out = Path(args.out).resolve()
     if out.exists():
         shutil.rmtree(out)
@@ -180,11 +239,16 @@ def simulate(args: argparse.Namespace) -> int:
     print(
         f"partition ({args.partition}, alpha={args.alpha}, seed {spec.seed}); eyes per severity bin:\n{part.table()}"
     )
+    if "batch-size" in recipe:
+        patients = [len({r.patient_id for r in recs}) for recs in part.sites.values()]
+        batch = dp_batch_size(patients, cfg.data.val_fraction)
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, batch_size=batch))
+        print(f"DP recipe: batch-size {batch} (site patients {sorted(patients)})")
 
     run_config = {
         **flat_values(cfg),
         "num-server-rounds": args.rounds,
-        "local-epochs": args.local_epochs,
+        "local-epochs": local_epochs,
         "strategy": args.strategy,
         "fedbn": args.fedbn,
         "min-nodes": len(part.sites),
@@ -194,7 +258,7 @@ def simulate(args: argparse.Namespace) -> int:
     run_config.update(_fed_overrides(args.fed))
     split_run_config(run_config)  # fail early on a bad combination
     print(
-        f"federated: {len(part.sites)} sites x {args.rounds} rounds x {args.local_epochs} local epoch(s), {cfg.train.method}, {args.strategy}"
+        f"federated: {len(part.sites)} sites x {args.rounds} rounds x {local_epochs} local epoch(s), {cfg.train.method}, {args.strategy}"
     )
     t_fed = time.perf_counter()
     log_path = out / "flower.log"
@@ -224,7 +288,7 @@ def simulate(args: argparse.Namespace) -> int:
     fed_metrics, fed_preds = _test_metrics(model, test_ds, cfg)
     results = {"federated": {"test": fed_metrics, "wall_seconds": fed_seconds}}
 
-    epochs = args.rounds * args.local_epochs
+    epochs = args.rounds * local_epochs
     sites = {name: load_site(part.site_dir(name), cfg, seed=cfg.train.seed) for name in part.sites}
     if args.compare_centralized:
         union_train = EyeDataset([r for s in sites.values() for r in s.train.records], cfg.data)

@@ -65,6 +65,7 @@ def test_resume_after_the_coordinator_is_killed(tmp_path, sites):
         done_before = RunDirectory(out).last_round()
         assert 1 <= done_before < 3
         before = {p.name: p.read_bytes() for p in out.glob("round-*")}
+        run_key = (out / "run-key").read_text()
         log_offset = len(fed.log("run.log", tail=10**9))
         fed.start_superlink()  # restart: same state folder, same run directory
         assert fed.run(experiment) == 0, fed.log("run.log")
@@ -77,6 +78,14 @@ def test_resume_after_the_coordinator_is_killed(tmp_path, sites):
         assert ran == list(range(done_before + 1, 4)), resumed_log
         assert {p.name: p.read_bytes() for p in out.glob("round-*") if p.name in before} == before
         assert len(report["rounds"]) == 3
+        # the same run for the sites: their cross-round state, beside their ledgers, continued
+        assert (out / "run-key").read_text() == run_key
+        for name in sites:
+            state = tmp_path / f"ledger-{name}-site-state" / run_key
+            assert sorted(p.name for p in state.glob("round-*")) == [
+                "round-000002.safetensors",
+                "round-000003.safetensors",
+            ]
     finally:
         fed.stop()
     assert fed.leftovers() == []

@@ -58,7 +58,9 @@ def test_training_is_deterministic_on_cpu(tiny_data, tiny_cfg):
 
 def test_dp_training_still_learns_at_epsilon_8(learn_data, tmp_path):
     """remdr_dp at (8, 1e-5)-DP per patient, with the recipe DP needs: large batches (q ~ 0.5),
-    many epochs, a constant learning rate. Measured when written: 0.4-0.5 x the variance."""
+    many epochs, a constant learning rate. Its sampling and noise come from OS entropy, so each
+    run differs: over 10 runs, 0.45-0.74 x the variance and Pearson 0.67-0.80 (not learning
+    would be 1 x the variance)."""
     cfg = apply_overrides(
         ExperimentConfig(),
         {
@@ -71,5 +73,5 @@ def test_dp_training_still_learns_at_epsilon_8(learn_data, tmp_path):
     out = train_and_test(cfg, load_splits(learn_data, cfg), progress=False)
     m = out.test_metrics
     assert out.fit.privacy["epsilon_cumulative"] == pytest.approx(8.0, abs=0.05)
-    assert m["mse"] <= 0.7 * m["md_var"], f"test MSE {m['mse']:.2f} vs variance {m['md_var']:.2f}"
-    assert m["pearson"] > 0.6
+    assert m["mse"] <= 0.85 * m["md_var"], f"test MSE {m['mse']:.2f} vs variance {m['md_var']:.2f}"
+    assert m["pearson"] > 0.55

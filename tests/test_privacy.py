@@ -261,3 +261,159 @@ def test_remdr_dp_without_the_contrastive_term_has_no_unused_layers(tiny_data):
     cfg = _cfg(**{"lambda-con": 0.0})
     _, result = _train(load_splits(tiny_data, cfg), cfg)
     assert result.privacy["steps"] > 0 and np.isfinite(result.history[-1]["train_loss"])
+
+
+# -- issue 13: guarantees that hold against the coordinator ---------------------------------
+
+
+def _site_round(tiny_data, cfg: ExperimentConfig, *, rounds: int = 1, **fed_settings):
+    """`rounds` rounds of `train_round` at one site from the same global model; their results."""
+    from remdr.federation.run_config import FedConfig
+    from remdr.federation.site_round import load_site, train_round
+
+    fed = FedConfig(num_server_rounds=rounds, **fed_settings)
+    site = load_site(tiny_data, cfg, seed=cfg.train.seed)
+    torch.manual_seed(0)
+    state = build_model(cfg).state_dict()
+    results = []
+    for r in range(1, rounds + 1):
+        results.append(train_round(cfg, fed, state, site, server_round=r))
+        state = results[-1].state
+    return results
+
+
+def _same_weights(a: dict, b: dict) -> bool:
+    return all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_private_randomness_is_not_the_run_seed(tiny_data, tmp_path):
+    """Two private trainings with the same seed and config end with different weights (the
+    coordinator's seed fixes neither the sampling nor the noise); the ledger says so."""
+    from remdr.experiment import train_and_test
+
+    ledger = tmp_path / "ledger.jsonl"
+    cfg = _cfg(**{"method": "concat_dp", "dp-ledger": str(ledger), "seed": 7})
+    runs = [train_and_test(cfg, load_splits(tiny_data, cfg), progress=False) for _ in range(2)]
+    assert not _same_weights(runs[0].model.state_dict(), runs[1].model.state_dict())
+    for entry in PrivacyLedger(ledger).entries():
+        assert entry["randomness"] == "os-entropy"
+        assert {"poisson-sampling", "gaussian-noise"} <= set(entry["randomness_covers"])
+    assert "os-entropy" in privacy_report(ledger)
+
+
+def test_two_sites_in_one_round_draw_different_noise(tiny_data):
+    """Same round, same run seed, same data and global model: two sites still differ."""
+    cfg = _cfg(**{"method": "concat_dp", "dp-epsilon-max": 1e6})
+    first, second = (_site_round(tiny_data, cfg)[0] for _ in range(2))
+    assert not _same_weights(first.state, second.state)
+
+
+@pytest.mark.parametrize("name", ["concat_dp", "remdr_dp"])
+def test_fedprox_with_a_private_method_completes_every_round(tiny_data, tmp_path, name):
+    """The proximal anchor matches the Opacus-wrapped parameters: two rounds, two completed
+    releases in the ledger, the site's epsilon equal to an independent replay."""
+    ledger = tmp_path / "ledger.jsonl"
+    cfg = _cfg(**{"method": name, "dp-ledger": str(ledger)})
+    results = _site_round(tiny_data, cfg, rounds=2, strategy="fedprox", proximal_mu=0.1)
+    entries = PrivacyLedger(ledger).entries()
+    assert [e["status"] for e in entries] == ["completed", "completed"]
+    assert [e["round"] for e in entries] == [1, 2]
+    assert all(np.isfinite(r.metrics["train-loss"]) for r in results)
+    assert results[-1].metrics["dp-epsilon"] == pytest.approx(
+        _independent_epsilon(entries, cfg.privacy.dp_delta), rel=1e-9
+    )
+
+
+def test_proximal_term_matches_parameters_of_a_wrapped_model():
+    from remdr.optim import proximal_term
+
+    cfg = _cfg(**{"method": "concat_dp"})
+    _, model, _ = _model_and_loss(cfg, "concat_dp")
+    anchor = {k: v.detach().clone() for k, v in model.named_parameters()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1)
+    term = proximal_term(model, anchor, 1.0)
+    plain = float(term(model).detach())
+    wrapped = wrap_model(model, "hooks")
+    assert plain > 0 and float(term(wrapped).detach()) == pytest.approx(plain)
+    unwrap_model(wrapped, model)
+
+
+def test_a_failure_inside_a_site_round_is_one_line(tiny_data, monkeypatch):
+    from remdr.errors import RemdrError
+    from remdr.federation import site_round
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom\nsecond line")
+
+    monkeypatch.setattr(site_round, "fit", broken)
+    with pytest.raises(RemdrError, match="round 1") as err:
+        _site_round(tiny_data, _cfg(**{"method": "concat"}))
+    assert "\n" not in str(err.value) and "boom" in str(err.value)
+
+
+@pytest.mark.parametrize("name", ["concat_dp", "remdr_dp"])
+def test_no_statistic_of_private_labels_leaves_a_private_method(tiny_data, name):
+    """Nothing a private method keeps, saves or sends depends on the labels: its state after
+    setup on two different label sets equals a fresh one, and a site's round sends no density."""
+    cfg = _cfg(**{"method": name, "dp-epsilon-max": 1e6})
+    fresh = create_method(name, cfg.method).state_dict()
+    for targets in (np.full(40, -2.0), np.linspace(-30.0, 0.0, 57)):
+        m = create_method(name, cfg.method)
+        m.setup(targets, seed=0)
+        assert json.dumps(m.state_dict(), sort_keys=True) == json.dumps(fresh, sort_keys=True)
+        assert "density" not in m.state_dict()
+    sent = _site_round(tiny_data, cfg)[0].method_state
+    assert "density" not in sent and set(sent) == {"name", "scores"}
+    assert not create_method("concat", cfg.method).spec.private  # non-private keeps its LDS
+    lds = create_method("remdr", cfg.method)
+    lds.setup(np.full(40, -2.0))
+    assert "density" in lds.state_dict()
+
+
+def _race_for_the_last_budget(tiny_data, ledger, ceiling, start, out) -> None:
+    import warnings
+
+    warnings.simplefilter("ignore")
+    cfg = _cfg(**{"method": "concat_dp", "dp-ledger": str(ledger), "dp-epsilon-max": ceiling})
+    data = load_splits(tiny_data, cfg)
+    m = create_method("concat_dp", cfg.method)
+    torch.manual_seed(0)
+    model = build_model(cfg, m)
+    start.wait()
+    try:
+        fit(model, m, data.train, cfg=cfg.train, device=torch.device("cpu"), privacy=cfg.privacy,
+            progress=False)  # fmt: skip
+        out.put("trained")
+    except PrivacyError as err:
+        out.put(f"declined: {err}")
+
+
+def test_two_processes_cannot_both_spend_the_last_of_the_budget(tiny_data, tmp_path):
+    """Two sessions at one site start at once with room for one training under the ceiling:
+    one trains, the other declines with a one-line PrivacyError, the ledger stays under it."""
+    import multiprocessing as mp
+
+    probe_ledger = tmp_path / "probe.jsonl"
+    cfg = _cfg(**{"method": "concat_dp", "dp-ledger": str(probe_ledger)})
+    _, probe = _train(load_splits(tiny_data, cfg), cfg)
+    ceiling = probe.privacy["epsilon_session"] * 1.3  # one training fits, two do not
+    assert _independent_epsilon([probe.privacy] * 2, cfg.privacy.dp_delta) > ceiling
+    ledger = tmp_path / "site" / "ledger.jsonl"
+    ctx = mp.get_context("spawn")
+    start, out = ctx.Barrier(2), ctx.Queue()
+    procs = [
+        ctx.Process(target=_race_for_the_last_budget, args=(tiny_data, ledger, ceiling, start, out))
+        for _ in range(2)
+    ]
+    for p in procs:
+        p.start()
+    outcomes = sorted(out.get(timeout=300) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+    assert outcomes[1] == "trained", outcomes
+    assert outcomes[0].startswith("declined: ") and "\n" not in outcomes[0], outcomes
+    entries = PrivacyLedger(ledger).entries()
+    assert len(entries) == 1
+    assert _independent_epsilon(entries, cfg.privacy.dp_delta) <= ceiling

@@ -100,6 +100,27 @@ def _flower_leftovers(markers: list[str]) -> list[str]:
     return list(matching_processes(markers).values())
 
 
+def test_a_private_method_gets_the_readme_dp_recipe_unless_overridden(tmp_path, capsys):
+    parse = sim_cli.build_parser().parse_args
+    cfg, epochs, recipe = sim_cli.resolve_config(parse(["--method", "remdr_dp"]))
+    assert (cfg.train.lr, cfg.train.schedule, epochs) == (3e-3, "constant", 4)
+    assert cfg.privacy.dp_target_epsilon == 8.0 and "batch-size" in recipe
+    # q = 1/ceil(patients/batch) = 0.5 at the smallest site (34 training patients of 40)
+    assert sim_cli.dp_batch_size([100, 40], 0.15) == 17
+    args = ["--method", "remdr_dp", "--lr", "0.01", "--batch-size", "8", "--local-epochs", "2"]
+    cfg, epochs, recipe = sim_cli.resolve_config(parse([*args, "--set", "dp-noise=2"]))
+    assert (cfg.train.lr, cfg.train.batch_size, epochs) == (0.01, 8, 2)
+    assert cfg.privacy.dp_target_epsilon == 0.0 and cfg.privacy.dp_noise == 2.0
+    assert set(recipe) == {"schedule"}
+    cfg, epochs, recipe = sim_cli.resolve_config(parse([]))  # a non-private method: no recipe
+    assert (cfg.train.lr, cfg.train.batch_size, epochs, recipe) == (1e-3, 32, 1, {})
+    # and the simulator says so first, before it even looks at the data
+    out = ["--out", str(tmp_path / "o"), "--data", str(tmp_path / "none")]
+    assert sim_cli.main(["--method", "remdr_dp", *out]) == 2
+    first = capsys.readouterr().out.splitlines()[0]
+    assert "DP recipe" in first and "batch-size" in first and "local-epochs 4" in first
+
+
 @pytest.mark.e2e
 @pytest.mark.slow
 def test_short_simulation_completes_and_leaves_nothing_running(sim_data, tmp_path, capsys):
@@ -192,7 +213,7 @@ def test_private_simulation_reports_epsilon_per_site_and_sites_decline_past_the_
     out = tmp_path / "run"
     args = [
         "--data", str(sim_data), "--out", str(out), "--sites", "2", "--rounds", "2",
-        "--image-size", "32", "--batch-size", "256", "--device", "cpu",
+        "--image-size", "32", "--batch-size", "256", "--local-epochs", "1", "--device", "cpu",
         "--set", "embed-dim=16", "--set", "fusion-hidden=16", "--set", "method=remdr_dp",
         "--set", "oct-view=rnflt", "--set", f"dp-noise={sigma}",
         "--set", f"dp-epsilon-max={(one + two) / 2}", "--fed", "site-dp=fixed", "--quiet",

@@ -89,7 +89,40 @@ def split_run_config(run_config: dict[str, Any]) -> tuple[ExperimentConfig, FedC
             )
         if fed.site_dp_noise <= 0 or fed.site_dp_clip <= 0 or not 0 < fed.site_dp_delta < 1:
             raise ConfigError("site-dp-noise/clip/delta", "noise and clip > 0, delta in (0, 1)")
+        if fed.site_dp == "adaptive" and fed.site_dp_noise >= fed.min_nodes / 10:
+            raise ConfigError(
+                f"site-dp=adaptive with site-dp-noise={fed.site_dp_noise:g} and "
+                f"min-nodes={fed.min_nodes}",
+                "Flower's adaptive clipping gives the count of clipped updates noise of std "
+                f"min-nodes/20, which needs site-dp-noise below min-nodes/10 = {fed.min_nodes / 10:g}",
+                "use site-dp=fixed, or a smaller site-dp-noise",
+            )
     return cfg, fed
+
+
+# Keys a resumed run may change: how the coordinator waits and where things run, not what is
+# trained. `num-server-rounds` may also change, but not below the rounds already done. Every other
+# key (method, data, optimiser, strategy, privacy, cohort) must equal the saved run's.
+RESUMABLE = ("round-timeout", "node-wait", "on-missing", "device", "num-workers", "out-dir")
+
+
+def _normalised(run_config: dict[str, Any]) -> dict[str, Any]:
+    cfg, fed = split_run_config(run_config)
+    return {**flat_values(cfg), **{key: getattr(fed, name) for key, name in fed_keys().items()}}
+
+
+def resume_changes(saved: dict[str, Any], current: dict[str, Any], done: int) -> list[str]:
+    """The training keys that differ between a saved run's config and this one, as
+    'key saved -> now'; empty when the run may resume after round `done`."""
+    old, new = _normalised(saved), _normalised(current)
+    changes = []
+    for key in sorted(old):
+        if key in RESUMABLE or old[key] == new[key]:
+            continue
+        if key == "num-server-rounds" and new[key] >= done:
+            continue
+        changes.append(f"{key} {old[key]!r} -> {new[key]!r}")
+    return changes
 
 
 def run_config_defaults() -> dict[str, Any]:

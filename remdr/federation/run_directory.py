@@ -1,7 +1,10 @@
 """The coordinator's run directory: a checkpoint per round, the best model, the report.
 
 Layout: ``round-NNN.safetensors`` + ``round-NNN.json`` (round, config, aggregated and per-site
-metrics, missing sites, errors), ``best.safetensors`` (lowest aggregated validation MSE),
+metrics, missing sites, errors), ``round-NNN.strategy.safetensors`` (the server strategy's state:
+FedAdam moments), ``best.safetensors`` (lowest aggregated validation MSE; a site's own test split
+never enters that choice), ``site-dp-releases.jsonl`` (one line per site-level DP release, written
+when it is made), ``run-key`` (this run's identity, which sites key their cross-round state by),
 ``report.json`` and ``learning_curves.png``. Restarting with the same directory resumes after
 the last complete round. No Flower imports: the ServerApp calls this.
 """
@@ -12,10 +15,14 @@ import json
 import math
 import os
 import re
+import secrets
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from safetensors.numpy import load_file as load_numpy
+from safetensors.numpy import save_file as save_numpy
 from safetensors.torch import load_file, save_file
 
 from remdr import __version__
@@ -58,11 +65,55 @@ class RunDirectory:
             json.loads(self._round_path(r, "json").read_text()) for r in self.completed_rounds()
         ]
 
-    def save_round(self, r: int, state: dict[str, torch.Tensor], record: dict[str, Any]) -> None:
-        """Weights first, then the record: a crash between the two leaves the round incomplete."""
+    def run_key(self) -> str:
+        """This run's identity for the sites: the directory's name and a random token made when
+        the run started, the same after every restart, different for a new run in a new
+        directory of the same name."""
+        path = self.dir / "run-key"
+        if not path.is_file():
+            _atomic_write(path, f"{self.dir.name}-{secrets.token_hex(4)}")
+        return path.read_text().strip()
+
+    def record_release(self, release: dict[str, Any]) -> None:
+        """Journal one site-level DP release the moment it is made (before the model leaves the
+        coordinator): a crash before the round's checkpoint cannot lose it, and the round
+        redone after a restart is a second release, journalled again."""
+        with open(self.dir / "site-dp-releases.jsonl", "a") as f:
+            f.write(json.dumps(clean(release), default=_jsonable) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def releases(self) -> list[dict[str, Any]]:
+        path = self.dir / "site-dp-releases.jsonl"
+        if not path.is_file():
+            return []
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+    def load_strategy_state(self, r: int) -> tuple[dict[str, np.ndarray], dict]:
+        """The server strategy's state saved with round `r` (empty if it had none)."""
+        path = self._round_path(r, "strategy.safetensors")
+        arrays = load_numpy(str(path)) if path.is_file() else {}
+        record = json.loads(self._round_path(r, "json").read_text())
+        return arrays, record.get("strategy_state", {})
+
+    def save_round(
+        self,
+        r: int,
+        state: dict[str, torch.Tensor],
+        record: dict[str, Any],
+        strategy_state: tuple[dict[str, np.ndarray], dict] | None = None,
+    ) -> None:
+        """Weights and strategy state first, then the record: a crash before the record is
+        written leaves the round incomplete."""
         weights = {k: v.detach().cpu().contiguous() for k, v in state.items()}
         meta = {"remdr_version": __version__, "round": str(r)}
         save_file(weights, str(self._round_path(r, "safetensors")), metadata=meta)
+        if strategy_state is not None:
+            arrays, scalars = strategy_state
+            if arrays:
+                contiguous = {k: np.ascontiguousarray(v) for k, v in arrays.items()}
+                save_numpy(contiguous, str(self._round_path(r, "strategy.safetensors")), meta)
+            record = {**record, "strategy_state": scalars}
         _atomic_write(
             self._round_path(r, "json"),
             json.dumps(clean({"round": r, **record}), indent=2, default=_jsonable),
@@ -85,13 +136,17 @@ class RunDirectory:
         for rec in rounds:
             for site, metrics in rec.get("sites", {}).items():
                 sites.setdefault(site, []).append({"round": rec["round"], **metrics})
+        best = (
+            json.loads((self.dir / "best.json").read_text())
+            if (self.dir / "best.json").is_file()
+            else None
+        )
         report = {
             "remdr_version": __version__,
             "rounds": rounds,
             "sites": sites,
-            "best": json.loads((self.dir / "best.json").read_text())
-            if (self.dir / "best.json").is_file()
-            else None,
+            "best": best,
+            "site_test": site_test_metrics(rounds, best["round"] if best else None),
             **extra,
         }
         _atomic_write(
@@ -114,6 +169,33 @@ class RunDirectory:
             series, self.dir / "learning_curves.png", "validation MSE (dB²)", "federated training"
         )
         return report
+
+
+def site_test_metrics(rounds: list[dict[str, Any]], best_round: int | None) -> dict | None:
+    """Each site's metrics on its own held-out test split (the `test/` folder it ships) for the
+    final and the best global model. Reported only: no choice (best round, early stop) reads them."""
+
+    def at(rec: dict[str, Any] | None) -> dict[str, dict[str, Any]]:
+        out = {}
+        for site, m in (rec or {}).get("sites", {}).items():
+            test = {
+                k[len("eval-") :]: v
+                for k, v in m.items()
+                if k.startswith(("eval-test-", "eval-num-test"))
+            }
+            if test:
+                out[site] = {"round": rec["round"], **test}
+        return out
+
+    by_round = {rec["round"]: rec for rec in rounds}
+    final = at(rounds[-1] if rounds else None)
+    if not final and not any(at(rec) for rec in rounds):
+        return None
+    return {
+        "what": "each site's own test split (never used to choose a model)",
+        "final": final,
+        "best": at(by_round.get(best_round)) if best_round is not None else {},
+    }
 
 
 def privacy_summary(rounds: list[dict[str, Any]], site_level: dict | None = None) -> dict:

@@ -7,6 +7,8 @@ same code runs under the simulator, in deployment and in unit tests.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,11 +22,14 @@ from remdr.data import load_dataset
 from remdr.data.dataset import EyeDataset
 from remdr.data.loading import Dataset
 from remdr.data.splits import split_records
+from remdr.errors import RemdrError, TrainingError
 from remdr.federation.run_config import FedConfig
 from remdr.methods import build_model, create_method
 from remdr.metrics import BINS, regression_metrics
 from remdr.runtime import prepare_model, resolve_device, seed_everything
 from remdr.train import evaluate, fit, make_loader
+
+log = logging.getLogger(__name__)
 
 # -- a site's data -----------------------------------------------------------------------------
 
@@ -33,19 +38,31 @@ from remdr.train import evaluate, fit, make_loader
 class SiteData:
     dataset: Dataset
     train: EyeDataset
-    val: EyeDataset
+    val: EyeDataset  # the site's validation patients: the only data any choice may look at
+    test: EyeDataset  # the site's own shipped test/ split (maybe empty): reported, never chosen on
 
 
 def load_site(data_path: str | Path, cfg: ExperimentConfig, seed: int = 0) -> SiteData:
-    """The site's records split by patient into local train and validation sets."""
+    """The site's records split by patient into local train and validation sets.
+
+    A site that ships its own splits keeps its `test/` patients apart: they are never trained
+    on, never validated on (so never select a model), only reported. Without a shipped `val/`,
+    validation patients are split off its `train/` records."""
     ds = load_dataset(data_path, cfg.data, quiet=True)
+    test: list = []
     if ds.has_splits:
         parts = split_records(ds.records, 0, 0, seed)
-        train, val = parts["train"], parts["val"] + parts["test"]
+        train, val, test = parts["train"], parts["val"], parts["test"]
+        if not val:
+            unsplit = [dataclasses.replace(r, split="") for r in train]
+            parts = split_records(unsplit, cfg.data.val_fraction, 0.0, seed)
+            train, val = parts["train"], parts["val"]
     else:
         parts = split_records(ds.records, cfg.data.val_fraction, 0.0, seed)
         train, val = parts["train"], parts["val"]
-    return SiteData(ds, EyeDataset(train, cfg.data), EyeDataset(val, cfg.data))
+    return SiteData(
+        ds, EyeDataset(train, cfg.data), EyeDataset(val, cfg.data), EyeDataset(test, cfg.data)
+    )
 
 
 # -- one round at a site ----------------------------------------------------------------------
@@ -75,6 +92,33 @@ def _metrics_record(prefix: str, m: dict[str, float]) -> dict[str, float]:
     return {f"{prefix}-{k.replace('_', '-')}": float(m.get(k, float("nan"))) for k in keys}
 
 
+def one_line_failures(what: str):
+    """Any failure inside the decorated call becomes one line: a `TrainingError` naming the
+    cause (a `RemdrError` passes unchanged), which the ClientApp sends as its error reply. The
+    traceback stays in the site's own log."""
+
+    def decorate(call):
+        @functools.wraps(call)
+        def wrapper(*args, **kwargs):
+            try:
+                return call(*args, **kwargs)
+            except RemdrError:
+                raise
+            except Exception as err:
+                label = f"{what} {kwargs['server_round']}" if "server_round" in kwargs else what
+                log.exception("%s failed at this site", label)
+                cause = " ".join(f"{type(err).__name__}: {err}".split())
+                cause = cause if len(cause) <= 300 else cause[:297] + "..."
+                raise TrainingError(
+                    f"{label} failed at this site", cause, "the site's log has the traceback"
+                ) from err
+
+        return wrapper
+
+    return decorate
+
+
+@one_line_failures("round")
 def train_round(
     cfg: ExperimentConfig,
     fed: FedConfig,
@@ -90,6 +134,9 @@ def train_round(
 
     A private method trains under the site's `cfg.privacy` (ledger, ceiling) and reports the
     site's cumulative epsilon; a round that would break the ceiling raises PrivacyError first.
+    The round's seed (`seed + 1000 * round`, the same at every site) drives only non-private
+    training: a private method's sampling and noise come from this site's OS entropy, and it
+    sends no statistic of its labels in `method_state`. Every failure is one `RemdrError` line.
     """
     device = resolve_device(cfg.train.device)
     seed = cfg.train.seed + 1000 * server_round
@@ -148,17 +195,25 @@ def train_round(
     return RoundResult(state, metrics, method.state_dict(), local)
 
 
-def evaluate_site(model, site: SiteData, cfg: ExperimentConfig, device) -> dict[str, float]:
-    """Validation metrics of the site's held-out patients (`val-*` keys, plus `num-val`)."""
-    loader = make_loader(site.val, cfg.train.batch_size * 2, shuffle=False, seed=0, device=device)
-    m = (
-        evaluate(model, loader, device)
-        if len(site.val)
-        else regression_metrics(np.zeros(0), np.zeros(0))
-    )
-    return {"num-val": len(site.val), **_metrics_record("val", m)}
+def evaluate_site(
+    model, site: SiteData, cfg: ExperimentConfig, device, *, test: bool = False
+) -> dict[str, float]:
+    """Validation metrics of the site's held-out patients (`val-*` keys, plus `num-val`); with
+    `test`, also its own test split (`test-*`, `num-test`) when it ships one."""
+    out: dict[str, float] = {}
+    parts = [("val", site.val)] + ([("test", site.test)] if test and len(site.test) else [])
+    for name, data in parts:
+        loader = make_loader(data, cfg.train.batch_size * 2, shuffle=False, seed=0, device=device)
+        m = (
+            evaluate(model, loader, device)
+            if len(data)
+            else regression_metrics(np.zeros(0), np.zeros(0))
+        )
+        out.update({f"num-{name}": len(data), **_metrics_record(name, m)})
+    return out
 
 
+@one_line_failures("evaluation")
 def evaluate_global(
     cfg: ExperimentConfig,
     global_state: dict[str, torch.Tensor],
@@ -171,4 +226,4 @@ def evaluate_global(
     model.load_state_dict(global_state)
     if local_state:
         model.load_state_dict(local_state, strict=False)
-    return evaluate_site(prepare_model(model, device), site, cfg, device)
+    return evaluate_site(prepare_model(model, device), site, cfg, device, test=True)

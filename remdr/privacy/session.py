@@ -1,10 +1,15 @@
 """One private training: check, plan, wrap with Opacus, and record what was released.
 
 `open_private` is the one call a trainer makes (like Opacus' `PrivacyEngine.make_private`): it
-checks per-sample gradients on the real model, plans sigma/q/steps against the site's ledger
-(declining training that would pass the ceiling before any step is taken), and returns a
-`PrivateSession` whose loader, module and optimizer the trainer uses. `close` appends the ledger
-entry, also when training fails part-way: the steps taken were released to the optimiser.
+holds the site's ledger, checks per-sample gradients on the real model, plans sigma/q/steps
+against the ledger (declining training that would pass the ceiling before any step is taken),
+and returns a `PrivateSession` whose loader, module and optimizer the trainer uses. `close`
+appends the ledger entry and lets go of the ledger, also when training fails part-way: the steps
+taken were released to the optimiser.
+
+The Poisson sampling, the noise and the eye per patient are drawn from OS entropy fresh for each
+session (`randomness`), never from the run seed: the coordinator chooses and knows that seed,
+and it is the same at every site.
 """
 
 from __future__ import annotations
@@ -28,13 +33,17 @@ from remdr.privacy.accounting import (
     plan,
 )
 from remdr.privacy.gradcheck import LossFn, choose_grad_sample_mode, probe_batch, unwrap_model
-from remdr.privacy.ledger import PrivacyLedger
+from remdr.privacy.ledger import LedgerHold, PrivacyLedger
+from remdr.privacy.randomness import COVERS, RANDOMNESS, private_generator
 from remdr.privacy.sampling import PatientRows
 
 
 class PrivateSession:
     """Opacus around one `fit`: Poisson loader over patients, clipped and noised steps, and a
-    ledger entry when it ends (also when it fails: steps taken were released to the optimiser)."""
+    ledger entry when it ends (also when it fails: steps taken were released to the optimiser).
+
+    Sampling and noise come from generators seeded with OS entropy here, never from a
+    configured seed; `hold` (the ledger's lock, if any) is released by `close`."""
 
     def __init__(
         self,
@@ -46,20 +55,21 @@ class PrivateSession:
         grad_sample_mode: str,
         ledger: PrivacyLedger | None,
         batch_size: int,
-        seed: int,
         label: dict,
+        hold: LedgerHold | None = None,
     ) -> None:
         from opacus import PrivacyEngine
 
-        self.plan, self.mode, self.ledger, self.label = (
+        self.plan, self.mode, self.ledger, self.label, self.hold = (
             privacy_plan,
             grad_sample_mode,
             ledger,
             label,
+            hold,
         )
-        plain = DataLoader(
-            rows, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed)
-        )
+        device = next(model.parameters()).device
+        # Opacus' Poisson sampler draws from the plain loader's generator
+        plain = DataLoader(rows, batch_size=batch_size, shuffle=True, generator=private_generator())
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "secure RNG off": see README Privacy
             self.engine = PrivacyEngine(accountant=ACCOUNTANT)
@@ -71,9 +81,7 @@ class PrivateSession:
                 max_grad_norm=privacy_plan.max_grad_norm,
                 poisson_sampling=True,
                 grad_sample_mode=grad_sample_mode,
-                noise_generator=torch.Generator(device=next(model.parameters()).device).manual_seed(
-                    seed + 7
-                ),
+                noise_generator=private_generator(device),
             )
         if abs(self.loader.sample_rate - privacy_plan.sample_rate) > 1e-12:
             raise PrivacyError("Opacus chose a different sample rate than planned", "internal")
@@ -82,7 +90,15 @@ class PrivateSession:
         return sum(n for _, _, n in self.engine.accountant.history)
 
     def close(self, status: str, model: nn.Module) -> dict:
-        """Record what was released; detach Opacus from the model. Returns the ledger entry."""
+        """Record what was released, let go of the ledger, detach Opacus from the model.
+        Returns the ledger entry."""
+        try:
+            return self._close(status, model)
+        finally:
+            if self.hold is not None:
+                self.hold.release()
+
+    def _close(self, status: str, model: nn.Module) -> dict:
         p = self.plan
         taken = self.steps_taken()
         epsilon_session = float(self.engine.accountant.get_epsilon(p.delta)) if taken else 0.0
@@ -104,6 +120,8 @@ class PrivateSession:
             "opacus": opacus_version,
             "remdr": __version__,
             "grad_sample_mode": self.mode,
+            "randomness": RANDOMNESS,
+            "randomness_covers": list(COVERS),
             "patients": p.patients,
             "noise_multiplier": p.noise_multiplier,
             "max_grad_norm": p.max_grad_norm,
@@ -136,28 +154,36 @@ def open_private(
 
     `train_ds` yields one eye per item and its `records[i].patient_id` names the patient of item
     i; `loss_fn(model, batch)` is the scalar training loss. The ledger entry is labelled with
-    `method_name` and `label` (e.g. run and round)."""
-    rows = PatientRows(train_ds, (r.patient_id for r in train_ds.records), seed=train_cfg.seed)
+    `method_name` and `label` (e.g. run and round). The ledger is held from the ceiling check to
+    the session's `close`: a second training at the site meanwhile declines (PrivacyError).
+    `train_cfg.seed` is not used: the private randomness never comes from a configured seed."""
+    rows = PatientRows(train_ds, (r.patient_id for r in train_ds.records))
     ledger = PrivacyLedger(privacy.dp_ledger) if privacy.dp_ledger else None
-    the_plan = plan(
-        privacy,
-        ledger.history() if ledger else (),
-        patients=len(rows),
-        batch_size=train_cfg.batch_size,
-        epochs=epochs,
-        planned_rounds=planned_rounds,
-    )
-    device = next(model.parameters()).device
-    probe = {k: v.to(device) for k, v in probe_batch(train_ds[0]).items()}
-    mode = choose_grad_sample_mode(model, loss_fn, probe, requested=privacy.dp_grad_sample_mode)
-    return PrivateSession(
-        model,
-        optimizer,
-        rows=rows,
-        privacy_plan=the_plan,
-        grad_sample_mode=mode,
-        ledger=ledger,
-        batch_size=train_cfg.batch_size,
-        seed=train_cfg.seed,
-        label={"method": method_name, **(label or {})},
-    )
+    hold = ledger.hold() if ledger else None
+    try:
+        the_plan = plan(
+            privacy,
+            ledger.history() if ledger else (),
+            patients=len(rows),
+            batch_size=train_cfg.batch_size,
+            epochs=epochs,
+            planned_rounds=planned_rounds,
+        )
+        device = next(model.parameters()).device
+        probe = {k: v.to(device) for k, v in probe_batch(train_ds[0]).items()}
+        mode = choose_grad_sample_mode(model, loss_fn, probe, requested=privacy.dp_grad_sample_mode)
+        return PrivateSession(
+            model,
+            optimizer,
+            rows=rows,
+            privacy_plan=the_plan,
+            grad_sample_mode=mode,
+            ledger=ledger,
+            batch_size=train_cfg.batch_size,
+            label={"method": method_name, **(label or {})},
+            hold=hold,
+        )
+    except BaseException:
+        if hold is not None:
+            hold.release()
+        raise
