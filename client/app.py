@@ -147,11 +147,12 @@ def train(msg: Message, context: Context) -> Message:
     except RemdrError as err:  # declined by privacy, or a training failure: one line, no traceback
         log.warning("site %s: %s", _site_id(context), err)
         return _site_error(msg, context, err)
-    state["method"] = ConfigRecord({"json": json.dumps(result.method_state)})
-    if result.local_state:
-        state["fedbn"] = ArrayRecord(result.local_state)
     if store is not None:
         store.save(server_round, result.method_state, result.local_state)
+    else:  # no ledger, so no site folder: the state lives only as long as this Flower run
+        state["method"] = ConfigRecord({"json": json.dumps(result.method_state)})
+        if result.local_state:
+            state["fedbn"] = ArrayRecord(result.local_state)
     content = RecordDict(
         {
             "arrays": ArrayRecord(result.state),

@@ -50,7 +50,7 @@ def resume_point(run: RunDirectory, run_config: dict) -> int:
     may continue it: a changed training key is refused in one line that names it."""
     done = run.last_round()
     if done:
-        changes = resume_changes(run.records()[-1].get("config", {}), run_config, done)
+        changes = resume_changes(run.record(done).get("config", {}), run_config, done)
         if changes:
             raise ConfigError(
                 f"cannot resume {run.dir} after round {done}: the training config changed "

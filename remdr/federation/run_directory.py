@@ -60,10 +60,11 @@ class RunDirectory:
     def load_weights(self, r: int) -> dict[str, torch.Tensor]:
         return load_file(str(self._round_path(r, "safetensors")))
 
+    def record(self, r: int) -> dict[str, Any]:
+        return json.loads(self._round_path(r, "json").read_text())
+
     def records(self) -> list[dict[str, Any]]:
-        return [
-            json.loads(self._round_path(r, "json").read_text()) for r in self.completed_rounds()
-        ]
+        return [self.record(r) for r in self.completed_rounds()]
 
     def run_key(self) -> str:
         """This run's identity for the sites: the directory's name and a random token made when
@@ -93,8 +94,7 @@ class RunDirectory:
         """The server strategy's state saved with round `r` (empty if it had none)."""
         path = self._round_path(r, "strategy.safetensors")
         arrays = load_numpy(str(path)) if path.is_file() else {}
-        record = json.loads(self._round_path(r, "json").read_text())
-        return arrays, record.get("strategy_state", {})
+        return arrays, self.record(r).get("strategy_state", {})
 
     def save_round(
         self,

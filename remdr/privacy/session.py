@@ -28,6 +28,7 @@ from remdr.privacy.accounting import (
     MECHANISM,
     RELATION,
     UNIT,
+    History,
     PrivacyPlan,
     epsilon_of,
     plan,
@@ -56,6 +57,7 @@ class PrivateSession:
         ledger: PrivacyLedger | None,
         batch_size: int,
         label: dict,
+        spent: History = (),
         hold: LedgerHold | None = None,
     ) -> None:
         from opacus import PrivacyEngine
@@ -67,6 +69,7 @@ class PrivateSession:
             label,
             hold,
         )
+        self.spent = list(spent)  # the ledger's history when planned; held, so it cannot change
         device = next(model.parameters()).device
         # Opacus' Poisson sampler draws from the plain loader's generator
         plain = DataLoader(rows, batch_size=batch_size, shuffle=True, generator=private_generator())
@@ -102,9 +105,7 @@ class PrivateSession:
         p = self.plan
         taken = self.steps_taken()
         epsilon_session = float(self.engine.accountant.get_epsilon(p.delta)) if taken else 0.0
-        history = (self.ledger.history() if self.ledger else []) + [
-            (p.noise_multiplier, p.sample_rate, taken)
-        ]
+        history = [*self.spent, (p.noise_multiplier, p.sample_rate, taken)]
         from opacus import __version__ as opacus_version
 
         from remdr import __version__
@@ -161,9 +162,10 @@ def open_private(
     ledger = PrivacyLedger(privacy.dp_ledger) if privacy.dp_ledger else None
     hold = ledger.hold() if ledger else None
     try:
+        spent = ledger.history() if ledger else []
         the_plan = plan(
             privacy,
-            ledger.history() if ledger else (),
+            spent,
             patients=len(rows),
             batch_size=train_cfg.batch_size,
             epochs=epochs,
@@ -181,6 +183,7 @@ def open_private(
             ledger=ledger,
             batch_size=train_cfg.batch_size,
             label={"method": method_name, **(label or {})},
+            spent=spent,
             hold=hold,
         )
     except BaseException:
