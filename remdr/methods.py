@@ -325,8 +325,8 @@ class Method:
                 if g is not None:
                     p.grad.add_(g)
         optimizer.original_optimizer.step()
-        for m, k in self.last_k.items():
-            parts[f"k_{m}"] = k
+        if parts:  # an empty batch released noise only: there is no loss to report
+            parts.update({f"k_{m}": k for m, k in self.last_k.items()})
         return parts
 
     # -- state -------------------------------------------------------------------------------

@@ -236,7 +236,7 @@ def _train_epochs(
             parts = method.step(train_model, optimizer, batch, epoch, autocast, regulariser)
             step += 1
             bar.update(1)
-            if not parts:  # a noise-only step on an empty Poisson batch
+            if "loss" not in parts:  # a noise-only step on an empty Poisson batch
                 continue
             for k, v in parts.items():
                 sums[k] = sums.get(k, 0.0) + v

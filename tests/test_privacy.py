@@ -301,6 +301,36 @@ def test_private_randomness_is_not_the_run_seed(tiny_data, tmp_path):
     assert "os-entropy" in privacy_report(ledger)
 
 
+@pytest.mark.parametrize("name", ["concat_dp", "remdr_dp"])
+def test_empty_poisson_batches_still_release_noise_and_training_completes(tiny_data, name):
+    """18 patients at batch 2: q = 1/9, so a Poisson batch is empty with P = 0.12 and 72 steps
+    meet one with P > 0.9999. Each must still take its noised step, and the loss is averaged
+    over the non-empty batches only."""
+    cfg = _cfg(**{"method": name, "batch-size": 2, "epochs": 8, "dp-epsilon-max": 1e6})
+    data = load_splits(tiny_data, cfg)
+    m = create_method(name, cfg.method)
+    model = build_model(cfg, m)
+    empty_steps = 0
+    real_step = m.step
+
+    def counting_step(train_model, optimizer, batch, *args):
+        nonlocal empty_steps
+        before = [p.detach().clone() for p in train_model.parameters()]
+        parts = real_step(train_model, optimizer, batch, *args)
+        if len(batch["md"]) == 0:
+            empty_steps += 1
+            assert "loss" not in parts
+            after = list(train_model.parameters())
+            assert any(not torch.equal(a, b) for a, b in zip(before, after, strict=True))
+        return parts
+
+    m.step = counting_step
+    result = fit(model, m, data.train, cfg=cfg.train, device=torch.device("cpu"),
+                 privacy=cfg.privacy)  # fmt: skip
+    assert empty_steps > 0
+    assert np.isfinite(result.history[-1]["train_loss"])
+
+
 def test_two_sites_in_one_round_draw_different_noise(tiny_data):
     """Same round, same run seed, same data and global model: two sites still differ."""
     cfg = _cfg(**{"method": "concat_dp", "dp-epsilon-max": 1e6})
