@@ -24,8 +24,8 @@ from flwr.clientapp import ClientApp
 from remdr import __version__
 from remdr.errors import PrivacyError, RemdrError
 from remdr.federation.run_config import split_run_config, versions_compatible
-from remdr.federation.site_round import evaluate_global, load_site, train_round
-from remdr.federation.site_state import SiteState
+from remdr.federation.site_round import SiteData, evaluate_global, load_site, train_round
+from remdr.federation.site_state import SiteState, flatten_optimizer, unflatten_optimizer
 from remdr.methods import get_spec
 
 log = logging.getLogger(__name__)
@@ -69,10 +69,25 @@ def _setup(msg: Message, context: Context):
     try:
         cfg, fed = split_run_config(dict(context.run_config))
         cfg = _site_privacy(cfg, fed, context)
-        site = load_site(_data_path(context, fed.sim_data_root), cfg, seed=cfg.train.seed)
+        site = _load_site(_data_path(context, fed.sim_data_root), cfg, context)
     except RemdrError as err:
         return _site_error(msg, context, err)
     return cfg, fed, site
+
+
+# Simulation workers (Ray actors) run many messages in one process: a virtual site's data is
+# loaded once per worker. Deployment starts a process per message, so there the site's disk
+# cache of decoded tensors (`load_site(cache=True)`) is what saves the work.
+_SIM_SITES: dict[tuple, SiteData] = {}
+
+
+def _load_site(data_path: str, cfg, context: Context) -> SiteData:
+    if "partition-id" not in context.node_config:
+        return load_site(data_path, cfg, seed=cfg.train.seed, cache=True)
+    key = (data_path, cfg.train.seed, json.dumps(dataclasses.asdict(cfg.data), sort_keys=True))
+    if key not in _SIM_SITES:
+        _SIM_SITES[key] = load_site(data_path, cfg, seed=cfg.train.seed, cache=True)
+    return _SIM_SITES[key]
 
 
 def _ledger(context: Context, fed) -> str:
@@ -129,10 +144,17 @@ def train(msg: Message, context: Context) -> Message:
     server_round = int(msg.content["config"].get("server-round", 1))
     store = _site_state(msg, context, fed)
     if store is not None:
-        method_state, local = store.load(before=server_round)
+        method_state, local, optimizer = store.load(before=server_round)
     else:
         method_state = json.loads(state["method"]["json"]) if "method" in state else None
         local = state["fedbn"].to_torch_state_dict() if "fedbn" in state else None
+        optimizer = (
+            unflatten_optimizer(
+                state["optimizer"].to_torch_state_dict(), state["method"]["optimizer"]
+            )
+            if "optimizer" in state
+            else None
+        )
     try:
         result = train_round(
             cfg,
@@ -142,17 +164,22 @@ def train(msg: Message, context: Context) -> Message:
             server_round=server_round,
             method_state=method_state,
             local_state=local,
+            optimizer_state=optimizer,
             ledger_label={"run": str(context.run_id), "site": _site_id(context)},
         )
     except RemdrError as err:  # declined by privacy, or a training failure: one line, no traceback
         log.warning("site %s: %s", _site_id(context), err)
         return _site_error(msg, context, err)
     if store is not None:
-        store.save(server_round, result.method_state, result.local_state)
+        store.save(server_round, result.method_state, result.local_state, result.optimizer_state)
     else:  # no ledger, so no site folder: the state lives only as long as this Flower run
-        state["method"] = ConfigRecord({"json": json.dumps(result.method_state)})
+        method = {"json": json.dumps(result.method_state)}
         if result.local_state:
             state["fedbn"] = ArrayRecord(result.local_state)
+        if result.optimizer_state:
+            moments, method["optimizer"] = flatten_optimizer(result.optimizer_state)
+            state["optimizer"] = ArrayRecord(moments)
+        state["method"] = ConfigRecord(method)
     content = RecordDict(
         {
             "arrays": ArrayRecord(result.state),

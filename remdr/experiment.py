@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -54,16 +54,32 @@ class Outcome:
     fit: FitResult
     test_metrics: dict[str, float]
     test_preds: dict[str, np.ndarray]
+    test_curve: list[tuple[float, float]] = field(default_factory=list)  # (train s, test MSE)
 
 
 def train_and_test(
-    cfg: ExperimentConfig, data: SplitData, *, progress: bool = True, desc: str | None = None
+    cfg: ExperimentConfig,
+    data: SplitData,
+    *,
+    progress: bool = True,
+    desc: str | None = None,
+    test_curve: bool = False,
 ) -> Outcome:
+    """Train on `data.train` (best epoch by validation), then test. With `test_curve`, also
+    the test MSE after every epoch against training seconds (the simulator's wall-clock view;
+    reported only, never used to choose anything)."""
     device = resolve_device(cfg.train.device)
     seed_everything(cfg.train.seed, device)
     method = create_method(cfg.train.method, cfg.method)
     method.setup(data.train.targets(), seed=cfg.train.seed)
     model = prepare_model(build_model(cfg, method), device)
+    loader = make_loader(data.test, cfg.train.batch_size * 2, shuffle=False, seed=0, device=device)
+    curve: list[tuple[float, float]] = []
+
+    def score_test(epoch: int, seconds: float) -> None:
+        preds = predict(model, loader, device)
+        curve.append((seconds, float(regression_metrics(preds["md"], preds["pred"])["mse"])))
+
     result = fit(
         model,
         method,
@@ -75,11 +91,11 @@ def train_and_test(
         progress=progress,
         desc=desc or cfg.train.method,
         privacy=cfg.privacy,
+        on_epoch=score_test if test_curve and len(data.test) else None,
     )
-    loader = make_loader(data.test, cfg.train.batch_size * 2, shuffle=False, seed=0, device=device)
     preds = predict(model, loader, device)
     metrics = regression_metrics(preds["md"], preds["pred"]) if len(preds["md"]) else {"n": 0}
-    return Outcome(model, method, result, metrics, preds)
+    return Outcome(model, method, result, metrics, preds, curve)
 
 
 def write_run(

@@ -7,6 +7,7 @@ import logging
 import math
 import sys
 import time
+from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 
@@ -55,8 +56,18 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opti
     )
 
 
-def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
-    """Cosine decay to 5% of lr after a 3% warm-up; constant when asked."""
+def lr_at(
+    step: int, total: int, cfg: TrainConfig, window: tuple[float, float] = (0.0, 1.0)
+) -> float:
+    """Cosine decay to 5% of lr after a 3% warm-up; constant when asked.
+
+    `window` is the part of one longer schedule that these `total` steps cover: a federated
+    round r of R trains ((r-1)/R, r/R) of the federation's schedule, so the whole federation
+    follows one warm-up and one decay instead of restarting them every round."""
+    start, end = window
+    if end - start < 1.0:  # this training is one slice of a longer schedule
+        span = total / max(end - start, 1e-9)
+        step, total = int(start * span) + step, max(1, round(span))
     if cfg.schedule == "constant" or total <= 1:
         return cfg.lr
     warm = max(1, int(0.03 * total))
@@ -101,6 +112,7 @@ class FitResult:
     seconds: float = 0.0
     n_steps: int = 0
     privacy: dict | None = None  # the ledger entry of a private method's training
+    optimizer_state: dict | None = None  # AdamW's state at the end (plain training only)
 
 
 def fit(
@@ -120,12 +132,19 @@ def fit(
     privacy: PrivacyConfig | None = None,
     planned_rounds: int = 1,
     ledger_label: dict | None = None,
+    schedule_window: tuple[float, float] = (0.0, 1.0),
+    optimizer_state: dict | None = None,
+    on_epoch: Callable[[int, float], None] | None = None,
 ) -> FitResult:
     """Train `model` in place with `method` for `epochs` (default `cfg.epochs`).
 
     With a validation set, the weights of the epoch with the lowest validation MSE are kept
     (`keep_best`); without one, the last weights are kept. `proximal=(mu, anchor)` adds
-    FedProx's proximal term towards the anchor parameters.
+    FedProx's proximal term towards the anchor parameters. `schedule_window` places this
+    training inside a longer learning-rate schedule (`lr_at`); `optimizer_state` resumes AdamW's
+    moments from an earlier training (a site's previous round) and the result carries the new
+    ones (not for a private method, whose optimiser is Opacus'). `on_epoch(epoch, seconds)` is
+    called after each epoch with the training seconds so far (its own time is not counted).
 
     A private method trains under DP-SGD with `privacy` (one Poisson-sampled row per patient)
     and keeps the last weights: picking an epoch on private validation data is not covered by
@@ -136,6 +155,8 @@ def fit(
     """
     epochs = epochs or cfg.epochs
     optimizer = make_optimizer(model, cfg)
+    if optimizer_state and not method.spec.private:
+        optimizer.load_state_dict(optimizer_state)
     session = None
     aug_gen = torch.Generator().manual_seed(cfg.seed + 1)
     rng_scope: AbstractContextManager = nullcontext()
@@ -174,7 +195,8 @@ def fit(
             result = _train_epochs(
                 model, train_model, method, loader, optimizer, val_ds, cfg, device,
                 epochs=epochs, augment=augment, keep_best=keep_best, progress=progress,
-                desc=desc, proximal=proximal, aug_gen=aug_gen,
+                desc=desc, proximal=proximal, aug_gen=aug_gen, window=schedule_window,
+                on_epoch=on_epoch,
             )  # fmt: skip
     except BaseException:
         if session is not None:
@@ -182,6 +204,8 @@ def fit(
         raise
     if session is not None:
         result.privacy = session.close("completed", model)
+    else:
+        result.optimizer_state = optimizer.state_dict()
     return result
 
 
@@ -202,6 +226,8 @@ def _train_epochs(
     desc: str,
     proximal: tuple[float, dict[str, torch.Tensor]] | None,
     aug_gen: torch.Generator,
+    window: tuple[float, float],
+    on_epoch: Callable[[int, float], None] | None = None,
 ) -> FitResult:
     val_loader = (
         make_loader(
@@ -228,7 +254,7 @@ def _train_epochs(
         n_batches = 0
         for batch in loader:
             for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, total, cfg)
+                group["lr"] = lr_at(step, total, cfg, window)
             batch = to_device(batch, device)
             if augment and len(batch["md"]):
                 for m in model.modalities:
@@ -257,6 +283,10 @@ def _train_epochs(
                     best_state = copy.deepcopy(model.state_dict())
             bar.set_postfix(epoch=epoch + 1, val_mse=f"{val['mse']:.2f}")
         result.history.append(record)
+        if on_epoch is not None:
+            paused_at = time.perf_counter()
+            on_epoch(epoch + 1, paused_at - start)
+            start += time.perf_counter() - paused_at  # the callback's time is not training
         if progress and not interactive:
             val_note = f", val MSE {record['val_mse']:.2f}" if "val_mse" in record else ""
             log.info(

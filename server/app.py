@@ -73,6 +73,29 @@ def resumed_strategy(fed: FedConfig, run: RunDirectory, done: int) -> RemdrStrat
     return strategy
 
 
+def _log_round(r: int, rounds: int, record: dict, scored: int, scores) -> None:
+    """One line per round (the simulator echoes it): its time, and the newest validation.
+
+    In one-message rounds the validation arrives a round late: round r's line scores round
+    r-1's model, and a last line scores the final model."""
+    aggregate, per_site = scores if scores is not None else (record.get("evaluate", {}), {})
+    if not per_site:
+        per_site = {s: m for s, m in record.get("sites", {}).items()}
+    sites = ", ".join(
+        f"{site} {m['eval-val-mse']:.2f}"
+        for site, m in sorted(per_site.items())
+        if "eval-val-mse" in m
+    )
+    val = aggregate.get("val-mse", float("nan"))
+    of = "" if scored == r else f" of round {scored}'s model" if scored else " of the initial model"
+    missing = record.get("missing")
+    took = f" in {record['seconds']:.1f}s" if "seconds" in record else " (final evaluation)"
+    log.info(
+        "remdr round %d/%d: val MSE%s %.2f (%s)%s%s",
+        r, rounds, of, val, sites, took, f"; missing {missing}" if missing else "",
+    )  # fmt: skip
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     cfg, fed = split_run_config(dict(context.run_config))
@@ -99,18 +122,12 @@ def main(grid: Grid, context: Context) -> None:
         run.save_round(
             server_round + done, arrays.to_torch_state_dict(), record, strategy.state_dict()
         )
-        per_site = ", ".join(
-            f"{site} {m['eval-val-mse']:.2f}"
-            for site, m in sorted(record.get("sites", {}).items())
-            if "eval-val-mse" in m
-        )
-        val = record.get("evaluate", {}).get("val-mse", float("nan"))
-        missing = record.get("missing")
-        log.info(
-            "remdr round %d/%d: val MSE %.2f (%s) in %.1fs%s",
-            server_round + done, fed.num_server_rounds, val, per_site, record["seconds"],
-            f"; missing {missing}" if missing else "",
-        )  # fmt: skip
+        scored = server_round + done  # the round whose model these validation scores are of
+        received = strategy.take_received()
+        if received is not None:  # the sites scored the previous round's model as they began
+            scored -= 1
+            run.add_evaluation(scored, *received)
+        _log_round(server_round + done, fed.num_server_rounds, record, scored, received)
         run.write_report({"status": "running", "config": dict(context.run_config)})
         return None
 
@@ -127,6 +144,14 @@ def main(grid: Grid, context: Context) -> None:
                 evaluate_config=ConfigRecord(dict(to_sites)),
                 evaluate_fn=checkpoint,
             )
+        if not fed.separate_evaluate and run.last_round() == fed.num_server_rounds:
+            final = run.last_round()
+            scores = strategy.final_evaluation(
+                ArrayRecord(run.load_weights(final)), ConfigRecord(dict(to_sites)), remaining
+            )
+            if scores is not None:
+                run.add_evaluation(final, *scores)
+                _log_round(final, fed.num_server_rounds, {}, final, scores)
     except RoundAborted as err:
         status, reason = "aborted", str(err)
         log.error("federation aborted: %s", err)

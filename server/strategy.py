@@ -36,6 +36,7 @@ from remdr.server.grid import RetryingGrid
 
 from remdr.federation.run_config import FedConfig
 from remdr.federation.screening import update_problem
+from remdr.federation.site_round import RECEIVED
 from remdr.privacy import epsilon_of
 
 log = logging.getLogger("flwr")  # Flower's handlers stream this to `remdr-server run`
@@ -44,7 +45,7 @@ log = logging.getLogger("flwr")  # Flower's handlers stream this to `remdr-serve
 # Per-site only, never averaged: a site's privacy spend (`dp-*`: one site's epsilon averaged with
 # another's is no guarantee of anyone; each site's value stays in the round record and in
 # report.privacy) and its own test split (`test-*`: reported per site, so nothing selects on it).
-PER_SITE_ONLY = ("dp-", "test-", "num-test")
+PER_SITE_ONLY = ("dp-", "test-", "num-test", RECEIVED)
 
 
 def aggregate_metrics(records: list[RecordDict], weight_key: str) -> MetricRecord:
@@ -85,6 +86,9 @@ class RemdrStrategy(Strategy):
         self.grid: RetryingGrid | None = None
         self.site_of_node: dict[int, str] = {}
         self.current: dict = {}
+        # each site's validation of the model it was sent this round (the previous round's
+        # model), from the train replies: the ServerApp files it under that round
+        self.received: dict[str, dict] = {}
         self._sampled: dict[str, list[int]] = {}
         self._global: dict[str, np.ndarray] = {}
         # called with each site-level DP release the moment it is made, before the model
@@ -146,6 +150,11 @@ class RemdrStrategy(Strategy):
                 self._error(site, phase, msg.error.reason)
                 continue
             metrics = dict(next(iter(msg.content.metric_records.values())))
+            scored = {
+                k[len(RECEIVED) :]: metrics.pop(k) for k in list(metrics) if k.startswith(RECEIVED)
+            }
+            if scored:
+                self.received[site] = scored
             prefix = "" if phase == "train" else "eval-"
             rec.setdefault(site, {}).update({f"{prefix}{k}": v for k, v in metrics.items()})
             good.append(msg)
@@ -201,6 +210,35 @@ class RemdrStrategy(Strategy):
         base.min_train_nodes = base.min_evaluate_nodes = base.min_available_nodes = have
         if hasattr(self.inner, "num_sampled_clients"):  # the cohort m; see `_release`
             self.inner.num_sampled_clients = have
+
+    def take_received(self) -> tuple[dict, dict[str, dict]] | None:
+        """(aggregate, per-site `eval-*` metrics) of the previous round's model as the sites
+        scored it before training this round; None when no site sent them. Clears them."""
+        if not self.received:
+            return None
+        per_site = {s: {f"eval-{k}": v for k, v in m.items()} for s, m in self.received.items()}
+        records = [
+            RecordDict({"metrics": MetricRecord({**m, "num-examples": m.get("num-val", 0)})})
+            for m in self.received.values()
+        ]
+        self.received = {}
+        return dict(aggregate_metrics(records, "num-examples")), per_site
+
+    def final_evaluation(self, arrays: ArrayRecord, config, server_round: int):
+        """One evaluate message per site for the last round's model (in one-message rounds no
+        train reply ever scores it): (aggregate, per-site `eval-*` metrics), or None."""
+        base = getattr(self.inner, "strategy", self.inner)
+        base.fraction_evaluate = 1.0
+        self.current = {"round": server_round + self.round_offset}
+        msgs = self.configure_evaluate(server_round, arrays, config, self.grid)
+        replies = self.grid.send_and_receive(msgs, timeout=self.fed.round_timeout)
+        if self.aggregate_evaluate(server_round, replies) is None:
+            return None
+        per_site = {
+            s: {k: v for k, v in m.items() if k.startswith("eval-")}
+            for s, m in self.current.get("sites", {}).items()
+        }
+        return self.current["evaluate"], per_site
 
     def configure_train(self, server_round, arrays, config, grid):  # noqa: D102
         self.current = {"round": server_round + self.round_offset, "started": time.time()}
@@ -320,7 +358,7 @@ def build_strategy(fed: FedConfig) -> RemdrStrategy:
     base = BASES[fed.strategy]
     kwargs = {
         "fraction_train": fed.fraction_train,
-        "fraction_evaluate": 1.0,
+        "fraction_evaluate": 1.0 if fed.separate_evaluate else 0.0,
         "min_train_nodes": fed.min_nodes,
         "min_evaluate_nodes": fed.min_nodes,
         "min_available_nodes": fed.min_nodes,

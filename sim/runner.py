@@ -107,10 +107,14 @@ def check_finished(code: int, log_path: Path) -> None:
 
 
 def stream_printer(prefix: str = "  ") -> Callable[[str], None]:
+    last = [""]  # Flower's stream can carry a log line twice (its handler and a root handler)
+
     def show(line: str) -> None:
         m = ROUND_LINE.search(line)
         if m:
-            print(prefix + m.group(0).replace("remdr ", ""), flush=True)
+            if m.group(0) != last[0]:
+                print(prefix + m.group(0).replace("remdr ", ""), flush=True)
+            last[0] = m.group(0)
         elif "ServerApp raised" in line or "error in reply" in line:
             print(prefix + line.strip(), file=sys.stderr, flush=True)
 

@@ -28,7 +28,10 @@ ALLOWED = {
     "core": {"foundation", "privacy", "core"},
     "federation": {"foundation", "privacy", "core", "federation"},
     "ops": {"foundation", "core", "ops"},
-    **{app: {"foundation", "privacy", "core", "federation", "ops", app} for app in APPS},
+    # the command-line entry points sit above the core and the ops tooling (remdr-bench
+    # federation starts a loopback deployment); only the apps build on them
+    "cli": {"foundation", "privacy", "core", "ops", "cli"},
+    **{app: {"foundation", "privacy", "core", "federation", "ops", "cli", app} for app in APPS},
 }
 FOUNDATION = {"remdr", "remdr.config", "remdr.errors"}
 
@@ -39,7 +42,7 @@ def layer_of(module: str) -> str:
     for app in APPS:
         if module == app or module.startswith(app + "."):
             return app
-    for sub in ("privacy", "federation", "ops"):
+    for sub in ("privacy", "federation", "ops", "cli"):
         if module == f"remdr.{sub}" or module.startswith(f"remdr.{sub}."):
             return sub
     return "core"

@@ -83,7 +83,7 @@ def test_fedbn_keeps_local_norm_layers(tiny_data):
     ctx = _context(tiny_data, run_config)
     app(_message(MessageType.TRAIN, initial, {"server-round": 1}), ctx)
     local = ctx.state["fedbn"].to_torch_state_dict()
-    assert set(local) == set(norm_state_keys(create_method("concat").build_model(*_cfgs())))
+    assert set(local) == set(norm_state_keys(build_model(split_run_config(run_config)[0])))
     # the next round starts from the global weights but with this site's own norm layers
     reply = app(_message(MessageType.EVALUATE, initial, {"server-round": 1}), ctx)
     plain = app(
@@ -143,6 +143,10 @@ def test_strategy_wiring_is_a_fixed_cohort(name):
     _, fed = split_run_config({"strategy": name, "min-nodes": 3})
     s = build_strategy(fed).inner
     assert type(s).__name__.lower() == name
+    assert s.min_train_nodes == s.min_available_nodes == 3
+    assert s.fraction_evaluate == 0.0  # one message per round: the train reply scores the model
+    _, fed = split_run_config({"strategy": name, "min-nodes": 3, "separate-evaluate": "true"})
+    s = build_strategy(fed).inner
     assert s.min_train_nodes == s.min_evaluate_nodes == s.min_available_nodes == 3
     if name == "fedprox":
         assert s.proximal_mu == fed.proximal_mu
@@ -228,6 +232,7 @@ def test_site_dp_wraps_the_strategy_and_needs_float_only_models():
     assert type(s.inner).__name__ == "DifferentialPrivacyServerSideFixedClipping"
     assert s.inner.strategy.weighted_by_key == "unit-weight"  # a plain mean of clipped updates
     with pytest.raises(ConfigError, match="group-norm"):
-        split_run_config({"site-dp": "fixed"})
+        split_run_config({"site-dp": "fixed", "group-norm": "false"})
+    split_run_config({"site-dp": "fixed"})  # GroupNorm is the federated default
     with pytest.raises(ConfigError, match="strategy"):
         split_run_config({"site-dp": "adaptive", "group-norm": "true", "strategy": "krum"})

@@ -205,27 +205,37 @@ def _request(node: int) -> Message:
 
 class _Federation:
     """A SuperLink's view: node 2 is unavailable to the first message sent to it; `listed` are
-    the node ids `get_node_ids()` returns, one entry per call (the last one repeats)."""
+    the node ids `get_node_ids()` returns, one entry per call (the last one repeats). A reply
+    becomes pullable only on the `late`-th pull after its push, as a site's training takes time."""
 
-    def __init__(self, listed: list[list[int]]) -> None:
-        self.listed, self.sent = listed, []
+    def __init__(self, listed: list[list[int]], late: int = 1) -> None:
+        self.listed, self.sent, self.late = listed, [], late
+        self.queued: dict[str, tuple[int, Message]] = {}  # message id -> (pulls left, reply)
 
     def get_node_ids(self):
         return self.listed.pop(0) if len(self.listed) > 1 else self.listed[0]
 
-    def send_and_receive(self, messages, *, timeout=None):
+    def push_messages(self, messages):
         messages = list(messages)
         self.sent.append([m.metadata.dst_node_id for m in messages])
-        replies = []
         for m in messages:
             m.metadata.__dict__["_message_id"] = m.object_id  # as Flower's push_messages does
             if m.metadata.dst_node_id == 2 and len(self.sent) == 1:
-                replies.append(
-                    Message(Error(code=NODE_UNAVAILABLE, reason="no heartbeat"), reply_to=m)
-                )
+                reply = Message(Error(code=NODE_UNAVAILABLE, reason="no heartbeat"), reply_to=m)
             else:
-                replies.append(Message(RecordDict(), reply_to=m))
-        return replies
+                reply = Message(RecordDict(), reply_to=m)
+            self.queued[m.object_id] = (self.late, reply)
+        return [m.object_id for m in messages]
+
+    def pull_messages(self, message_ids):
+        ready = []
+        for mid in list(message_ids):
+            left, reply = self.queued[mid]
+            if left <= 1:
+                ready.append(self.queued.pop(mid)[1])
+            else:
+                self.queued[mid] = (left - 1, reply)
+        return ready
 
 
 @pytest.fixture()
@@ -238,8 +248,8 @@ def _in_a_run(monkeypatch):
 def test_a_reconnecting_site_is_sent_its_message_again(_in_a_run):
     """Right after the ServerApp starts (a SuperLink restart) node 2 is unavailable and not
     listed: it is still reconnecting, so the grid waits until Flower lists it again and resends."""
-    link = _Federation(listed=[[1], [1], [1, 2]])
-    grid = RetryingGrid(link, reconnect_window=30.0, poll=0.01)
+    link = _Federation(listed=[[1], [1], [1, 2]], late=3)
+    grid = RetryingGrid(link, reconnect_window=30.0, poll=0.01, reply_poll=0.01)
     replies = grid.send_and_receive([_request(1), _request(2)], timeout=60)
     assert link.sent == [[1, 2], [2]]
     assert [r.has_error() for r in replies] == [False, False]

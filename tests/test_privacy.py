@@ -20,6 +20,7 @@ from remdr.privacy import (
     choose_grad_sample_mode,
     epsilon_of,
     make_dp_ready,
+    open_private,
     per_sample_gradient_error,
     plan,
     privacy_report,
@@ -329,6 +330,30 @@ def test_empty_poisson_batches_still_release_noise_and_training_completes(tiny_d
                  privacy=cfg.privacy)  # fmt: skip
     assert empty_steps > 0
     assert np.isfinite(result.history[-1]["train_loss"])
+
+
+def test_an_empty_first_poisson_batch_is_an_empty_dict_batch(tiny_data):
+    """Opacus' own empty first batch assumes tuple samples; ours are dicts. The private loader
+    answers an empty draw with zero-row tensors of each item's shape instead."""
+    cfg = _cfg(**{"method": "concat_dp", "dp-epsilon-max": 1e6})
+    data = load_splits(tiny_data, cfg)
+    m = create_method("concat_dp", cfg.method)
+    model = build_model(cfg, m)
+    session = open_private(
+        model, torch.optim.SGD(model.parameters(), lr=0.1), data.train,
+        loss_fn=lambda mod, b: m.loss(mod, b)[0], method_name="concat_dp", train_cfg=cfg.train,
+        privacy=cfg.privacy, epochs=1,
+    )  # fmt: skip
+    try:
+        empty = session.loader.collate_fn([])
+        item = data.train[0]
+        assert set(empty) == set(item)
+        for k, v in item.items():
+            assert empty[k].shape == (0, *v.shape) and empty[k].dtype == v.dtype
+        full = session.loader.collate_fn([data.train[0], data.train[1]])
+        assert full["md"].shape == (2,)
+    finally:
+        session.close("aborted", model)
 
 
 def test_two_sites_in_one_round_draw_different_noise(tiny_data):

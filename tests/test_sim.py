@@ -113,7 +113,8 @@ def test_a_private_method_gets_the_readme_dp_recipe_unless_overridden(tmp_path, 
     assert cfg.privacy.dp_target_epsilon == 0.0 and cfg.privacy.dp_noise == 2.0
     assert set(recipe) == {"schedule"}
     cfg, epochs, recipe = sim_cli.resolve_config(parse([]))  # a non-private method: no recipe
-    assert (cfg.train.lr, cfg.train.batch_size, epochs, recipe) == (1e-3, 32, 1, {})
+    assert (cfg.train.lr, cfg.train.batch_size, epochs, recipe) == (1e-3, 8, 1, {})
+    assert cfg.privacy.group_norm and cfg.train.schedule == "constant"  # the federated defaults
     # and the simulator says so first, before it even looks at the data
     out = ["--out", str(tmp_path / "o"), "--data", str(tmp_path / "none")]
     assert sim_cli.main(["--method", "remdr_dp", *out]) == 2

@@ -47,6 +47,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--rounds", type=int, default=5)
     s.add_argument("--out", default="", help="optional JSON file for the numbers")
     _add_data_flags(s)
+    f = sub.add_parser(
+        "federation",
+        help="a loopback deployment (real SuperLink/SuperNodes): per-round time, on-site "
+        "training time, their difference, bytes per round",
+    )
+    f.add_argument("--rounds", type=int, default=3)
+    f.add_argument("--sites", type=int, default=2)
+    f.add_argument("--eyes-per-site", type=int, default=32)
+    f.add_argument(
+        "--compare-separate-evaluate",
+        action="store_true",
+        help="also run with an evaluate message every round (Flower's usual two messages)",
+    )
+    f.add_argument("--out", default="", help="optional JSON file for the numbers")
     return ap
 
 
@@ -133,11 +147,35 @@ def cmd_speed(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_federation(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from remdr.ops.federation_bench import format_cost, measure
+
+    variants = {"one message per round": {}}
+    if args.compare_separate_evaluate:
+        variants["separate evaluate message"] = {"separate-evaluate": True}
+    results = {}
+    for label, overrides in variants.items():
+        cost = measure(args.rounds, args.sites, args.eyes_per_site, overrides)
+        print(format_cost(cost, label), flush=True)
+        results[label] = {
+            **asdict(cost),
+            "median_overhead": cost.median_overhead,
+            "bytes_ratio": cost.bytes_ratio,
+        }
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(results, indent=2))
+    return 0
+
+
+COMMANDS = {"methods": cmd_methods, "speed": cmd_speed, "federation": cmd_federation}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return run_cli(
-        "remdr-bench", lambda: cmd_methods(args) if args.command == "methods" else cmd_speed(args)
-    )
+    return run_cli("remdr-bench", lambda: COMMANDS[args.command](args))
 
 
 if __name__ == "__main__":

@@ -118,10 +118,36 @@ class RunDirectory:
             self._round_path(r, "json"),
             json.dumps(clean({"round": r, **record}), indent=2, default=_jsonable),
         )
+        self._maybe_best(r, record, weights)
+
+    def add_evaluation(
+        self, r: int, aggregate: dict[str, Any], per_site: dict[str, dict[str, Any]]
+    ) -> None:
+        """Attach the sites' validation of round `r`'s model, measured after the record was
+        written (in the next round's train replies, or the final evaluation), and move
+        `best.safetensors` to it if it is now the best round."""
+        if not self._round_path(r, "json").is_file():
+            return
+        record = self.record(r)
+        record["evaluate"] = aggregate
+        sites = record.setdefault("sites", {})
+        for site, metrics in per_site.items():
+            sites.setdefault(site, {}).update(metrics)
+        _atomic_write(
+            self._round_path(r, "json"), json.dumps(clean(record), indent=2, default=_jsonable)
+        )
+        self._maybe_best(r, record)
+
+    def _maybe_best(
+        self, r: int, record: dict[str, Any], weights: dict[str, torch.Tensor] | None = None
+    ) -> None:
         val = record.get("evaluate", {}).get("val-mse")
-        if val is not None and math.isfinite(val) and val <= self.best_val_mse():
-            save_file(weights, str(self.dir / "best.safetensors"), metadata=meta)
-            _atomic_write(self.dir / "best.json", json.dumps({"round": r, "val-mse": val}))
+        if val is None or not math.isfinite(val) or val > self.best_val_mse():
+            return
+        meta = {"remdr_version": __version__, "round": str(r)}
+        weights = weights if weights is not None else self.load_weights(r)
+        save_file(weights, str(self.dir / "best.safetensors"), metadata=meta)
+        _atomic_write(self.dir / "best.json", json.dumps({"round": r, "val-mse": val}))
 
     def best_val_mse(self) -> float:
         best = self.dir / "best.json"

@@ -21,6 +21,7 @@ from remdr.config import ExperimentConfig
 from remdr.data import load_dataset
 from remdr.data.dataset import EyeDataset
 from remdr.data.loading import Dataset
+from remdr.data.preprocessed import warm
 from remdr.data.splits import split_records
 from remdr.errors import RemdrError, TrainingError
 from remdr.federation.run_config import FedConfig
@@ -42,12 +43,15 @@ class SiteData:
     test: EyeDataset  # the site's own shipped test/ split (maybe empty): reported, never chosen on
 
 
-def load_site(data_path: str | Path, cfg: ExperimentConfig, seed: int = 0) -> SiteData:
+def load_site(
+    data_path: str | Path, cfg: ExperimentConfig, seed: int = 0, *, cache: bool = False
+) -> SiteData:
     """The site's records split by patient into local train and validation sets.
 
     A site that ships its own splits keeps its `test/` patients apart: they are never trained
     on, never validated on (so never select a model), only reported. Without a shipped `val/`,
-    validation patients are split off its `train/` records."""
+    validation patients are split off its `train/` records. With `cache`, the decoded tensors
+    come from (or go to) the site's preprocessed cache on its disk (`remdr.data.preprocessed`)."""
     ds = load_dataset(data_path, cfg.data, quiet=True)
     test: list = []
     if ds.has_splits:
@@ -60,13 +64,17 @@ def load_site(data_path: str | Path, cfg: ExperimentConfig, seed: int = 0) -> Si
     else:
         parts = split_records(ds.records, cfg.data.val_fraction, 0.0, seed)
         train, val = parts["train"], parts["val"]
-    return SiteData(
+    site = SiteData(
         ds, EyeDataset(train, cfg.data), EyeDataset(val, cfg.data), EyeDataset(test, cfg.data)
     )
+    if cache:  # decoded once on this machine, then read back by every later round's process
+        warm([site.train, site.val, site.test], cfg.data, name=str(Path(data_path).resolve()))
+    return site
 
 
 # -- one round at a site ----------------------------------------------------------------------
 
+RECEIVED = "received-"  # metric prefix: the site's validation of the model it was sent
 NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)
 
 
@@ -85,6 +93,7 @@ class RoundResult:
     metrics: dict[str, float]
     method_state: dict
     local_state: dict[str, torch.Tensor] = field(default_factory=dict)
+    optimizer_state: dict | None = None  # the site's AdamW moments: kept at the site, never sent
 
 
 def _metrics_record(prefix: str, m: dict[str, float]) -> dict[str, float]:
@@ -128,9 +137,14 @@ def train_round(
     server_round: int = 1,
     method_state: dict | None = None,
     local_state: dict[str, torch.Tensor] | None = None,
+    optimizer_state: dict | None = None,
     ledger_label: dict | None = None,
 ) -> RoundResult:
     """Train the global model on this site for `fed.local_epochs`; return weights and metrics.
+
+    Unless `fed.separate_evaluate`, the received model is first validated on the site's
+    held-out patients (`received-*` metrics: the previous round's global model), so a round
+    needs one message per site instead of a train and an evaluate message.
 
     A private method trains under the site's `cfg.privacy` (ledger, ceiling) and reports the
     site's cumulative epsilon; a round that would break the ceiling raises PrivacyError first.
@@ -141,7 +155,9 @@ def train_round(
     device = resolve_device(cfg.train.device)
     seed = cfg.train.seed + 1000 * server_round
     seed_everything(seed, device)
-    train_cfg = dataclasses.replace(cfg.train, seed=seed, schedule="constant")
+    train_cfg = dataclasses.replace(cfg.train, seed=seed)
+    rounds = max(fed.num_server_rounds, server_round)
+    window = ((server_round - 1) / rounds, server_round / rounds)  # one schedule for the run
     method = create_method(cfg.train.method, cfg.method)
     method.setup(site.train.targets(), seed=seed)
     if method_state:
@@ -151,6 +167,11 @@ def train_round(
     if fed.fedbn and local_state:
         model.load_state_dict(local_state, strict=False)
     model = prepare_model(model, device)
+    received = {}
+    if not fed.separate_evaluate:
+        scores = evaluate_site(model, site, cfg, device, test=True)
+        received = {f"{RECEIVED}{k}": v for k, v in scores.items()}
+        model.train()  # evaluation left it in eval mode; Opacus wraps only a training model
     anchor = {k: v.detach().clone().to(device) for k, v in model.named_parameters()}
     mu = fed.proximal_mu if fed.strategy == "fedprox" else 0.0
     start = time.perf_counter()
@@ -168,6 +189,8 @@ def train_round(
         privacy=cfg.privacy,
         planned_rounds=fed.num_server_rounds,
         ledger_label={"round": server_round, **(ledger_label or {})},
+        schedule_window=window,
+        optimizer_state=optimizer_state if fed.keep_site_optimizer else None,
     )
     seconds = time.perf_counter() - start
     metrics = {
@@ -190,9 +213,11 @@ def train_round(
             }
         )
     metrics.update(evaluate_site(model, site, cfg, device))
+    metrics.update(received)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     local = {k: state[k] for k in norm_state_keys(model)} if fed.fedbn else {}
-    return RoundResult(state, metrics, method.state_dict(), local)
+    kept = result.optimizer_state if fed.keep_site_optimizer else None
+    return RoundResult(state, metrics, method.state_dict(), local, kept)
 
 
 def evaluate_site(

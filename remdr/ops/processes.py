@@ -29,6 +29,9 @@ def flower_env(flwr_home: str | Path | None = None) -> dict[str, str]:
     """Telemetry and update checks off; this environment's bin first on PATH, because Flower
     starts its helpers (`flower-superexec`, `flwr-clientapp`) by name."""
     env = {**os.environ, **SAFE_ENV}
+    # Flower's SuperExec looks for a new message to run every 1 s by default; 0.1 s saves most
+    # of a second per message for a few ms of CPU (a supported setting; yours wins if set)
+    env.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.1")
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
     if flwr_home is not None:
         env["FLWR_HOME"] = str(flwr_home)

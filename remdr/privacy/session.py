@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import time
 import warnings
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -37,6 +38,19 @@ from remdr.privacy.gradcheck import LossFn, choose_grad_sample_mode, probe_batch
 from remdr.privacy.ledger import LedgerHold, PrivacyLedger
 from remdr.privacy.randomness import COVERS, RANDOMNESS, private_generator
 from remdr.privacy.sampling import PatientRows
+
+
+def empty_safe_collate(collate: Callable, example: dict[str, torch.Tensor]) -> Callable:
+    """`collate`, except that an empty batch becomes a dict of zero-row tensors shaped like
+    `example` (one item), which the training loop takes as a noise-only step."""
+    empty = {k: torch.zeros((0, *v.shape), dtype=v.dtype) for k, v in example.items()}
+
+    def collate_or_empty(batch: list):
+        if len(batch) == 0:
+            return {k: v.clone() for k, v in empty.items()}
+        return collate(batch)
+
+    return collate_or_empty
 
 
 class PrivateSession:
@@ -86,6 +100,9 @@ class PrivateSession:
                 grad_sample_mode=grad_sample_mode,
                 noise_generator=private_generator(device),
             )
+        # Opacus builds an empty first batch from `dataset[0]` as if it were a tuple; ours are
+        # dicts, so an empty Poisson batch (still a noised step) gets our own empty dict instead
+        self.loader.collate_fn = empty_safe_collate(self.loader.collate_fn, rows[0])
         if abs(self.loader.sample_rate - privacy_plan.sample_rate) > 1e-12:
             raise PrivacyError("Opacus chose a different sample rate than planned", "internal")
 
