@@ -53,6 +53,7 @@ def node_config(
     ledger: Path | None = None,
     epsilon_max: float | None = None,
     require_dp: bool = False,
+    worker: Path | None = None,
 ) -> str:
     """`--node-config` value: TOML literals, so strings are quoted."""
 
@@ -66,17 +67,19 @@ def node_config(
         out += f" epsilon-max={float(epsilon_max)!r}"
     if require_dp:
         out += ' require-dp="true"'
+    if worker is not None:
+        out += f" worker={q(str(worker))}"
     return out
 
 
-def supernode_command(args: argparse.Namespace) -> list[str]:
+def supernode_command(args: argparse.Namespace, worker: Path | None = None) -> list[str]:
     from remdr.ops.processes import executable
 
     cmd = [
         executable("flower-supernode"),
         "--superlink", args.superlink,
         "--node-config", node_config(
-            args.data, args.site_id, ledger_path(args), args.epsilon_max, args.require_dp
+            args.data, args.site_id, ledger_path(args), args.epsilon_max, args.require_dp, worker
         ),
         "--port", str(args.port),
     ]  # fmt: skip
@@ -102,12 +105,31 @@ def cmd_start(args: argparse.Namespace) -> int:
         return 0
     if not args.site_id:
         raise ConfigError("no --site-id given", "the coordinator's report names sites by it")
-    cmd = supernode_command(args)
+    supernode_command(args)  # refuse bad TLS settings before anything starts
     from remdr.ops.processes import flower_env
 
+    worker = None if args.no_worker else start_worker(args, flower_env())
+    cmd = supernode_command(args, worker)
     print(f"remdr-client: connecting site {args.site_id} to {args.superlink}", flush=True)
     os.execvpe(cmd[0], cmd, flower_env())
     return 0  # not reached
+
+
+def start_worker(args: argparse.Namespace, env: dict[str, str]) -> Path:
+    """Start the site worker (`remdr.client.worker`) in a fresh private folder (0700) with a
+    random key (0600); it exits when this process, about to become the SuperNode, is gone."""
+    import secrets
+    import subprocess
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp(prefix="remdr-site-worker-"))
+    key = folder / "authkey"
+    key.touch(mode=0o600)
+    key.write_bytes(secrets.token_bytes(32))
+    label = f"site {args.site_id} 127.0.0.1:{args.port}"  # names it in process lists
+    cmd = [sys.executable, "-m", "remdr.client.worker", "--folder", str(folder)]
+    subprocess.Popen([*cmd, "--parent", str(os.getpid()), "--label", label], env=env)
+    return folder
 
 
 def cmd_privacy_report(args: argparse.Namespace) -> int:
@@ -154,6 +176,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument(
         "--require-dp", action="store_true", help="refuse methods that do not train under DP-SGD"
+    )
+    s.add_argument(
+        "--no-worker",
+        action="store_true",
+        help="no long-lived site worker: every message imports torch and loads the site afresh",
     )
     r = sub.add_parser("privacy-report", help="print the site's privacy ledger and its total")
     r.add_argument("--site-id", default="", help="the site (locates the default ledger)")

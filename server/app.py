@@ -89,10 +89,12 @@ def _log_round(r: int, rounds: int, record: dict, scored: int, scores) -> None:
     val = aggregate.get("val-mse", float("nan"))
     of = "" if scored == r else f" of round {scored}'s model" if scored else " of the initial model"
     missing = record.get("missing")
-    took = f" in {record['seconds']:.1f}s" if "seconds" in record else " (final evaluation)"
+    if "seconds" not in record:  # the final evaluation: not a round of its own
+        log.info("remdr final model (round %d/%d): val MSE %.2f (%s)", r, rounds, val, sites)
+        return
     log.info(
-        "remdr round %d/%d: val MSE%s %.2f (%s)%s%s",
-        r, rounds, of, val, sites, took, f"; missing {missing}" if missing else "",
+        "remdr round %d/%d: val MSE%s %.2f (%s) in %.1fs%s",
+        r, rounds, of, val, sites, record["seconds"], f"; missing {missing}" if missing else "",
     )  # fmt: skip
 
 

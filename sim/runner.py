@@ -20,7 +20,7 @@ from remdr.errors import RemdrError
 from remdr.federation.app_bundle import write_bundle
 from remdr.ops.processes import executable, flower_env, free_port, kill_matching
 
-ROUND_LINE = re.compile(r"remdr round \d+/\d+:.*")
+ROUND_LINE = re.compile(r"remdr (round|final model \(round) \d+/\d+\)?:.*")
 ERROR_LINE = re.compile(r"ERROR|Traceback|error in reply|Exception", re.IGNORECASE)
 
 
