@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 
+import torch  # noqa: F401  Flower's to_torch_state_dict needs torch already imported
 from flwr.app import ArrayRecord, Context, Message
 from flwr.clientapp import ClientApp
 from remdr.client.app import evaluate, train
