@@ -148,6 +148,33 @@ def explicit_keys(args: argparse.Namespace) -> set[str]:
     return keys
 
 
+def check_sim_flags(args: argparse.Namespace) -> None:
+    """Every problem with the simulator's own flags, in one line, before any work starts."""
+    import math
+
+    from remdr.errors import Problems
+
+    p = Problems()
+    for flag, value, low in (("--sites", args.sites, 1), ("--rounds", args.rounds, 1),
+                             ("--synthetic-n", args.synthetic_n, 8)):  # fmt: skip
+        if value < low:
+            p.add(f"{flag} {value}", f"must be at least {low}")
+    if args.local_epochs is not None and args.local_epochs < 1:
+        p.add(f"--local-epochs {args.local_epochs}", "must be at least 1")
+    if not (math.isfinite(args.alpha) and args.alpha > 0):
+        p.add(f"--alpha {args.alpha:g}", "the Dirichlet concentration must be a positive number",
+              "smaller is more label skew, e.g. 0.3; 1 is the default")  # fmt: skip
+    if not (math.isfinite(args.test_fraction) and 0 < args.test_fraction < 1):
+        p.add(f"--test-fraction {args.test_fraction:g}", "must be between 0 and 1, e.g. 0.2")
+    for flag, value in (("--cpus-per-site", args.cpus_per_site),
+                        ("--gpus-per-site", args.gpus_per_site)):  # fmt: skip
+        if not (math.isfinite(value) and value >= 0):
+            p.add(f"{flag} {value:g}", "must be a number of at least 0")
+    if args.cpus_per_site == 0:
+        p.add("--cpus-per-site 0", "a virtual site needs some CPU, e.g. 1")
+    p.raise_if_any()
+
+
 def resolve_config(args: argparse.Namespace) -> tuple[ExperimentConfig, int, dict]:
     """(core config, local epochs, the DP recipe keys used): a private method gets the
     README's DP recipe for every recipe key the user did not set."""
@@ -218,6 +245,7 @@ def simulate(args: argparse.Namespace) -> int:
     from remdr.ops.processes import free_port
 
     t0 = time.perf_counter()
+    check_sim_flags(args)
     cfg, local_epochs, recipe = resolve_config(args)
     if recipe:
         print(

@@ -234,3 +234,25 @@ def test_private_simulation_reports_epsilon_per_site_and_sites_decline_past_the_
     assert privacy["site_level"]["releases"] == 1
     assert privacy["site_level"]["epsilon"] == pytest.approx(epsilon_of([(1.0, 1.0, 1)], delta))
     assert not _simulation_processes()
+
+
+@pytest.mark.parametrize(
+    "flags, names",
+    [
+        (["--sites", "0"], ["--sites 0"]),
+        (["--alpha", "-1"], ["--alpha -1"]),
+        (["--alpha", "nan", "--rounds", "0"], ["--alpha nan", "--rounds 0"]),
+        (["--test-fraction", "1"], ["--test-fraction 1"]),
+        (
+            ["--local-epochs", "0", "--cpus-per-site", "0"],
+            ["--local-epochs 0", "--cpus-per-site 0"],
+        ),
+    ],
+)
+def test_bad_simulator_flags_are_one_line_before_any_work(tmp_path, capsys, flags, names):
+    out = tmp_path / "o"
+    code = sim_cli.main([*flags, "--out", str(out), "--data", str(tmp_path / "none")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "Traceback" not in err[0]
+    assert all(name in err[0] for name in names)
+    assert not out.exists()  # refused before anything was made
