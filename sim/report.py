@@ -9,6 +9,40 @@ import numpy as np
 from remdr.metrics import BINS
 
 
+def per_site_plot(results: dict, last: dict[str, dict], path: Path) -> None:
+    """Like with like: the global test set for every model (each site alone as bars, federated
+    and centralized as lines), and separately the global model on each site's validation."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = sorted(last)
+    x = np.arange(len(names))
+    fig, (test_ax, val_ax) = plt.subplots(1, 2, figsize=(max(8, 2.2 * len(names) + 3), 3.6))
+    if "local" in results:
+        test_ax.bar(x, [results["local"][n]["test"]["mse"] for n in names], 0.6,
+                    label="site alone")  # fmt: skip
+    test_ax.axhline(results["federated"]["test"]["mse"], color="k", ls="--", lw=0.8, zorder=3,
+                    label="federated")  # fmt: skip
+    if "centralized" in results:
+        test_ax.axhline(results["centralized"]["test"]["mse"], color="gray", ls=":", lw=1.0, zorder=3,
+                        label="centralized")  # fmt: skip
+    test_ax.set_title("global test set" + ("" if "local" in results else
+                      " (--compare-local adds each site alone)"), fontsize=9)  # fmt: skip
+    test_ax.set_xlim(-0.5, len(names) - 0.5)
+    test_ax.set_ylim(bottom=0)
+    val_ax.bar(x, [last[n].get("eval-val-mse", np.nan) for n in names], 0.6, color="tab:orange")
+    val_ax.set_title("federated model, each site's validation patients", fontsize=9)
+    for ax in (test_ax, val_ax):
+        ax.set_xticks(x, names)
+        ax.set_ylabel("MSE (dB²)")
+    test_ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def wallclock_plot(results: dict, path: Path) -> None:
     """Test MSE against wall-clock seconds: federated after each round, centralized after each
     epoch, and the centralized final level as a reference line."""
@@ -41,7 +75,6 @@ def write_sim_report(out: Path, report: dict, fed_preds: dict[str, np.ndarray]) 
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     from remdr.plots import learning_curves, scatter_pred_vs_true
 
@@ -63,35 +96,7 @@ def write_sim_report(out: Path, report: dict, fed_preds: dict[str, np.ndarray]) 
     wallclock_plot(results, out / "wallclock.png")
 
     last = fed["rounds"][-1]["sites"] if fed["rounds"] else {}
-    names = sorted(last)
-    fig, ax = plt.subplots(figsize=(max(5, 1.3 * len(names) + 2), 3.6))
-    x = np.arange(len(names))
-    ax.bar(
-        x - 0.2,
-        [last[n].get("eval-val-mse", np.nan) for n in names],
-        0.4,
-        label="global model, site validation",
-    )
-    if "local" in results:
-        ax.bar(
-            x + 0.2,
-            [results["local"][n]["test"]["mse"] for n in names],
-            0.4,
-            label="site alone, global test",
-        )
-    ax.axhline(
-        results["federated"]["test"]["mse"],
-        color="k",
-        ls="--",
-        lw=0.8,
-        label="federated, global test",
-    )
-    ax.set_xticks(x, names)
-    ax.set_ylabel("MSE (dB²)")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "per_site.png", dpi=110)
-    plt.close(fig)
+    per_site_plot(results, last, out / "per_site.png")
 
     part = report["partition"]
     lines = [
