@@ -68,7 +68,9 @@ def node_config(
     if require_dp:
         out += ' require-dp="true"'
     if worker is not None:
-        out += f" worker={q(str(worker))}"
+        from remdr.client.worker_link import WORKER_KEY
+
+        out += f" {WORKER_KEY}={q(str(worker))}"
     return out
 
 
@@ -122,8 +124,10 @@ def start_worker(args: argparse.Namespace, env: dict[str, str]) -> Path:
     import subprocess
     import tempfile
 
+    from remdr.client.worker_link import AUTHKEY
+
     folder = Path(tempfile.mkdtemp(prefix="remdr-site-worker-"))
-    key = folder / "authkey"
+    key = folder / AUTHKEY
     key.touch(mode=0o600)
     key.write_bytes(secrets.token_bytes(32))
     label = f"site {args.site_id} 127.0.0.1:{args.port}"  # names it in process lists

@@ -4,15 +4,12 @@ The ClientApp (`remdr.client.app`) hands each message here, either in its own pr
 `flower-supernode`) or through the site's long-lived worker (`remdr.client.worker`), which keeps
 torch and the site's data loaded between rounds; the code and the replies are the same.
 
-Node config (set by `remdr-client` or the simulator): `data-path` (the site's data folder),
-`site-id`, and the site's privacy policy: `ledger` (its append-only privacy ledger),
-`epsilon-max` (its ceiling; the coordinator can only lower it) and `require-dp` (refuse methods
-that do not train under DP-SGD). The coordinator's run config can never move the ledger or raise
-the ceiling. Cross-round state (the method's EMA modality scores and, with FedBN, the site's own
-normalisation layers) lives on the site's disk beside its ledger, per coordinator run
-(`remdr.federation.site_state`), so it survives a coordinator restart, which starts a new Flower
-run with an empty `context.state`; a site without a ledger keeps it in `context.state` only.
-Replies carry weights and aggregate metrics.
+The node config keys are described in `remdr.client.app`. Cross-round state (the method's EMA
+modality scores, the site's AdamW moments and, with FedBN, its own normalisation layers) lives on
+the site's disk beside its ledger, per coordinator run (`remdr.federation.site_state`), so it
+survives a coordinator restart, which starts a new Flower run with an empty `context.state`; a
+site without a ledger keeps it in `context.state` only (`RunMemory`). Replies carry weights and
+aggregate metrics.
 """
 
 from __future__ import annotations
@@ -98,12 +95,42 @@ def _ledger(context: Context, fed) -> str:
     return ledger
 
 
-def _site_state(msg: Message, context: Context, fed) -> SiteState | None:
+class RunMemory:
+    """`SiteState`'s interface over `context.state`, for a site without a ledger (so without a
+    folder of its own): the latest round's state, for as long as this Flower run lasts."""
+
+    def __init__(self, state: RecordDict) -> None:
+        self.state = state
+
+    def load(self, before: int) -> tuple[dict | None, dict | None, dict | None]:
+        state = self.state
+        if "method" not in state:
+            return None, None, None
+        method = state["method"]
+        local = state["fedbn"].to_torch_state_dict() if "fedbn" in state else None
+        optimizer = (
+            unflatten_optimizer(state["optimizer"].to_torch_state_dict(), method["optimizer"])
+            if "optimizer" in state
+            else None
+        )
+        return json.loads(method["json"]), local, optimizer
+
+    def save(self, server_round: int, method_state: dict, local_state, optimizer_state) -> None:
+        method = {"json": json.dumps(method_state)}
+        if local_state:
+            self.state["fedbn"] = ArrayRecord(local_state)
+        if optimizer_state:
+            moments, method["optimizer"] = flatten_optimizer(optimizer_state)
+            self.state["optimizer"] = ArrayRecord(moments)
+        self.state["method"] = ConfigRecord(method)
+
+
+def _site_state(msg: Message, context: Context, fed) -> SiteState | RunMemory:
     """The site's cross-round state for this coordinator run, beside its ledger; keyed by the
     run key the coordinator sends (else its run directory's name), not by Flower's run id."""
     ledger = _ledger(context, fed)
-    if not ledger:
-        return None
+    if not ledger:  # no site folder: the state lives only as long as this Flower run
+        return RunMemory(context.state)
     config = msg.content["config"] if "config" in msg.content else ConfigRecord()
     key = str(config.get("remdr-run", "")) or Path(fed.out_dir).name
     return SiteState(Path(ledger).parent / f"{Path(ledger).stem}-site-state", key)
@@ -138,21 +165,9 @@ def train(msg: Message, context: Context) -> Message:
     if isinstance(setup, Message):
         return setup
     cfg, fed, site = setup
-    state = context.state
     server_round = int(msg.content["config"].get("server-round", 1))
     store = _site_state(msg, context, fed)
-    if store is not None:
-        method_state, local, optimizer = store.load(before=server_round)
-    else:
-        method_state = json.loads(state["method"]["json"]) if "method" in state else None
-        local = state["fedbn"].to_torch_state_dict() if "fedbn" in state else None
-        optimizer = (
-            unflatten_optimizer(
-                state["optimizer"].to_torch_state_dict(), state["method"]["optimizer"]
-            )
-            if "optimizer" in state
-            else None
-        )
+    method_state, local, optimizer = store.load(before=server_round)
     try:
         result = train_round(
             cfg,
@@ -168,16 +183,7 @@ def train(msg: Message, context: Context) -> Message:
     except RemdrError as err:  # declined by privacy, or a training failure: one line, no traceback
         log.warning("site %s: %s", _site_id(context), err)
         return _site_error(msg, context, err)
-    if store is not None:
-        store.save(server_round, result.method_state, result.local_state, result.optimizer_state)
-    else:  # no ledger, so no site folder: the state lives only as long as this Flower run
-        method = {"json": json.dumps(result.method_state)}
-        if result.local_state:
-            state["fedbn"] = ArrayRecord(result.local_state)
-        if result.optimizer_state:
-            moments, method["optimizer"] = flatten_optimizer(result.optimizer_state)
-            state["optimizer"] = ArrayRecord(moments)
-        state["method"] = ConfigRecord(method)
+    store.save(server_round, result.method_state, result.local_state, result.optimizer_state)
     content = RecordDict(
         {
             "arrays": ArrayRecord(result.state),
@@ -193,14 +199,10 @@ def evaluate(msg: Message, context: Context) -> Message:
     if isinstance(setup, Message):
         return setup
     cfg, fed, site = setup
-    store = _site_state(msg, context, fed)
-    if not fed.fedbn:
-        local = None
-    elif store is not None:  # the layers this site's latest training left, this round included
+    local = None
+    if fed.fedbn:  # the layers this site's latest training left, this round included
         server_round = int(msg.content["config"].get("server-round", 1))
-        local = store.load(before=server_round + 1)[1]
-    else:
-        local = context.state["fedbn"].to_torch_state_dict() if "fedbn" in context.state else None
+        local = _site_state(msg, context, fed).load(before=server_round + 1)[1]
     try:
         metrics = evaluate_global(cfg, msg.content["arrays"].to_torch_state_dict(), site, local)
     except RemdrError as err:

@@ -79,8 +79,7 @@ def _log_round(r: int, rounds: int, record: dict, scored: int, scores) -> None:
     In one-message rounds the validation arrives a round late: round r's line scores round
     r-1's model, and a last line scores the final model."""
     aggregate, per_site = scores if scores is not None else (record.get("evaluate", {}), {})
-    if not per_site:
-        per_site = {s: m for s, m in record.get("sites", {}).items()}
+    per_site = per_site or record.get("sites", {})
     sites = ", ".join(
         f"{site} {m['eval-val-mse']:.2f}"
         for site, m in sorted(per_site.items())

@@ -90,6 +90,17 @@ class EyeDataset(TorchDataset):
             self._cache[i] = (oct_x.half(), fundus_x.half())
         return oct_x, fundus_x
 
+    def cached_tensors(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Every item's (oct, fundus) as cached (float16), decoding what is not cached yet."""
+        for i in range(len(self)):
+            if i not in self._cache:
+                self._tensors(i)
+        return [self._cache[i] for i in range(len(self))]
+
+    def fill_cache(self, items: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Take every item's (oct, fundus) from `cached_tensors()` of an earlier run."""
+        self._cache = dict(enumerate(items))
+
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         oct_x, fundus_x = self._tensors(i)
         return {

@@ -62,16 +62,15 @@ def warm(datasets: list[EyeDataset], cfg: DataConfig, name: str, root: Path | No
         try:
             tensors = load_file(str(path))
             for d, ds in enumerate(datasets):
-                for i in range(len(ds)):
-                    ds._cache[i] = (tensors[f"{d}/{i}/oct"], tensors[f"{d}/{i}/fundus"])
+                ds.fill_cache(
+                    [(tensors[f"{d}/{i}/oct"], tensors[f"{d}/{i}/fundus"]) for i in range(len(ds))]
+                )
             return "hit"
         except Exception as err:  # a truncated or foreign file: rebuild it
             log.warning("preprocessed cache %s unreadable (%s); rebuilding it", path, err)
     tensors: dict[str, torch.Tensor] = {}
     for d, ds in enumerate(datasets):
-        for i in range(len(ds)):
-            ds._tensors(i)
-            oct_x, fundus_x = ds._cache[i]
+        for i, (oct_x, fundus_x) in enumerate(ds.cached_tensors()):
             tensors[f"{d}/{i}/oct"], tensors[f"{d}/{i}/fundus"] = oct_x, fundus_x
     folder.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")

@@ -2,10 +2,11 @@
 
 Flower gives every run a fresh `context.state`, and a resumed run is a new Flower run, so state
 kept only there (FedBN's local normalisation layers, the method's EMA modality scores) would
-start empty after a coordinator restart. The site's AdamW moments are kept the same way. The site keeps it beside its privacy ledger instead, in
-a folder per coordinator run (the run's `run-key`: its run directory's name and a token), one
-file per round, so a round the coordinator redoes after a restart starts from the state the
-previous round left, exactly as in an uninterrupted run. The state never leaves the site.
+start empty after a coordinator restart; so would the site's AdamW moments. The site keeps them
+beside its privacy ledger instead, in a folder per coordinator run (the run's `run-key`: its run
+directory's name and a token), one file per round, so a round the coordinator redoes after a
+restart starts from the state the previous round left, exactly as in an uninterrupted run. The
+state never leaves the site.
 """
 
 from __future__ import annotations

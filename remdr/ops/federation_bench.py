@@ -13,6 +13,7 @@ import json
 import os
 import statistics
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -65,8 +66,6 @@ def measure(
 ) -> FederationCost:
     """Run the loopback federation and return its per-round costs; everything started is
     stopped before returning, also on failure."""
-    import time
-
     # the sites share this machine as they would not in deployment: each gets its share of the
     # cores, as the simulator's --cpus-per-site does (oversubscribed OpenMP threads spin)
     threads = str(max(1, (os.cpu_count() or 1) // sites))
