@@ -15,12 +15,15 @@ from typing import Any
 from remdr.errors import ConfigError, Problems
 
 OCT_VIEWS = ("bscans", "rnflt")
+OCT_VIEW_CHOICES = ("auto", *OCT_VIEWS)  # auto: chosen from the data when it is loaded
 
 
 @dataclass
 class DataConfig:
     image_size: int = 64  # pixels; every image is resized to image_size x image_size
-    oct_view: str = "bscans"  # "bscans": K B-scans (2.5D); "rnflt": the RNFL thickness map
+    # "bscans": K B-scans (2.5D); "rnflt": the RNFL thickness map; "auto": 3-D OCT volumes give
+    # bscans, 2-D maps give rnflt (resolved when the data is loaded, saved resolved)
+    oct_view: str = "auto"
     n_bscans: int = 4  # K evenly spaced B-scans taken from the OCT volume (bscans view)
     fundus_channels: int = 1  # 1 = SLO / grey, 3 = colour fundus
     val_fraction: float = 0.15  # of patients, when the dataset has no val/ split
@@ -29,6 +32,7 @@ class DataConfig:
     md_center: float = -5.0  # dB; fixed target normalisation (not fitted on private data)
     md_scale: float = 8.0  # dB
     max_bad_fraction: float = 0.5  # load fails when more records than this are bad
+    dicom_max_days: int = 180  # DICOM: a visual field pairs with OCT/fundus at most this far apart
 
 
 @dataclass
@@ -218,8 +222,8 @@ def validate(cfg: ExperimentConfig) -> None:
     d, m, mc, t = cfg.data, cfg.model, cfg.method, cfg.train
     if d.image_size < 16:
         p.add(f"image-size={d.image_size}", "must be at least 16 pixels")
-    if d.oct_view not in OCT_VIEWS:
-        p.add(f"oct-view={d.oct_view!r}", f"must be one of {', '.join(OCT_VIEWS)}")
+    if d.oct_view not in OCT_VIEW_CHOICES:
+        p.add(f"oct-view={d.oct_view!r}", f"must be one of {', '.join(OCT_VIEW_CHOICES)}")
     if d.n_bscans < 1:
         p.add(f"n-bscans={d.n_bscans}", "must be at least 1")
     if d.fundus_channels not in (1, 3):
@@ -230,6 +234,8 @@ def validate(cfg: ExperimentConfig) -> None:
         p.add("val-fraction + test-fraction", "leaves under 10% of patients for training")
     if d.md_scale <= 0:
         p.add(f"md-scale={d.md_scale}", "must be positive")
+    if d.dicom_max_days < 0:
+        p.add(f"dicom-max-days={d.dicom_max_days}", "must be >= 0 days")
     if not 0 < d.max_bad_fraction <= 1:
         p.add(f"max-bad-fraction={d.max_bad_fraction}", "must lie in (0, 1]")
     if m.embed_dim < 2 or m.fusion_hidden < 1:

@@ -41,6 +41,7 @@ class SplitData:
 def load_splits(
     data_path: str | Path, cfg: ExperimentConfig, split_seed: int | None = None
 ) -> SplitData:
+    """Load and split a dataset; `cfg.data.oct_view="auto"` becomes the view of the data."""
     ds = load_dataset(data_path, cfg.data)
     seed = cfg.train.seed if split_seed is None else split_seed
     parts = split_records(ds.records, cfg.data.val_fraction, cfg.data.test_fraction, seed)

@@ -87,7 +87,8 @@ class ReM3Dr(nn.Module):
         self.heads = nn.ModuleDict()
         if "oct" in self.modalities:
             enc = create_encoder(model_cfg.oct_encoder, 1, model_cfg.oct_weights)
-            self.branches["oct"] = Branch(enc, d, multi_view=data_cfg.oct_view == "bscans")
+            # "auto" (a config not yet resolved against data) builds the default B-scan view
+            self.branches["oct"] = Branch(enc, d, multi_view=data_cfg.oct_view != "rnflt")
         if "fundus" in self.modalities:
             enc = create_encoder(
                 model_cfg.fundus_encoder, data_cfg.fundus_channels, model_cfg.fundus_weights

@@ -65,13 +65,20 @@ def bars_per_bin(
 
 
 def learning_curves(
-    series: dict[str, list[tuple[int, float]]], path: Path, ylabel: str, title: str = ""
+    series: dict[str, list[tuple[int, float]]],
+    path: Path,
+    ylabel: str,
+    title: str = "",
+    levels: dict[str, float] | None = None,
 ) -> None:
+    """Curves per series, and `levels` (e.g. the centralized model's) as horizontal lines."""
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
     for name, pts in series.items():
         if pts:
             xs, ys = zip(*pts, strict=True)
             ax.plot(xs, ys, marker="o", ms=3, label=name)
+    for (name, level), style in zip((levels or {}).items(), ("--", ":", "-."), strict=False):
+        ax.axhline(level, color="gray", ls=style, lw=1.0, label=name)
     ax.set(xlabel="round", ylabel=ylabel, title=title)
     ax.legend(fontsize=7)
     fig.tight_layout()

@@ -91,7 +91,12 @@ def write_sim_report(out: Path, report: dict, fed_preds: dict[str, np.ndarray]) 
     for site, rows in fed["sites"].items():
         series[site] = [(row["round"], row.get("eval-val-mse")) for row in rows]
     series = {k: [(x, y) for x, y in v if y is not None] for k, v in series.items()}
-    learning_curves(series, out / "learning_curves.png", "validation MSE (dB²)", "federated rounds")
+    levels = {}
+    if "best_val_mse" in results.get("centralized", {}):  # the same validation patients
+        levels["centralized, best validation MSE"] = results["centralized"]["best_val_mse"]
+    learning_curves(
+        series, out / "learning_curves.png", "validation MSE (dB²)", "federated rounds", levels
+    )
 
     wallclock_plot(results, out / "wallclock.png")
 

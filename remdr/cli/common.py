@@ -20,7 +20,10 @@ COMMON_FLAGS: dict[str, tuple[type, str]] = {
     "seed": (int, "seed for splits, init and batches"),
     "device": (str, "auto, cpu or cuda[:N]"),
     "image-size": (int, "image side in pixels after resizing"),
-    "oct-view": (str, "bscans (K B-scans, 2.5D) or rnflt (thickness map)"),
+    "oct-view": (
+        str,
+        "bscans (K B-scans, 2.5D), rnflt (thickness map) or auto (from the data; default)",
+    ),
     "n-bscans": (int, "K, B-scans per eye in the bscans view"),
     "oct-encoder": (str, "timm model name of the OCT encoder"),
     "fundus-encoder": (str, "timm model name of the fundus encoder"),

@@ -40,7 +40,7 @@ def bscan_indices(depth: int, k: int) -> np.ndarray:
 
 def preprocess_oct(arr: np.ndarray, cfg: DataConfig) -> torch.Tensor:
     """bscans: (D, H, W) -> (K, 1, S, S); rnflt: (H, W) -> (1, S, S)."""
-    if cfg.oct_view == "bscans":
+    if cfg.oct_view != "rnflt":  # "auto" (unresolved) is the default B-scan view, as the model
         vol = _to_unit(arr[bscan_indices(arr.shape[0], cfg.n_bscans)])
         x = _resize(torch.from_numpy(vol)[:, None], cfg.image_size)
     else:
@@ -70,7 +70,8 @@ class EyeDataset(TorchDataset):
 
     def __init__(self, records: list[EyeRecord], cfg: DataConfig, cache: bool | None = None):
         self.records, self.cfg = records, cfg
-        k = cfg.n_bscans if cfg.oct_view == "bscans" else 1
+        self.oct_view = "rnflt" if cfg.oct_view == "rnflt" else "bscans"  # "auto": as the model
+        k = cfg.n_bscans if self.oct_view == "bscans" else 1
         per_item = 2 * cfg.image_size**2 * (k + cfg.fundus_channels)
         self.cache_enabled = (
             cache if cache is not None else per_item * len(records) < CACHE_LIMIT_BYTES
@@ -84,7 +85,7 @@ class EyeDataset(TorchDataset):
         if i in self._cache:
             oct_x, fundus_x = self._cache[i]
             return oct_x.float(), fundus_x.float()
-        oct_arr, fundus_arr = load_arrays(self.records[i], self.cfg.oct_view)
+        oct_arr, fundus_arr = load_arrays(self.records[i], self.oct_view)
         oct_x, fundus_x = preprocess_oct(oct_arr, self.cfg), preprocess_fundus(fundus_arr, self.cfg)
         if self.cache_enabled:
             self._cache[i] = (oct_x.half(), fundus_x.half())

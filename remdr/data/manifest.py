@@ -11,8 +11,9 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
+from remdr.data.dicom import is_dicom_file, read_pixels
 from remdr.data.records import EyeRecord, LoadReport, check_image_shape, check_md
 from remdr.errors import DataError
 
@@ -21,9 +22,12 @@ OCT_NDIM = {"bscans": (3,), "rnflt": (2,)}
 
 
 def read_image(path: Path) -> np.ndarray:
-    """Decode an image file to an array: npy as stored, PNG/JPEG as (H, W) or (H, W, C)."""
+    """Decode an image file to an array: npy as stored, DICOM (e.g. rows written by
+    `remdr-data index`) as its pixels, PNG/JPEG as (H, W) or (H, W, C)."""
     if path.suffix.lower() == ".npy":
         return np.load(path, allow_pickle=False)
+    if path.suffix.lower() == ".dcm" or is_dicom_file(path):
+        return read_pixels(str(path))
     with Image.open(path) as im:
         im.load()
         if im.mode not in ("L", "RGB", "I;16", "I", "F"):
@@ -36,7 +40,7 @@ def _check_image(path: Path, name: str, ndim: tuple[int, ...]) -> str:
         return f"{name} file missing"
     try:
         arr = read_image(path)
-    except (OSError, ValueError, UnidentifiedImageError, SyntaxError):
+    except Exception:  # PIL, numpy and pydicom each raise their own kinds for a broken file
         return f"{name} file unreadable"
     if arr.dtype.kind not in "uif":
         return f"{name} has wrong dtype"

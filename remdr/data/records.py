@@ -21,9 +21,9 @@ class EyeRecord:
     eye_id: str
     patient_id: str
     md: float  # dB
-    source: str  # "npz" or "manifest"
-    path: str  # the npz file, or the OCT image for a manifest row
-    fundus_path: str = ""  # manifest rows only
+    source: str  # "npz", "manifest" or "dicom"
+    path: str  # the npz file, or the OCT image of a manifest row or a DICOM eye
+    fundus_path: str = ""  # manifest and DICOM eyes only
     site: str = ""
     split: str = ""  # "train" / "val" / "test" when the dataset ships its own splits
     demographics: dict[str, Any] = field(default_factory=dict)
@@ -31,15 +31,29 @@ class EyeRecord:
 
 @dataclass
 class LoadReport:
-    """What a load found: records kept, and records skipped by reason (with example files)."""
+    """What a load found: records kept, records skipped by reason (with example files), and
+    files ignored by reason: not wrong, just not training data (another DICOM SOP class, an
+    image without a visual field). Ignored files do not count towards the bad fraction."""
 
     n_seen: int = 0
     n_ok: int = 0
     skipped: Counter = field(default_factory=Counter)
     examples: dict[str, list[str]] = field(default_factory=dict)
+    ignored: Counter = field(default_factory=Counter)
+    unit: str = "records"  # what n_seen counts ("DICOM files" for a DICOM folder)
+    trace: dict[str, str] | None = None  # when a dict: every skipped/ignored file -> reason
 
     def skip(self, reason: str, where: str) -> None:
         self.skipped[reason] += 1
+        self._example(reason, where)
+
+    def ignore(self, reason: str, where: str) -> None:
+        self.ignored[reason] += 1
+        self._example(reason, where)
+
+    def _example(self, reason: str, where: str) -> None:
+        if self.trace is not None:
+            self.trace[where] = reason
         self.examples.setdefault(reason, [])
         if len(self.examples[reason]) < 3:
             self.examples[reason].append(where)
@@ -49,10 +63,13 @@ class LoadReport:
         return sum(self.skipped.values())
 
     def summary(self) -> str:
-        line = f"{self.n_ok} of {self.n_seen} records usable"
+        line = f"{self.n_ok} of {self.n_seen} {self.unit} usable"
         if self.skipped:
             reasons = ", ".join(f"{r}: {c}" for r, c in self.skipped.most_common())
             line += f"; skipped {self.n_bad} ({reasons})"
+        if self.ignored:
+            reasons = ", ".join(f"{r}: {c}" for r, c in self.ignored.most_common())
+            line += f"; ignored {sum(self.ignored.values())} ({reasons})"
         return line
 
     def to_dict(self) -> dict[str, Any]:
@@ -60,6 +77,7 @@ class LoadReport:
             "n_seen": self.n_seen,
             "n_ok": self.n_ok,
             "skipped": dict(self.skipped),
+            "ignored": dict(self.ignored),
             "examples": self.examples,
         }
 
@@ -69,7 +87,8 @@ class LoadReport:
             raise DataError(f"no eye records found in {where}", "the folder holds no data files")
         if self.n_ok == 0 or self.n_bad > max_bad_fraction * self.n_seen:
             top = ", ".join(f"{r}: {c}" for r, c in self.skipped.most_common(3))
-            example = next(iter(self.examples.values()), [""])[0]
+            worst = self.skipped.most_common(1)[0][0] if self.skipped else ""
+            example = self.examples.get(worst, [""])[0]
             raise DataError(
                 f"{self.n_bad} of {self.n_seen} records in {where} are bad ({top})",
                 f"e.g. {Path(example).name}" if example else "",

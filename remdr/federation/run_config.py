@@ -20,7 +20,14 @@ from remdr.methods import get_spec
 # GroupNorm instead of BatchNorm (running statistics averaged across label-skewed sites misfit
 # the averaged weights), and a constant learning rate (the rounds are still far from converged
 # when a decay would start). A run config that sets any of these keys wins.
-FEDERATED_DEFAULTS = {"batch-size": 8, "group-norm": True, "schedule": "constant"}
+# The OCT view is fixed for a federation: the server builds the model before any site's data
+# is seen, so "auto" cannot be resolved there.
+FEDERATED_DEFAULTS = {
+    "batch-size": 8,
+    "group-norm": True,
+    "schedule": "constant",
+    "oct-view": "bscans",
+}
 
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg", "krum")
 SITE_DP = ("off", "fixed", "adaptive")
