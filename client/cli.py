@@ -14,29 +14,32 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from pathlib import Path
 
-from remdr.cli.common import run_cli
-from remdr.config import DataConfig
-from remdr.errors import ConfigError
+from remdr.cli.common import Parser, check_address, check_flag, check_input_path, run_cli
+from remdr.config import OCT_VIEW_CHOICES, POSITIVE, PROBABILITY, DataConfig
+from remdr.errors import ConfigError, Problems
 
 
 def check_data(data: str, oct_view: str) -> str:
-    """Validate the site's data and describe it; raise DataError if it cannot be used."""
-    import numpy as np
-
+    """Validate the site's data and describe it (eyes, kinds, MD bins, skips by reason, the
+    OCT view); raise DataError if it cannot be used."""
     from remdr.data import load_dataset
-    from remdr.metrics import BINS, severity_bins
+    from remdr.data.loading import describe
 
     ds = load_dataset(data, DataConfig(oct_view=oct_view), quiet=True)
-    bins = severity_bins(np.array([r.md for r in ds.records]))
-    hist = ", ".join(f"{name} {(bins == i).sum()}" for i, name in enumerate(BINS))
-    patients = len({r.patient_id for r in ds.records})
-    return f"{len(ds.records)} eyes of {patients} patients ({ds.format}); MD bins: {hist}; {ds.report.summary()}"
+    return f"{describe(ds.records, ds.format, ds.report)}; oct-view {ds.oct_view}"
 
 
 DEFAULT_STATE = "~/.local/state/remdr"
+SITE_ID = r"[A-Za-z0-9._-]+"  # it names the site's state folder
+TLS_WHY = "a site connects over TLS and authenticates with its key by default"
+TLS_FIX = (
+    "get ca.crt and this site's key from the coordinator's deploy/ kit, "
+    "or --insecure for a loopback test"
+)
 
 
 def ledger_path(args: argparse.Namespace) -> Path:
@@ -87,27 +90,59 @@ def supernode_command(args: argparse.Namespace, worker: Path | None = None) -> l
     ]  # fmt: skip
     if args.insecure:
         return cmd + ["--insecure"]
+    problems = tls_problems(args)
+    if problems:
+        raise ConfigError("; ".join(problems), TLS_WHY, TLS_FIX)
+    return cmd + ["--root-certificates", args.root_cert, "--auth-supernode-private-key", args.key]
+
+
+def tls_problems(args: argparse.Namespace) -> list[str]:
+    """The TLS files a secure start needs and lacks."""
     problems = []
     if not args.root_cert or not Path(args.root_cert).is_file():
         problems.append(f"CA certificate {args.root_cert or '(--root-cert)'} not found")
     if not args.key or not Path(args.key).is_file():
         problems.append(f"private key {args.key or '(--key)'} not found")
-    if problems:
-        raise ConfigError(
-            "; ".join(problems),
-            "a site connects over TLS and authenticates with its key by default",
-            "get ca.crt and this site's key from the coordinator's deploy/ kit, or --insecure for a loopback test",
+    return problems
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Every flag, all problems in one line, before the data is read or anything connects."""
+    p = Problems()
+    if args.site_id and not re.fullmatch(SITE_ID, args.site_id):
+        p.add(
+            f"--site-id {args.site_id}",
+            "may hold only letters, digits, '.', '_' and '-' (it names a folder)",
+            "e.g. --site-id hospA",
         )
-    return cmd + ["--root-certificates", args.root_cert, "--auth-supernode-private-key", args.key]
+    if args.ledger and Path(args.ledger).expanduser().is_dir():
+        p.add(f"--ledger {args.ledger}", "is a folder", "name the ledger file, e.g. ledger.jsonl")
+    if args.command == "privacy-report":
+        check_flag(p, "--delta", args.delta, 1e-5, **PROBABILITY)
+        p.raise_if_any()
+        return
+    check_input_path(p, "--data", args.data)
+    check_flag(p, "--oct-view", args.oct_view, "bscans", choices=OCT_VIEW_CHOICES)
+    check_flag(p, "--epsilon-max", args.epsilon_max, 10.0, **POSITIVE)
+    if not args.check_only:
+        check_flag(p, "--port", args.port, 9094, low=1, high=65535)
+        check_address(p, "--superlink", args.superlink)
+        if not args.site_id:
+            p.add(
+                "no --site-id given",
+                "the coordinator's report names sites by it",
+                "e.g. --site-id hospA",
+            )
+        if not args.insecure and tls_problems(args):
+            p.add("; ".join(tls_problems(args)), TLS_WHY, TLS_FIX)
+    p.raise_if_any()
 
 
 def cmd_start(args: argparse.Namespace) -> int:
+    check_args(args)  # flags, site id and TLS files before the data is read
     print(f"remdr-client: {check_data(args.data, args.oct_view)}", flush=True)
     if args.check_only:
         return 0
-    if not args.site_id:
-        raise ConfigError("no --site-id given", "the coordinator's report names sites by it")
-    supernode_command(args)  # refuse bad TLS settings before anything starts
     from remdr.ops.processes import flower_env
 
     worker = None if args.no_worker else start_worker(args, flower_env())
@@ -137,6 +172,7 @@ def start_worker(args: argparse.Namespace, env: dict[str, str]) -> Path:
 
 
 def cmd_privacy_report(args: argparse.Namespace) -> int:
+    check_args(args)
     from remdr.privacy import privacy_report
 
     print(privacy_report(ledger_path(args), args.delta))
@@ -144,7 +180,7 @@ def cmd_privacy_report(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
+    ap = Parser(
         prog="remdr-client",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -169,7 +205,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=9094,
         help="local ClientApp runtime port (distinct per SuperNode)",
     )
-    s.add_argument("--oct-view", default="bscans", help="OCT view the data check validates")
+    s.add_argument(
+        "--oct-view",
+        default="auto",
+        help="OCT view the data check validates (auto: the view of the data; the federation's "
+        "run config decides what training uses)",
+    )
     s.add_argument("--check-only", action="store_true", help="only check the data, do not connect")
     _add_privacy_flags(s)
     s.add_argument(

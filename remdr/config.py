@@ -3,99 +3,298 @@
 Every field has a default that runs on a 2-core CPU. The same tree is saved beside every result
 (`config.json`) and can be overridden from flat kebab-case keys (CLI flags, Flower run config):
 `image-size=32` sets `data.image_size`. Field names are unique across sections for that reason.
+
+Every field carries its `Rule`: what it means and what it accepts. The one rule validates the
+value, writes the `--list-keys` line and drives the property tests, so no key goes unchecked.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import os
+import re
+from collections.abc import Callable, Collection
 from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
 from remdr.errors import ConfigError, Problems
 
 OCT_VIEWS = ("bscans", "rnflt")
 OCT_VIEW_CHOICES = ("auto", *OCT_VIEWS)  # auto: chosen from the data when it is loaded
+SCHEDULES = ("cosine", "constant")
+GRAD_SAMPLE_MODES = ("auto", "hooks", "ew")
+DEVICE_PATTERN = r"auto|cpu|mps|cuda(:[0-9]+)?"
+SEED_MAX = 2**32 - 1  # NumPy's legacy seeding takes 32 bits
+LIST_KEYS_FIX = "`--list-keys` prints every key"
+
+
+def _methods() -> Collection[str]:
+    from remdr.methods import list_methods  # the registry imports torch: only when checked
+
+    return list_methods()
+
+
+def _encoders() -> Collection[str]:
+    from remdr.encoders import available_encoders  # timm: only when checked
+
+    return available_encoders()
+
+
+KIND_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "text"}
+
+
+def _is_kind(value: Any, kind: type) -> bool:
+    """Strict types: a bool is not a number (True is no batch size) and an int is a float."""
+    if kind is bool or isinstance(value, bool):
+        return kind is bool and isinstance(value, bool)
+    if kind is float:
+        return isinstance(value, int | float)
+    return isinstance(value, kind)
+
+
+def _finite(x: float) -> bool:
+    try:
+        return math.isfinite(x)
+    except OverflowError:  # an int beyond any float
+        return False
+
+
+def _is_file(path: str) -> bool:
+    try:
+        return Path(path).is_file()
+    except (OSError, ValueError):  # a name too long for the file system
+        return False
+
+
+def _num(x: float, kind: type) -> str:
+    return str(int(x)) if kind is int else f"{x:g}"
+
+
+def show(value: Any) -> str:
+    """A value as a user would type it: true/false, 0.002, 'text'."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    text = repr(value) if isinstance(value, str) else str(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+@dataclass(frozen=True)
+class Rule:
+    """What one key means and accepts; the type is its default's (bool, int, float or str)."""
+
+    meaning: str
+    low: float | None = None  # numbers: bounds, inclusive unless *_open
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    choices: tuple[Any, ...] | Callable[[], Collection[Any]] = ()  # a callable is read lazily
+    pattern: str = ""  # text: a regex the whole value must match
+    path: bool = False  # text: empty, or an existing file
+    text: str = ""  # how the accepted values are described, when the bounds do not say it
+    fix: str = ""  # the fix, when "e.g. key=<a good value>" is not one
+
+    def options(self) -> Collection[Any]:
+        return self.choices() if callable(self.choices) else self.choices
+
+    def describe(self, kind: type) -> str:
+        """The accepted values in words, e.g. 'a number in (0, 1]'."""
+        if self.text:
+            return self.text
+        if self.choices:
+            return "one of " + ", ".join(show(c) for c in self.options())
+        lo, hi = self.low, self.high
+        if lo is not None and hi is not None:
+            left, right = "(" if self.low_open else "[", ")" if self.high_open else "]"
+            return f"{KIND_NAMES[kind]} in {left}{_num(lo, kind)}, {_num(hi, kind)}{right}"
+        if lo is not None:
+            return f"{KIND_NAMES[kind]} {'>' if self.low_open else '>='} {_num(lo, kind)}"
+        if hi is not None:
+            return f"{KIND_NAMES[kind]} {'<' if self.high_open else '<='} {_num(hi, kind)}"
+        return "any text" if kind is str else KIND_NAMES[kind]
+
+    def check(self, value: Any, kind: type) -> str:
+        """Why `value` breaks the rule, or "" when it is fine."""
+        if not _is_kind(value, kind):
+            return f"expected {KIND_NAMES[kind]}"
+        if kind is float and not _finite(value):
+            return "must be a finite number"
+        lo, hi = self.low, self.high
+        if (lo is not None and (value < lo or (self.low_open and value == lo))) or (
+            hi is not None and (value > hi or (self.high_open and value == hi))
+        ):
+            return f"must be {self.describe(kind)}"
+        if self.choices:
+            options = self.options()
+            if value not in options:
+                close = difflib.get_close_matches(str(value), [str(o) for o in options], n=3)
+                hint = f"; did you mean {', '.join(close)}" if close else ""
+                if len(options) > 20:
+                    return f"not {self.describe(kind)}{hint}"
+                return f"must be one of {', '.join(show(o) for o in options)}{hint}"
+        if self.pattern and not re.fullmatch(self.pattern, value):
+            return f"must be {self.describe(kind)}"
+        if self.path and value and not _is_file(value):
+            return "no such file"
+        return ""
+
+
+def setting(default: Any, meaning: str, **rule: Any) -> Any:
+    """A config field: its default, what it means and what it accepts (see `Rule`)."""
+    return field(default=default, metadata={"rule": Rule(meaning, **rule)})
+
+
+def rule_of(f: dataclasses.Field) -> Rule:
+    return f.metadata["rule"]
+
+
+# Shorthands for the common rules.
+POSITIVE = {"low": 0, "low_open": True}  # > 0
+NON_NEGATIVE = {"low": 0}  # >= 0
+FRACTION = {"low": 0, "high": 1, "high_open": True}  # [0, 1)
+PROBABILITY = {"low": 0, "high": 1, "low_open": True, "high_open": True}  # (0, 1)
+SHARE = {"low": 0, "high": 1, "low_open": True}  # (0, 1]
+HELD_OUT = {"low": 0, "high": 0.9, "high_open": True}  # [0, 0.9)
+WEIGHTS = {
+    "path": True,
+    "text": "a local weights file, or empty for none",
+    "fix": "give an existing .safetensors/.pth file, or leave it empty",
+}
+ENCODER = {"choices": _encoders, "text": "a timm model name", "fix": "see timm.list_models()"}
 
 
 @dataclass
 class DataConfig:
-    image_size: int = 64  # pixels; every image is resized to image_size x image_size
-    # "bscans": K B-scans (2.5D); "rnflt": the RNFL thickness map; "auto": 3-D OCT volumes give
-    # bscans, 2-D maps give rnflt (resolved when the data is loaded, saved resolved)
-    oct_view: str = "auto"
-    n_bscans: int = 4  # K evenly spaced B-scans taken from the OCT volume (bscans view)
-    fundus_channels: int = 1  # 1 = SLO / grey, 3 = colour fundus
-    val_fraction: float = 0.15  # of patients, when the dataset has no val/ split
-    test_fraction: float = 0.15  # of patients, when the dataset has no test/ split
-    augment: bool = True  # light shift + intensity jitter, training batches only
-    md_center: float = -5.0  # dB; fixed target normalisation (not fitted on private data)
-    md_scale: float = 8.0  # dB
-    max_bad_fraction: float = 0.5  # load fails when more records than this are bad
-    dicom_max_days: int = 180  # DICOM: a visual field pairs with OCT/fundus at most this far apart
+    image_size: int = setting(64, "image side in pixels after resizing", low=16)
+    # "auto": 3-D OCT volumes give bscans, 2-D maps give rnflt (resolved when the data is
+    # loaded, saved resolved)
+    oct_view: str = setting(
+        "auto",
+        "bscans (K B-scans, 2.5D), rnflt (thickness map) or auto (from the data)",
+        choices=OCT_VIEW_CHOICES,
+    )
+    n_bscans: int = setting(4, "K evenly spaced B-scans per OCT volume (bscans view)", low=1)
+    fundus_channels: int = setting(1, "1 = SLO / grey, 3 = colour fundus", choices=(1, 3))
+    # each under 0.9, and together too: at least 10% of patients are left for training
+    val_fraction: float = setting(0.15, "of patients, when the data has no val/ split", **HELD_OUT)
+    test_fraction: float = setting(
+        0.15, "of patients, when the data has no test/ split", **HELD_OUT
+    )
+    augment: bool = setting(True, "light shift + intensity jitter, training batches only")
+    md_center: float = setting(-5.0, "dB; fixed target normalisation (not fitted on private data)")
+    md_scale: float = setting(8.0, "dB; target scale", **POSITIVE)
+    max_bad_fraction: float = setting(0.5, "loading fails when more records are bad", **SHARE)
+    dicom_max_days: int = setting(
+        180,
+        "DICOM: a visual field pairs with OCT/fundus at most this many days apart",
+        **NON_NEGATIVE,
+    )
 
 
 @dataclass
 class ModelConfig:
-    oct_encoder: str = "test_resnet"  # any timm model name; tiny by default for CPU
-    fundus_encoder: str = "test_resnet"
-    oct_weights: str = ""  # optional local weights file for the OCT encoder (never a hub)
-    fundus_weights: str = ""
-    embed_dim: int = 64  # d: size of z_o and z_f
-    fusion_hidden: int = 64  # hidden width of the fusion MLP
-    dropout: float = 0.1
+    oct_encoder: str = setting(
+        "test_resnet", "timm model of the OCT encoder (tiny for CPU)", **ENCODER
+    )
+    fundus_encoder: str = setting("test_resnet", "timm model of the fundus encoder", **ENCODER)
+    oct_weights: str = setting(
+        "", "local weights file for the OCT encoder (never a hub)", **WEIGHTS
+    )
+    fundus_weights: str = setting("", "local weights file for the fundus encoder", **WEIGHTS)
+    embed_dim: int = setting(64, "d: size of z_o and z_f", low=2)
+    fusion_hidden: int = setting(64, "hidden width of the fusion MLP", low=1)
+    dropout: float = setting(0.1, "dropout probability", **FRACTION)
+    # 0.3: measured (README, "Incomplete sites"): complete-eye MSE no worse, one-image eyes
+    # predicted about as well as by a model of that modality alone
+    modality_dropout: float = setting(
+        0.3,
+        "training hides one image of a complete eye from the fusion head with this probability "
+        "(so the fused model also predicts from one image)",
+        low=0,
+        high=1,
+    )
 
 
 @dataclass
 class MethodConfig:
     """Hyperparameters of every registered method; each method reads the ones it needs."""
 
-    lambda_uni: float = 0.5  # weight of the unimodal head losses (remdr family)
-    lambda_con: float = 0.1  # weight of the adaptive-margin SupCon loss per modality
-    con_delta: float = 1.0  # dB; |y_i - y_j| <= delta makes a positive pair
-    con_tau: float = 0.1  # temperature
-    con_mu: float = 0.5  # margin strength; 0 gives plain SupCon
-    con_gamma: float = 0.5  # rarity exponent of the anchor weight p(y)^-gamma
-    con_span: float = 10.0  # dB; label distance at which the margin saturates (Delta)
-    con_weight_clip: float = 5.0  # anchor weights are clipped to this after mean-normalising
-    lds_sigma: float = 2.0  # dB; Gaussian kernel of the label-density smoothing (LDS)
-    sam_rho: float = 0.05  # SAM neighbourhood radius
-    mod_alpha: float = 0.5  # modulation strength: k_d = 1 - tanh(alpha * (r - 1))
-    mod_ema: float = 0.9  # EMA decay of the unimodal MSE scores
-    mod_start_epoch: int = 0  # modulation runs for start <= epoch < end
-    mod_end_epoch: int = -1  # -1: until the end
-    ogm_noise: bool = False  # add OGM-GE Gaussian noise to the modulated gradients
-    proto_bin_width: float = 2.0  # dB; MD bins of the learnable prototypes (remdr_dp)
+    lambda_uni: float = setting(
+        0.5, "weight of the unimodal head losses (remdr family)", **NON_NEGATIVE
+    )
+    lambda_con: float = setting(0.1, "weight of the adaptive-margin SupCon loss", **NON_NEGATIVE)
+    con_delta: float = setting(
+        1.0, "dB; |y_i - y_j| <= delta makes a positive pair", **NON_NEGATIVE
+    )
+    con_tau: float = setting(0.1, "SupCon temperature", **POSITIVE)
+    con_mu: float = setting(0.5, "margin strength; 0 gives plain SupCon", **NON_NEGATIVE)
+    con_gamma: float = setting(
+        0.5, "rarity exponent of the anchor weight p(y)^-gamma", **NON_NEGATIVE
+    )
+    con_span: float = setting(10.0, "dB; label distance at which the margin saturates", **POSITIVE)
+    con_weight_clip: float = setting(5.0, "anchor weights (mean 1) are clipped to this", low=1)
+    lds_sigma: float = setting(2.0, "dB; kernel of the label-density smoothing (LDS)", **POSITIVE)
+    sam_rho: float = setting(0.05, "SAM neighbourhood radius", **NON_NEGATIVE)
+    mod_alpha: float = setting(
+        0.5, "modulation strength: k = 1 - tanh(alpha (r - 1))", **NON_NEGATIVE
+    )
+    mod_ema: float = setting(0.9, "EMA decay of the unimodal MSE scores", **FRACTION)
+    mod_start_epoch: int = setting(0, "modulation runs for start <= epoch < end", **NON_NEGATIVE)
+    mod_end_epoch: int = setting(-1, "end of the modulation; -1: until the last epoch", low=-1)
+    ogm_noise: bool = setting(False, "add OGM-GE Gaussian noise to the modulated gradients")
+    proto_bin_width: float = setting(2.0, "dB; MD bins of the learnable prototypes", **POSITIVE)
 
 
 @dataclass
 class TrainConfig:
-    method: str = "concat"
-    epochs: int = 8
-    batch_size: int = 32
-    lr: float = 2e-3
-    weight_decay: float = 1e-4
-    schedule: str = "cosine"  # "cosine" or "constant"
-    seed: int = 0
-    device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
-    num_workers: int = 0  # DataLoader workers; 0 keeps CPU runs deterministic
-
-
-GRAD_SAMPLE_MODES = ("auto", "hooks", "ew")
+    method: str = setting(
+        "concat",
+        "the method to train",
+        choices=_methods,
+        text="a registered method (remdr-train --list-methods)",
+        fix="`remdr-train --list-methods` describes each",
+    )
+    epochs: int = setting(8, "training epochs", low=1)
+    batch_size: int = setting(32, "batch size", low=2)
+    lr: float = setting(2e-3, "learning rate", **POSITIVE)
+    weight_decay: float = setting(1e-4, "AdamW weight decay", **NON_NEGATIVE)
+    schedule: str = setting("cosine", "learning-rate schedule", choices=SCHEDULES)
+    seed: int = setting(0, "seed for splits, init and batches", low=0, high=SEED_MAX)
+    device: str = setting(
+        "auto",
+        "where to train",
+        pattern=DEVICE_PATTERN,
+        text="auto, cpu, cuda, cuda:N or mps",
+    )
+    num_workers: int = setting(
+        0, "DataLoader workers; 0 keeps CPU runs deterministic", **NON_NEGATIVE
+    )
 
 
 @dataclass
 class PrivacyConfig:
     """Sample-level DP-SGD at a site (private methods only); the unit of privacy is the patient."""
 
-    dp_noise: float = 1.0  # sigma, the noise multiplier (ignored when dp-target-epsilon > 0)
-    dp_target_epsilon: float = 0.0  # > 0: solve sigma so the planned training ends at this epsilon
-    dp_clip: float = 1.0  # C, the per-patient gradient norm bound
-    dp_delta: float = 1e-5  # must be <= 1 / number of patients at the site
-    dp_epsilon_max: float = 10.0  # hard ceiling: training that would exceed it is declined
-    dp_grad_sample_mode: str = "auto"  # auto picks the first of hooks, ew that passes the check
-    dp_ledger: str = ""  # append-only privacy ledger (JSON lines); "" keeps none (remdr-train)
-    group_norm: bool = False  # GroupNorm instead of BatchNorm (forced for private methods)
+    dp_noise: float = setting(
+        1.0, "sigma, the noise multiplier (unused when dp-target-epsilon > 0)", **NON_NEGATIVE
+    )
+    dp_target_epsilon: float = setting(
+        0.0, "> 0: solve sigma so the planned training ends at this epsilon", **NON_NEGATIVE
+    )
+    dp_clip: float = setting(1.0, "C, the per-patient gradient norm bound", **POSITIVE)
+    dp_delta: float = setting(1e-5, "delta; must be <= 1 / patients at the site", **PROBABILITY)
+    dp_epsilon_max: float = setting(
+        10.0, "ceiling: training that would exceed it is declined", **POSITIVE
+    )
+    dp_grad_sample_mode: str = setting(
+        "auto",
+        "per-sample gradients; auto takes the first of hooks, ew that passes",
+        choices=GRAD_SAMPLE_MODES,
+    )
+    dp_ledger: str = setting("", "append-only privacy ledger (JSON lines); empty keeps none")
+    group_norm: bool = setting(False, "GroupNorm instead of BatchNorm (forced for private methods)")
 
 
 @dataclass
@@ -132,13 +331,17 @@ def _sections(cfg: ExperimentConfig) -> dict[str, Any]:
     return {f.name: getattr(cfg, f.name) for f in fields(cfg)}
 
 
+def kebab(name: str) -> str:
+    return name.replace("_", "-")
+
+
 def flat_keys(cfg: ExperimentConfig | None = None) -> dict[str, tuple[str, str]]:
     """Map every kebab-case key to (section, field)."""
     cfg = cfg or ExperimentConfig()
     out: dict[str, tuple[str, str]] = {}
     for sname, section in _sections(cfg).items():
         for f in fields(section):
-            out[f.name.replace("_", "-")] = (sname, f.name)
+            out[kebab(f.name)] = (sname, f.name)
     return out
 
 
@@ -147,37 +350,71 @@ def flat_values(cfg: ExperimentConfig) -> dict[str, Any]:
     return {k: getattr(getattr(cfg, s), f) for k, (s, f) in flat_keys(cfg).items()}
 
 
+def flat_rules() -> dict[str, tuple[Rule, Any]]:
+    """Every kebab-case key with its rule and default."""
+    return {
+        kebab(f.name): (rule_of(f), f.default)
+        for section in _sections(ExperimentConfig()).values()
+        for f in fields(section)
+    }
+
+
+TRUE, FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
+
+
 def coerce(value: Any, current: Any, key: str) -> Any:
-    """Convert a flat-config value (often a string from a CLI or TOML) to the type of `current`."""
+    """Convert a flat-config value (often a string from a CLI or TOML) to the type of `current`.
+
+    Only the type is checked here (a bool is no number); ranges are the rules' (`validate`)."""
+
+    def wrong(expected: str) -> ConfigError:
+        return ConfigError(
+            f"{key}={show(value)}", f"expected {expected}", f"e.g. {key}={show(current)}"
+        )
+
     if isinstance(current, bool):
         if isinstance(value, bool):
             return value
-        if isinstance(value, str) and value.lower() in {
-            "1",
-            "true",
-            "yes",
-            "on",
-            "0",
-            "false",
-            "no",
-            "off",
-        }:
-            return value.lower() in {"1", "true", "yes", "on"}
-        raise ConfigError(f"{key}={value!r}", "expected true or false")
+        if isinstance(value, str) and value.strip().lower() in TRUE | FALSE:
+            return value.strip().lower() in TRUE
+        raise wrong("true or false")
+    if isinstance(current, int | float) and isinstance(value, bool):
+        raise wrong(KIND_NAMES[type(current)] + ", not true/false")
     if isinstance(current, int):
+        if isinstance(value, int):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value)  # exact, also beyond 2**53
+            except ValueError:
+                pass
         try:
-            as_float = float(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{key}={value!r}", "expected an integer") from None
-        if not as_float.is_integer():
-            raise ConfigError(f"{key}={value!r}", "expected an integer")
+            as_float = float(value)  # 4.0, "4.0", "1e3"
+        except (TypeError, ValueError, OverflowError):
+            raise wrong("an integer") from None
+        if not as_float.is_integer():  # also nan and inf
+            raise wrong("an integer")
         return int(as_float)
     if isinstance(current, float):
+        if isinstance(value, int | float):
+            try:
+                return float(value)
+            except OverflowError:
+                raise wrong("a finite number") from None
         try:
-            return float(value)
+            return float(value)  # "nan" and "inf" convert; the rules refuse them
         except (TypeError, ValueError):
-            raise ConfigError(f"{key}={value!r}", "expected a number") from None
-    return str(value)
+            raise wrong("a number") from None
+    if isinstance(value, str | os.PathLike):
+        return os.fspath(value)
+    raise wrong("text")
+
+
+def unknown_key(raw_key: str, valid: Collection[str]) -> tuple[str, str, str]:
+    """(what, why, fix) for a key that does not exist: the closest valid ones, if any."""
+    close = difflib.get_close_matches(kebab(raw_key), list(valid), n=3)
+    why = "did you mean " + ", ".join(close) if close else "no valid key is spelled like it"
+    return f"unknown config key {raw_key!r}", why, LIST_KEYS_FIX
 
 
 def apply_overrides(
@@ -185,8 +422,9 @@ def apply_overrides(
 ) -> ExperimentConfig:
     """Return a copy of `cfg` with flat kebab-case (or snake_case) overrides applied.
 
-    Unknown keys are rejected with the closest valid names, unless listed in `ignore`
-    (e.g. run-config keys that belong to the federation, not to the ML core).
+    Every problem (unknown key, wrong type, out of range) is collected and raised once. Unknown
+    keys are rejected with the closest valid names, unless listed in `ignore` (e.g. run-config
+    keys that belong to the federation, not to the ML core).
     """
     keys = flat_keys(cfg)
     ignore = ignore or set()
@@ -195,79 +433,86 @@ def apply_overrides(
     )
     problems = Problems()
     for raw_key, value in overrides.items():
-        key = raw_key.replace("_", "-")
+        key = kebab(raw_key)
         if key in ignore or raw_key in ignore:
             continue
         if key not in keys:
-            close = difflib.get_close_matches(key, keys, n=3)
-            problems.add(
-                f"unknown config key '{raw_key}'",
-                "did you mean " + ", ".join(close) if close else "see `flat_keys()` for valid keys",
-            )
+            problems.add(*unknown_key(raw_key, keys))
             continue
         sname, fname = keys[key]
         section = getattr(new, sname)
-        try:
+        try:  # a value of the wrong type leaves the old one, so the other checks still run
             setattr(section, fname, coerce(value, getattr(section, fname), key))
         except ConfigError as err:
-            problems.add(err.what, err.why)
+            problems.add(err.what, err.why, err.fix)
+    validate(new, problems, example=cfg)
     problems.raise_if_any(ConfigError)
-    validate(new)
     return new
 
 
-def validate(cfg: ExperimentConfig) -> None:
-    """Check ranges and combinations; raise once with every problem."""
-    p = Problems()
-    d, m, mc, t = cfg.data, cfg.model, cfg.method, cfg.train
-    if d.image_size < 16:
-        p.add(f"image-size={d.image_size}", "must be at least 16 pixels")
-    if d.oct_view not in OCT_VIEW_CHOICES:
-        p.add(f"oct-view={d.oct_view!r}", f"must be one of {', '.join(OCT_VIEW_CHOICES)}")
-    if d.n_bscans < 1:
-        p.add(f"n-bscans={d.n_bscans}", "must be at least 1")
-    if d.fundus_channels not in (1, 3):
-        p.add(f"fundus-channels={d.fundus_channels}", "must be 1 (SLO/grey) or 3 (colour)")
-    if not 0 <= d.val_fraction < 1 or not 0 <= d.test_fraction < 1:
-        p.add("val-fraction/test-fraction", "must lie in [0, 1)")
-    elif d.val_fraction + d.test_fraction >= 0.9:
-        p.add("val-fraction + test-fraction", "leaves under 10% of patients for training")
-    if d.md_scale <= 0:
-        p.add(f"md-scale={d.md_scale}", "must be positive")
-    if d.dicom_max_days < 0:
-        p.add(f"dicom-max-days={d.dicom_max_days}", "must be >= 0 days")
-    if not 0 < d.max_bad_fraction <= 1:
-        p.add(f"max-bad-fraction={d.max_bad_fraction}", "must lie in (0, 1]")
-    if m.embed_dim < 2 or m.fusion_hidden < 1:
-        p.add("embed-dim/fusion-hidden", "must be positive (embed-dim at least 2)")
-    if not 0 <= m.dropout < 1:
-        p.add(f"dropout={m.dropout}", "must lie in [0, 1)")
-    if mc.con_tau <= 0 or mc.con_span <= 0 or mc.con_delta < 0:
-        p.add("con-tau/con-span/con-delta", "tau and span must be positive, delta non-negative")
-    if mc.con_weight_clip < 1:
-        p.add(f"con-weight-clip={mc.con_weight_clip}", "must be at least 1 (weights have mean 1)")
-    if mc.sam_rho < 0 or mc.mod_alpha < 0 or not 0 <= mc.mod_ema < 1:
-        p.add("sam-rho/mod-alpha/mod-ema", "rho and alpha must be >= 0, ema in [0, 1)")
-    if mc.lds_sigma <= 0:
-        p.add(f"lds-sigma={mc.lds_sigma}", "must be positive")
-    if t.epochs < 1 or t.batch_size < 2:
-        p.add("epochs/batch-size", "need at least 1 epoch and a batch of 2")
-    if t.lr <= 0 or t.weight_decay < 0:
-        p.add("lr/weight-decay", "lr must be positive and weight decay non-negative")
-    if t.schedule not in ("cosine", "constant"):
-        p.add(f"schedule={t.schedule!r}", "must be cosine or constant")
-    if t.num_workers < 0:
-        p.add(f"num-workers={t.num_workers}", "must be >= 0")
-    if mc.proto_bin_width <= 0:
-        p.add(f"proto-bin-width={mc.proto_bin_width}", "must be positive")
-    pc = cfg.privacy
-    if pc.dp_noise < 0 or pc.dp_clip <= 0 or pc.dp_target_epsilon < 0:
-        p.add("dp-noise/dp-clip/dp-target-epsilon", "noise >= 0, clip > 0, target epsilon >= 0")
-    if not 0 < pc.dp_delta < 1 or pc.dp_epsilon_max <= 0:
-        p.add("dp-delta/dp-epsilon-max", "delta must lie in (0, 1) and the ceiling be positive")
-    if pc.dp_grad_sample_mode not in GRAD_SAMPLE_MODES:
-        p.add(
-            f"dp-grad-sample-mode={pc.dp_grad_sample_mode!r}",
-            f"must be one of {', '.join(GRAD_SAMPLE_MODES)}",
+def check_fields(section: Any, problems: Problems, example: Any = None) -> set[str]:
+    """Check every field of a config dataclass by its rule; return the keys that failed. The
+    fix suggests `example`'s value (the caller's base, e.g. a command's defaults)."""
+    bad = set()
+    for f in fields(section):
+        rule, value, key, kind = (
+            rule_of(f),
+            getattr(section, f.name),
+            kebab(f.name),
+            type(f.default),
         )
-    p.raise_if_any(ConfigError)
+        why = rule.check(value, kind)
+        if why:
+            good = getattr(example, f.name, f.default)
+            good = f.default if rule.check(good, kind) else good
+            problems.add(f"{key}={show(value)}", why, rule.fix or f"e.g. {key}={show(good)}")
+            bad.add(key)
+    return bad
+
+
+def validate(
+    cfg: ExperimentConfig, problems: Problems | None = None, example: ExperimentConfig | None = None
+) -> None:
+    """Check every key by its rule, then the few combinations; raise once with every problem,
+    or add them to `problems` for a caller that checks more before raising."""
+    p = Problems() if problems is None else problems
+    example = example or ExperimentConfig()
+    bad = {
+        key
+        for name, section in _sections(cfg).items()
+        for key in check_fields(section, p, getattr(example, name))
+    }
+    d, mc = cfg.data, cfg.method
+    if not bad & {"val-fraction", "test-fraction"} and d.val_fraction + d.test_fraction >= 0.9:
+        p.add(
+            f"val-fraction + test-fraction = {d.val_fraction + d.test_fraction:g}",
+            "leaves under 10% of patients for training",
+            "lower either, e.g. 0.15 each",
+        )
+    window = {"mod-start-epoch", "mod-end-epoch"}
+    if not bad & window and mc.mod_end_epoch != -1 and mc.mod_end_epoch <= mc.mod_start_epoch:
+        p.add(
+            f"mod-end-epoch={mc.mod_end_epoch} with mod-start-epoch={mc.mod_start_epoch}",
+            "the modulation window start <= epoch < end is empty",
+            "an end above the start, or -1 for until the last epoch",
+        )
+    if problems is None:
+        p.raise_if_any(ConfigError)
+
+
+def describe_fields(title: str, section: Any) -> list[str]:
+    """The `--list-keys` lines of one section: key, value, meaning and accepted values."""
+    lines = [f"[{title}]"]
+    for f in fields(section):
+        rule = rule_of(f)
+        value = show(getattr(section, f.name))
+        lines.append(
+            f"  {kebab(f.name):20s} {value:14s} {rule.meaning} ({rule.describe(type(f.default))})"
+        )
+    return lines
+
+
+def describe_keys(cfg: ExperimentConfig | None = None) -> list[str]:
+    """Every core key with its value in `cfg` (a command's defaults), by section."""
+    cfg = cfg or ExperimentConfig()
+    return [line for name, sec in _sections(cfg).items() for line in describe_fields(name, sec)]

@@ -5,7 +5,11 @@ CLIs catch `RemdrError` and print `str(err)`; anything else is a bug and keeps i
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 
 class RemdrError(Exception):
@@ -13,6 +17,7 @@ class RemdrError(Exception):
 
     def __init__(self, what: str, why: str = "", fix: str = "") -> None:
         self.what, self.why, self.fix = what, why, fix
+        self.items = [(what, why, fix)]  # `Problems` puts every problem here
         parts = [what]
         if why:
             parts.append(why)
@@ -50,11 +55,23 @@ class Problems:
     def __bool__(self) -> bool:
         return bool(self.items)
 
+    def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T | None:
+        """`fn(...)`, or None with the problems of its ConfigError added here: checks that
+        raise on their own still join one message."""
+        try:
+            return fn(*args, **kwargs)
+        except ConfigError as err:
+            self.items.extend(err.items)
+            return None
+
     def raise_if_any(self, kind: type[RemdrError] = ConfigError) -> None:
         if not self.items:
             return
         if len(self.items) == 1:
-            raise kind(*self.items[0])
-        what = f"{len(self.items)} problems"
-        why = "; ".join(f"{w}: {y}" + (f" (fix: {f})" if f else "") for w, y, f in self.items)
-        raise kind(what, why)
+            err = kind(*self.items[0])
+        else:
+            what = f"{len(self.items)} problems"
+            why = "; ".join(f"{w}: {y}" + (f" (fix: {f})" if f else "") for w, y, f in self.items)
+            err = kind(what, why)
+        err.items = list(self.items)
+        raise err

@@ -19,7 +19,7 @@ from remdr.data.dataset import EyeDataset
 from remdr.data.loading import Dataset
 from remdr.data.splits import split_records
 from remdr.methods import Method, build_model, create_method
-from remdr.metrics import regression_metrics
+from remdr.metrics import metrics_by_kind, scored_metrics
 from remdr.model import ReM3Dr
 from remdr.runtime import prepare_model, resolve_device, seed_everything
 from remdr.train import FitResult, fit, make_loader, predict
@@ -79,7 +79,7 @@ def train_and_test(
 
     def score_test(epoch: int, seconds: float) -> None:
         preds = predict(model, loader, device)
-        curve.append((seconds, float(regression_metrics(preds["md"], preds["pred"])["mse"])))
+        curve.append((seconds, float(scored_metrics(preds).get("mse", float("nan")))))
 
     result = fit(
         model,
@@ -95,7 +95,7 @@ def train_and_test(
         on_epoch=score_test if test_curve and len(data.test) else None,
     )
     preds = predict(model, loader, device)
-    metrics = regression_metrics(preds["md"], preds["pred"]) if len(preds["md"]) else {"n": 0}
+    metrics = scored_metrics(preds) if len(preds["md"]) else {"n": 0}
     return Outcome(model, method, result, metrics, preds, curve)
 
 
@@ -114,6 +114,7 @@ def write_run(
     metrics = {
         "method": cfg.train.method,
         "test": outcome.test_metrics,
+        "test_by_kind": metrics_by_kind(outcome.test_preds),
         "best_epoch": outcome.fit.best_epoch,
         "best_val_mse": outcome.fit.best_val_mse,
         "train_seconds": outcome.fit.seconds,
@@ -124,15 +125,19 @@ def write_run(
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
     ids = [r.eye_id for r in data.test.records]
-    lines = ["eye_id,md,md_pred"] + [
-        f"{i},{t:.3f},{p:.3f}"
-        for i, t, p in zip(ids, outcome.test_preds["md"], outcome.test_preds["pred"], strict=True)
+    kinds = [r.kind for r in data.test.records]
+    lines = ["eye_id,md,md_pred,input"] + [
+        f"{i},{t:.3f},{p:.3f},{k}"
+        for i, t, p, k in zip(
+            ids, outcome.test_preds["md"], outcome.test_preds["pred"], kinds, strict=True
+        )
     ]
     (out / "predictions.csv").write_text("\n".join(lines) + "\n")
-    if len(outcome.test_preds["md"]):
+    known = np.isfinite(outcome.test_preds["pred"])
+    if known.any():
         scatter_pred_vs_true(
-            outcome.test_preds["md"],
-            outcome.test_preds["pred"],
+            outcome.test_preds["md"][known],
+            outcome.test_preds["pred"][known],
             out / "pred_vs_true.png",
             title=cfg.train.method,
         )

@@ -133,6 +133,7 @@ def prototype_margin_loss(
     tau: float,
     mu: float,
     span: float,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per-example contrastive loss against learnable MD-bin prototypes (the DP-safe SupCon).
 
@@ -141,7 +142,8 @@ def prototype_margin_loss(
     so far-away bins are pushed apart harder. The margin depends only on the example's own label
     and fixed bin centres, and the loss of row i only on row i: one patient's replacement changes
     no other row's gradient, which is what DP-SGD's per-example clipping assumes.
-    Returns the mean over the batch.
+    Returns the mean over the batch; rows where `mask` is false count as zero (their
+    modality is absent), and the mean stays over the whole batch so no row scales another.
     """
     dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32  # fp64: the check
     centres, logits = centres.to(logits.device, dtype), logits.to(dtype)
@@ -150,4 +152,5 @@ def prototype_margin_loss(
     distance = (centres[None, :] - y[:, None]).abs()
     margin = (mu / tau) * (distance / span).clamp(max=1.0)
     margin = margin.scatter(1, positive[:, None], 0.0)
-    return F.cross_entropy(logits / tau + margin, positive)
+    per_row = F.cross_entropy(logits / tau + margin, positive, reduction="none")
+    return per_row.mean() if mask is None else (per_row * mask.to(per_row.dtype)).mean()

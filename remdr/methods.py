@@ -38,7 +38,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from remdr.config import ExperimentConfig, MethodConfig
 from remdr.errors import ConfigError, PrivacyError
@@ -114,6 +113,16 @@ def build_model(cfg: ExperimentConfig, method: Method | None = None) -> ReM3Dr:
 Batch = dict[str, torch.Tensor]
 
 
+def presence(batch: Batch) -> dict[str, torch.Tensor] | None:
+    """Which rows of a batch have which image (None: every row has both, e.g. old callers)."""
+    masks = {m: batch[f"has_{m}"] for m in MODALITIES if f"has_{m}" in batch}
+    return masks or None
+
+
+def _squared_error(pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return (full_precision(pred) - y) ** 2
+
+
 def unwrapped(model: torch.nn.Module) -> ReM3Dr:
     """The ReM3Dr inside an Opacus grad-sample wrapper (or the model itself)."""
     return getattr(model, "_module", model)
@@ -156,6 +165,9 @@ class Method:
         uses_prototypes = self.spec.prototypes and self.cfg.lambda_con > 0
         n_proto = len(self.centres) if uses_prototypes else 0  # unused layers break DP-SGD
         model = ReM3Dr(model_cfg, data_cfg, self.spec.modalities, n_prototypes=n_proto)
+        model.always_run_branches = self.spec.private
+        if self.spec.private:  # its random draws come from OS entropy, not the seeded torch RNG
+            model.modality_dropout = 0.0
         if self.spec.private or group_norm:
             from remdr.privacy import make_dp_ready
 
@@ -164,29 +176,40 @@ class Method:
 
     # -- objective ---------------------------------------------------------------------------
     def loss(self, model: ReM3Dr, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+        """The method's objective on a batch that may hold incomplete eyes: a term of an absent
+        modality is left out for that row (never computed on the zeros standing in for it)."""
         spec, cfg = self.spec, self.cfg
         fused_inputs = len(spec.modalities) > 1
         out = model(
             batch.get("oct"),
             batch.get("fundus"),
+            present=presence(batch),
             detach_heads=fused_inputs and not spec.unimodal_loss,
         )
         y = unwrapped(model).normalise(batch["md"])
-        total = F.mse_loss(full_precision(out["pred"]), y)
+        # a unimodal method learns from the eyes that have its image; fusion from every eye
+        rows = None if fused_inputs else out[f"present_{spec.modalities[0]}"]
+        total = self._mean(_squared_error(out["pred"], y), rows)
         parts = {"mse": float(total.detach())}
         if fused_inputs:
             uni_weight = (
                 cfg.lambda_uni if spec.unimodal_loss else 1.0
             )  # probes: weight is irrelevant
             for m in spec.modalities:
-                mse_m = F.mse_loss(full_precision(out[f"pred_{m}"]), y)
+                has_m = out[f"present_{m}"]
+                if not has_m.any():
+                    continue
+                mse_m = self._mean(_squared_error(out[f"pred_{m}"], y), has_m)
                 total = total + uni_weight * mse_m
                 parts[f"mse_{m}"] = float(mse_m.detach())
             if spec.contrastive and cfg.lambda_con > 0:
                 for m in spec.modalities:
+                    has_m = out[f"present_{m}"]
+                    if int(has_m.sum()) < 2:
+                        continue
                     con = adaptive_margin_supcon(
-                        out[f"z_{m}"],
-                        batch["md"],
+                        out[f"z_{m}"][has_m],
+                        batch["md"][has_m],
                         density=self.density,
                         delta=cfg.con_delta,
                         tau=cfg.con_tau,
@@ -206,11 +229,24 @@ class Method:
                         tau=cfg.con_tau,
                         mu=cfg.con_mu,
                         span=cfg.con_span,
+                        mask=out[f"present_{m}"],
                     )
                     total = total + cfg.lambda_con * con
                     parts[f"con_{m}"] = float(con.detach())
         parts["loss"] = float(total.detach())
         return total, parts
+
+    def _mean(self, per_row: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """Mean of a per-row loss over the rows in `mask`. A private method divides by the
+        whole batch instead (absent rows count as zero): a count of other rows in the
+        denominator would let one patient rescale every other patient's gradient, which
+        per-example clipping does not bound."""
+        if mask is None:
+            return per_row.mean()
+        kept = per_row * mask.to(per_row.dtype)
+        if self.spec.private:
+            return kept.mean()
+        return kept.sum() / mask.sum().clamp_min(1)
 
     # -- update rule -------------------------------------------------------------------------
     def modulation_active(self, epoch: int) -> bool:

@@ -67,3 +67,36 @@ def regression_metrics(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, floa
             per_bin.append(out[f"mae_{name}"])
     out["mae_bin_avg"] = float(np.mean(per_bin))
     return out
+
+
+EYE_KINDS = ("complete", "oct-only", "fundus-only")
+
+
+def eye_kinds(has_oct: np.ndarray, has_fundus: np.ndarray) -> np.ndarray:
+    """ "complete", "oct-only" or "fundus-only" per eye, from its image flags."""
+    has_oct, has_fundus = np.asarray(has_oct, bool), np.asarray(has_fundus, bool)
+    return np.where(has_oct & has_fundus, "complete", np.where(has_oct, "oct-only", "fundus-only"))
+
+
+def scored_metrics(preds: dict[str, np.ndarray]) -> dict[str, float]:
+    """`regression_metrics` of `predict()` output over the eyes that got a prediction (a
+    unimodal model gives none, NaN, for an eye without its image)."""
+    known = np.isfinite(preds["pred"])
+    if not known.any():
+        return {"n": 0}
+    return regression_metrics(preds["md"][known], preds["pred"][known])
+
+
+def metrics_by_kind(preds: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
+    """`scored_metrics` per kind of eye (complete / OCT-only / fundus-only) present."""
+    if "has_oct" not in preds or not len(preds["pred"]):
+        return {}
+    kinds = eye_kinds(preds["has_oct"], preds["has_fundus"])
+    out = {}
+    for kind in EYE_KINDS:
+        rows = kinds == kind
+        if rows.any():
+            out[kind] = scored_metrics(
+                {k: v[rows] for k, v in preds.items() if len(v) == len(rows)}
+            )
+    return out

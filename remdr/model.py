@@ -2,6 +2,13 @@
 
 Heads predict MD in normalised units, (md - md_center) / md_scale; `to_db` converts back.
 With one modality (the unimodal baselines) only that branch exists and its head is the output.
+
+An eye may lack one image. `present[m]` (B,) says which rows have modality m; where it is
+false the fusion head gets a learned absent-modality embedding instead of z_m, and a branch no
+row of the batch has input for is not run at all (its weights get no gradient, so an OCT-only
+site leaves the fundus encoder as it received it). Training also hides one modality of a complete
+eye from the fusion head with probability `modality_dropout`, so the fused model learns to
+predict from either image alone; the unimodal heads still see every image the eye has.
 """
 
 from __future__ import annotations
@@ -71,6 +78,20 @@ def _channels_last(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last) if x.is_cuda else x
 
 
+PARTS = ("oct", "fundus", "fusion", "shared")
+
+
+def model_part(key: str) -> str:
+    """The part of the model a state-dict key belongs to, for per-part aggregation: a
+    modality's branch, unimodal head and prototypes are that modality's ("oct", "fundus"), the
+    fusion head is "fusion", anything else (e.g. the absent-modality embeddings) "shared"."""
+    head, _, rest = key.partition(".")
+    if head in ("branches", "heads", "prototypes"):
+        modality = rest.partition(".")[0]
+        return modality if modality in ("oct", "fundus") else "shared"
+    return "fusion" if head == "fusion" else "shared"
+
+
 class ReM3Dr(nn.Module):
     def __init__(
         self,
@@ -97,6 +118,16 @@ class ReM3Dr(nn.Module):
         for m in self.modalities:
             self.heads[m] = _head(d, h, p)
         self.fusion = _head(d * len(self.modalities), h, p) if len(self.modalities) > 1 else None
+        # the fusion input of an absent modality: a Linear on a constant 1, so DP-SGD (Opacus)
+        # gets its per-sample gradients like any layer's
+        self.absent = (
+            nn.ModuleDict({m: nn.Linear(1, d, bias=False) for m in self.modalities})
+            if self.fusion is not None
+            else None
+        )
+        self.modality_dropout = model_cfg.modality_dropout
+        self.embed_dim = d
+        self.always_run_branches = False  # DP-SGD: every parameter in every step's graph
         # Learnable MD-bin prototypes per modality (remdr_dp): u . p_k for unit-norm u.
         self.prototypes = (
             nn.ModuleDict({m: nn.Linear(d, n_prototypes, bias=False) for m in self.modalities})
@@ -109,28 +140,68 @@ class ReM3Dr(nn.Module):
         oct: torch.Tensor | None = None,
         fundus: torch.Tensor | None = None,
         *,
+        present: dict[str, torch.Tensor] | None = None,
         detach_heads: bool = False,
     ) -> dict[str, torch.Tensor]:
-        """Returns ``z_<m>`` (B, d), ``pred_<m>`` (B,) per modality and ``pred`` (B,);
-        with prototypes also ``proto_<m>`` (B, n_prototypes).
+        """Returns ``z_<m>`` (B, d), ``pred_<m>`` (B,) and ``present_<m>`` (B,) per modality and
+        ``pred`` (B,); with prototypes also ``proto_<m>`` (B, n_prototypes). A row's
+        ``pred_<m>``, ``z_<m>`` and ``proto_<m>`` mean nothing where ``present_<m>`` is false.
 
+        `present` maps a modality to a (B,) bool mask (default: every row has every input).
         `detach_heads` trains the unimodal heads as probes on detached features, so they report
         each modality's strength without pushing gradients into the encoders.
         """
         inputs = {"oct": oct, "fundus": fundus}
+        batch = next(x for x in inputs.values() if x is not None).shape[0]
+        device = next(x for x in inputs.values() if x is not None).device
+        masks = {
+            m: (
+                present[m].to(device=device, dtype=torch.bool)
+                if present is not None and m in present
+                else torch.ones(batch, dtype=torch.bool, device=device)
+            )
+            for m in self.modalities
+        }
         out: dict[str, torch.Tensor] = {}
         for m in self.modalities:
-            z = self.branches[m](inputs[m])
-            out[f"z_{m}"] = z
+            if masks[m].any() or self.always_run_branches:
+                z = self.branches[m](inputs[m])
+            else:
+                z = torch.zeros(batch, self.embed_dim, device=device)
+            out[f"z_{m}"], out[f"present_{m}"] = z, masks[m]
             out[f"pred_{m}"] = self.heads[m](z.detach() if detach_heads else z).squeeze(-1)
             if self.prototypes is not None:
                 out[f"proto_{m}"] = self.prototypes[m](F.normalize(full_precision(z), dim=-1))
         if self.fusion is not None:
-            fused = torch.cat([out[f"z_{m}"] for m in self.modalities], dim=-1)
+            seen = self._fusion_masks(masks)
+            dtype = next(iter(self.absent.values())).weight.dtype  # float64 in the DP check
+            one = torch.ones(batch, 1, device=device, dtype=dtype)
+            fused = torch.cat(
+                [
+                    torch.where(
+                        seen[m][:, None], out[f"z_{m}"], self.absent[m](one).to(out[f"z_{m}"].dtype)
+                    )
+                    for m in self.modalities
+                ],
+                dim=-1,
+            )
             out["pred"] = self.fusion(fused).squeeze(-1)
         else:
             out["pred"] = out[f"pred_{self.modalities[0]}"]
         return out
+
+    def _fusion_masks(self, masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """What the fusion head sees: the present images, less one image of a complete eye with
+        probability `modality_dropout` while training (which one: a fair coin)."""
+        if not self.training or self.modality_dropout <= 0 or len(self.modalities) != 2:
+            return masks
+        a, b = self.modalities
+        complete = masks[a] & masks[b]
+        drop = complete & (
+            torch.rand(complete.shape, device=complete.device) < self.modality_dropout
+        )
+        which = torch.rand(complete.shape, device=complete.device) < 0.5
+        return {a: masks[a] & ~(drop & which), b: masks[b] & ~(drop & ~which)}
 
     def normalise(self, md: torch.Tensor) -> torch.Tensor:
         return (md - self.md_center) / self.md_scale

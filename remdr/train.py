@@ -19,9 +19,9 @@ from tqdm.auto import tqdm
 from remdr.config import PrivacyConfig, TrainConfig
 from remdr.data.dataset import EyeDataset
 from remdr.data.transforms import augment_image
-from remdr.methods import Method
+from remdr.methods import Method, presence
 from remdr.metrics import regression_metrics
-from remdr.model import ReM3Dr
+from remdr.model import MODALITIES, ReM3Dr
 from remdr.optim import proximal_term
 from remdr.runtime import autocast_for, to_device
 
@@ -79,28 +79,53 @@ def lr_at(
 
 @torch.no_grad()
 def predict(model: ReM3Dr, loader: DataLoader, device: torch.device) -> dict[str, np.ndarray]:
-    """Predictions in dB for every item: ``pred`` and each modality's ``pred_<m>``, plus ``md``."""
+    """Predictions in dB for every item: ``pred`` and each modality's ``pred_<m>``, plus ``md``
+    and ``has_<m>`` (which images the eye has). A prediction the model has no input for (a
+    unimodal model on an eye without its image, a head of an absent modality) is NaN."""
     model.eval()
     autocast = autocast_for(device)
     keys = ["pred"] + [f"pred_{m}" for m in model.modalities]
-    outs: dict[str, list[np.ndarray]] = {k: [] for k in keys + ["md"]}
+    flags = [f"has_{m}" for m in MODALITIES]
+    outs: dict[str, list[np.ndarray]] = {k: [] for k in keys + flags + ["md"]}
     for batch in loader:
         batch = to_device(batch, device)
+        present = presence(batch)
         with autocast():
-            out = model(batch.get("oct"), batch.get("fundus"))
+            out = model(batch.get("oct"), batch.get("fundus"), present=present)
+        n = len(batch["md"])
+        has = {m: (present or {}).get(m, torch.ones(n, dtype=torch.bool)).cpu() for m in MODALITIES}
         for k in keys:
-            outs[k].append(model.to_db(out[k].float()).cpu().numpy())
+            pred = model.to_db(out[k].float()).cpu()
+            usable = _usable_rows(k, model.modalities, has)
+            outs[k].append(torch.where(usable, pred, torch.nan).numpy())
+        for m in MODALITIES:
+            outs[f"has_{m}"].append(has[m].numpy())
         outs["md"].append(batch["md"].cpu().numpy())
     return {k: np.concatenate(v) if v else np.zeros(0) for k, v in outs.items()}
+
+
+def _usable_rows(
+    key: str, modalities: tuple[str, ...], has: dict[str, torch.Tensor]
+) -> torch.Tensor:
+    """Rows where output `key` rests on an image the eye has: the fused output needs any image
+    the model reads, a head its own modality."""
+    needed = [key.removeprefix("pred_")] if key != "pred" else list(modalities)
+    usable = torch.zeros_like(has[MODALITIES[0]])
+    for m in needed:
+        usable |= has[m]
+    return usable
 
 
 def evaluate(model: ReM3Dr, loader: DataLoader, device: torch.device) -> dict[str, float]:
     """Metrics of the model's output, plus each modality head's MSE (`mse_<m>`)."""
     preds = predict(model, loader, device)
-    metrics = regression_metrics(preds["md"], preds["pred"])
+    known = np.isfinite(preds["pred"])  # a unimodal model scores the eyes it can see
+    metrics = regression_metrics(preds["md"][known], preds["pred"][known])
     for m in model.modalities:
         if len(model.modalities) > 1:
-            metrics[f"mse_{m}"] = float(np.mean((preds[f"pred_{m}"] - preds["md"]) ** 2))
+            rows = np.isfinite(preds[f"pred_{m}"])
+            err = (preds[f"pred_{m}"][rows] - preds["md"][rows]) ** 2
+            metrics[f"mse_{m}"] = float(err.mean()) if rows.any() else float("nan")
     return metrics
 
 

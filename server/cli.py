@@ -15,22 +15,33 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import subprocess
 import sys
 import tempfile
 import tomllib
 from pathlib import Path
 
-from remdr.cli.common import run_cli
-from remdr.errors import ConfigError
+from remdr.cli.common import (
+    Parser,
+    add_list_keys,
+    check_address,
+    check_flag,
+    check_input_path,
+    check_output_dir,
+    key_listing,
+    run_cli,
+)
+from remdr.config import NON_NEGATIVE
+from remdr.errors import ConfigError, Problems
 from remdr.ops.processes import executable, flower_env, wait_healthy, write_flwr_home
 
 TLS_FILES = {"ca": "ca.crt", "cert": "server.pem", "key": "server.key"}
+SITE_ID = r"[A-Za-z0-9._-]+"
 
 
 def superlink_command(args: argparse.Namespace) -> list[str]:
     out = Path(args.out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
     cmd = [
         executable("flower-superlink"),
         "--host", args.host,
@@ -39,6 +50,7 @@ def superlink_command(args: argparse.Namespace) -> list[str]:
         "--disable-runtime-dependency-installation",
     ]  # fmt: skip
     if args.insecure:
+        out.mkdir(parents=True, exist_ok=True)
         return cmd + ["--insecure"]
     certs = Path(args.certs) if args.certs else None
     missing = [n for n in TLS_FILES.values() if certs is None or not (certs / n).is_file()]
@@ -48,6 +60,7 @@ def superlink_command(args: argparse.Namespace) -> list[str]:
             "the SuperLink serves the Fleet API over HTTPS with node authentication by default",
             "run deploy/make-certs.sh and pass --certs deploy/certs, or --insecure for a loopback test",
         )
+    out.mkdir(parents=True, exist_ok=True)
     return cmd + [
         "--ssl-ca-certfile", str(certs / TLS_FILES["ca"]),
         "--ssl-certfile", str(certs / TLS_FILES["cert"]),
@@ -57,6 +70,12 @@ def superlink_command(args: argparse.Namespace) -> list[str]:
 
 
 def cmd_start(args: argparse.Namespace) -> int:
+    p = Problems()
+    check_flag(p, "--port", args.port, 8000, low=1, high=65535)
+    check_output_dir(p, "--out", args.out)
+    if not args.host.strip():
+        p.add("--host ''", "names no address", "e.g. --host 127.0.0.1 (0.0.0.0 for all)")
+    p.raise_if_any()
     cmd = superlink_command(args)
     print(
         f"remdr-server: starting SuperLink on {args.host}:{args.port} ({'INSECURE' if args.insecure else 'TLS + node auth'})",
@@ -66,13 +85,21 @@ def cmd_start(args: argparse.Namespace) -> int:
     return 0  # not reached
 
 
-def _connection(args: argparse.Namespace, home: Path) -> str:
+def check_connection_flags(p: Problems, args: argparse.Namespace) -> None:
+    """The flags of `run` and `register` that say how to reach the SuperLink."""
+    check_address(p, "--federation", args.federation)
+    check_flag(p, "--wait", args.wait, 20.0, **NON_NEGATIVE)
     if not args.insecure and not args.root_cert:
-        raise ConfigError(
+        p.add(
             "no --root-cert given",
             "the SuperLink uses TLS by default",
             "pass --root-cert ca.crt or --insecure",
         )
+    elif not args.insecure:
+        check_input_path(p, "--root-cert", args.root_cert)
+
+
+def _connection(args: argparse.Namespace, home: Path) -> str:
     conn = write_flwr_home(home, args.federation, insecure=args.insecure, root_cert=args.root_cert)
     if not wait_healthy(
         args.federation, ca_cert=None if args.insecure else args.root_cert, timeout=args.wait
@@ -94,22 +121,34 @@ def _flwr(args: list[str], home: Path, check: bool = True) -> int:
 
 def load_experiment(path: str) -> dict:
     """Read and validate an experiment TOML (flat run-config keys) before anything is submitted."""
-    from remdr.federation.run_config import split_run_config
-
     try:
         data = tomllib.loads(Path(path).read_text())
     except FileNotFoundError:
-        raise ConfigError(f"experiment file {path} not found") from None
-    except tomllib.TOMLDecodeError as err:
-        raise ConfigError(f"{path} is not valid TOML", str(err)) from None
+        raise ConfigError(
+            f"experiment file {path} not found", "", "pass an experiment TOML, e.g. deploy/exp.toml"
+        ) from None
+    except OSError as err:  # a folder, no permission
+        raise ConfigError(
+            f"experiment file {path} cannot be read", err.strerror or "", "pass a TOML file"
+        ) from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        raise ConfigError(
+            f"{path} is not valid TOML", str(err), "flat `key = value` lines, see deploy/exp.toml"
+        ) from None
+    from remdr.federation.run_config import split_run_config  # torch: only for a readable file
+
     split_run_config(data)  # unknown keys and bad values fail here, with the valid names
     return data
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    p = Problems()
+    overrides = p.call(load_experiment, args.config) if args.config else {}
+    check_connection_flags(p, args)
+    p.raise_if_any()
+    assert overrides is not None
     from remdr.federation.app_bundle import write_bundle
 
-    overrides = load_experiment(args.config) if args.config else {}
     with tempfile.TemporaryDirectory(prefix="remdr-run-") as tmp:
         home = Path(tmp) / "flwr-home"
         conn = _connection(args, home)
@@ -142,10 +181,11 @@ def check_outcome(overrides: dict) -> None:
 
 
 def cmd_register(args: argparse.Namespace) -> int:
+    p = Problems()
     if not Path(args.public_key).is_file():
-        raise ConfigError(
-            f"public key {args.public_key} not found", "", "make keys with deploy/make-certs.sh"
-        )
+        p.add(f"public key {args.public_key} not found", "", "make keys with deploy/make-certs.sh")
+    check_connection_flags(p, args)
+    p.raise_if_any()
     with tempfile.TemporaryDirectory(prefix="remdr-reg-") as tmp:
         home = Path(tmp) / "flwr-home"
         conn = _connection(args, home)
@@ -157,6 +197,16 @@ def cmd_certs(args: argparse.Namespace) -> int:
 
     sites = [s.strip() for s in args.sites.split(",") if s.strip()]
     sans = [n.strip() for value in args.san or [] for n in value.split(",") if n.strip()]
+    p = Problems()
+    check_output_dir(p, "--out", args.out)
+    for site in sites:  # a site id names its key files
+        if not re.fullmatch(SITE_ID, site):
+            p.add(
+                f"--sites: site id '{site}'",
+                "may hold only letters, digits, '.', '_', '-'",
+                "e.g. --sites hospA,hospB",
+            )
+    p.raise_if_any()
     out = make_deployment(args.out, sans or ["127.0.0.1", "localhost"], sites)
     print(
         f"remdr-server: wrote {out}/ca.crt, server.pem, server.key and keys for {', '.join(sites) or 'no sites'}"
@@ -165,6 +215,13 @@ def cmd_certs(args: argparse.Namespace) -> int:
         "  keep ca.key offline; give each site ca.crt and its own keys/<site>; register keys/<site>.pub"
     )
     return 0
+
+
+def _run_config_keys() -> list[str]:
+    """--list-keys of `run`: the keys an experiment TOML may set, at the federation's defaults."""
+    from remdr.federation.run_config import FEDERATED_DEFAULTS
+
+    return key_listing(FEDERATED_DEFAULTS, federation=True)
 
 
 def _add_connection_flags(p: argparse.ArgumentParser) -> None:
@@ -177,7 +234,7 @@ def _add_connection_flags(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
+    ap = Parser(
         prog="remdr-server",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -196,6 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--config", help="experiment TOML: flat run-config keys (method, num-server-rounds, ...)"
     )
     r.add_argument("--detach", action="store_true", help="submit and return without streaming logs")
+    add_list_keys(r, _run_config_keys)
     r.add_argument(
         "--fault-drill",
         action="store_true",

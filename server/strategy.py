@@ -10,6 +10,12 @@ Site-level DP releases the sum of the clipped updates actually aggregated divide
 fixed cohort size m (the sites asked), plus Gaussian noise of std z*C/m: adding or removing one
 site's update moves the release by at most C/m whether other sites replied or were refused, so
 the multiplier z holds. A missing or refused site counts as a zero update.
+
+Sites with one modality train only some parts of the model (`remdr.model.model_part`): an
+OCT-only hospital has no eye for the fundus branch or the fusion head, and sends them back as
+received (`eyes-*` counts in its reply). Each part is aggregated over the sites that trained it,
+weighted by the eyes behind it (`_aggregate_parts`), so a part is never pulled towards the
+global values by sites without data for it.
 """
 
 from __future__ import annotations
@@ -30,13 +36,25 @@ from flwr.serverapp.strategy import (
     FedProx,
     FedTrimmedAvg,
     Krum,
+    MultiKrum,
     Strategy,
 )
+from flwr.serverapp.strategy.fedopt import FedOpt
+from flwr.serverapp.strategy.fedtrimmedavg import trim_mean
+from flwr.serverapp.strategy.multikrum import select_multikrum
+from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 from remdr.server.grid import RetryingGrid
 
 from remdr.federation.run_config import FedConfig
-from remdr.federation.screening import update_problem
+from remdr.federation.screening import (
+    PART_COUNTS,
+    counts_problem,
+    trained_counts,
+    untrained_part_problem,
+    update_problem,
+)
 from remdr.federation.site_round import RECEIVED
+from remdr.model import model_part
 from remdr.privacy import epsilon_of
 
 log = logging.getLogger("flwr")  # Flower's handlers stream this to `remdr-server run`
@@ -46,26 +64,75 @@ log = logging.getLogger("flwr")  # Flower's handlers stream this to `remdr-serve
 # another's is no guarantee of anyone; each site's value stays in the round record and in
 # report.privacy) and its own test split (`test-*`: reported per site, so nothing selects on it).
 PER_SITE_ONLY = ("dp-", "test-", "num-test", RECEIVED)
+# Counts summed over the sites, not averaged: the round's training eyes of each kind.
+SUMMED = ("eyes-",)
 
 
 def aggregate_metrics(records: list[RecordDict], weight_key: str) -> MetricRecord:
     """Weighted mean of every metric, ignoring NaN (a site without severe eyes has no severe MAE)
-    and the per-site-only keys (`PER_SITE_ONLY`)."""
+    and the per-site-only keys (`PER_SITE_ONLY`); the `SUMMED` counts add up."""
     totals: dict[str, float] = {}
     weights: dict[str, float] = {}
+    sums: dict[str, float] = {}
     for rec in records:
         metrics = next(iter(rec.metric_records.values()))
         w = float(metrics[weight_key])
         for k, v in metrics.items():
             if k == weight_key or k.startswith(PER_SITE_ONLY):
                 continue
+            if k.startswith(SUMMED) and not isinstance(v, list):
+                sums[k] = sums.get(k, 0.0) + float(v)
+                continue
             if isinstance(v, list) or not math.isfinite(float(v)):
                 continue
             totals[k] = totals.get(k, 0.0) + w * float(v)
             weights[k] = weights.get(k, 0.0) + w
     out = {k: totals[k] / weights[k] for k in totals if weights[k] > 0}
+    out.update(sums)
     out[weight_key] = sum(float(next(iter(r.metric_records.values()))[weight_key]) for r in records)
     return MetricRecord(out)
+
+
+# Keys only some sites send (a site's own shipped test split, the model it received scored on
+# it): recorded per site above, then dropped from the reply, because Flower refuses to aggregate
+# replies whose metric keys differ (InconsistentMessageReplies).
+MAY_DIFFER = ("test-", "num-test", f"{RECEIVED}test-", f"{RECEIVED}num-test")
+
+
+def _drop_site_only_keys(msg: Message) -> None:
+    for record in msg.content.metric_records.values():
+        for key in [k for k in record if k.startswith(MAY_DIFFER)]:
+            del record[key]
+
+
+PART_WEIGHT = "eyes"  # the weight of one part's own aggregation: the eyes that trained it
+
+
+def aggregate_part(
+    base: Strategy, arrays: list[dict[str, np.ndarray]], eyes: list[float]
+) -> dict[str, np.ndarray]:
+    """One part of the model aggregated over the sites that trained it (their `arrays` of it,
+    the `eyes` each trained it on) by `base`'s own rule, with Flower's own functions: Krum picks
+    among them on this part alone; FedMedian and FedTrimmedAvg take the coordinate-wise median
+    and trimmed mean (unweighted, as they are); FedAvg, FedProx and FedAdam the eye-weighted
+    mean (FedAdam's server step then follows from it)."""
+    keys = list(arrays[0])
+    if isinstance(base, FedMedian):
+        return {k: np.asarray(np.median(np.stack([a[k] for a in arrays]), axis=0)) for k in keys}
+    if isinstance(base, FedTrimmedAvg):
+        return {k: np.asarray(trim_mean(np.stack([a[k] for a in arrays]), base.beta)) for k in keys}
+    contents = [
+        RecordDict(
+            {
+                "arrays": ArrayRecord({k: Array(np.asarray(v, order="C")) for k, v in a.items()}),
+                "metrics": MetricRecord({PART_WEIGHT: float(w)}),
+            }
+        )
+        for a, w in zip(arrays, eyes, strict=True)
+    ]
+    if isinstance(base, MultiKrum):
+        contents = select_multikrum(contents, base.num_malicious_nodes, base.num_nodes_to_select)
+    return {k: v.numpy() for k, v in aggregate_arrayrecords(contents, PART_WEIGHT).items()}
 
 
 class RoundAborted(RuntimeError):
@@ -133,6 +200,14 @@ class RemdrStrategy(Strategy):
             self.site_of_node[node] = str(msg.content["site"]["site-id"])
         return self.site_of_node.get(node, f"node-{node}")
 
+    @staticmethod
+    def _metrics(msg: Message) -> MetricRecord:
+        return next(iter(msg.content.metric_records.values()))
+
+    @staticmethod
+    def _arrays(msg: Message) -> ArrayRecord:
+        return next(iter(msg.content.array_records.values()))
+
     def _error(self, site: str, phase: str, reason: str) -> None:
         self.current.setdefault("errors", []).append(
             {"site": site, "phase": phase, "reason": reason}
@@ -157,6 +232,7 @@ class RemdrStrategy(Strategy):
                 self.received[site] = scored
             prefix = "" if phase == "train" else "eval-"
             rec.setdefault(site, {}).update({f"{prefix}{k}": v for k, v in metrics.items()})
+            _drop_site_only_keys(msg)
             good.append(msg)
         sampled = self._sampled.get(phase, [])
         missing = [self.site_of_node.get(n, f"node-{n}") for n in sampled if n not in replied]
@@ -177,9 +253,14 @@ class RemdrStrategy(Strategy):
         """Drop updates that cannot be aggregated; name the site in the log and report."""
         kept = []
         for msg in replies:
-            update = {k: v for rec in msg.content.array_records.values() for k, v in rec.items()}
-            problem = update_problem(
-                {k: v.numpy() for k, v in update.items()}, self._global, self.fed.max_update_norm
+            update = {
+                k: v.numpy() for rec in msg.content.array_records.values() for k, v in rec.items()
+            }
+            metrics = self._metrics(msg)
+            problem = (
+                update_problem(update, self._global, self.fed.max_update_norm)
+                or counts_problem(metrics)
+                or untrained_part_problem(update, self._global, trained_counts(metrics))
             )
             if problem:
                 site = self._site(msg)
@@ -256,16 +337,87 @@ class RemdrStrategy(Strategy):
             log.warning("round %s: no usable update; the global model is kept", server_round)
             self.current["train"] = {}
             return None, None
+        own = self._aggregate_parts(good)
         private = isinstance(self.inner, DP_WRAPPERS)
         if private:  # the wrapper's noise z*C/k on the mean of the k updates it gets
             self.inner.num_sampled_clients = len(good)
             clip = float(self.inner.clipping_norm)
         arrays, metrics = self.inner.aggregate_train(server_round + self.round_offset, good)
+        if own and arrays is not None and not isinstance(self.inner, FedOpt):
+            # the inner rule over equal arrays gives them up to rounding: give them exactly
+            # (FedAdam instead took its server step towards them)
+            for key, value in own.items():
+                arrays[key] = Array(np.asarray(value, order="C"))
         self.current["train"] = dict(metrics) if metrics is not None else {}
         self.current["aggregated"] = sorted(self._site(m) for m in good)
         if private and arrays is not None:
             arrays = self._release(arrays, len(good), clip)
         return arrays, metrics
+
+    def _aggregate_parts(self, replies: list[Message]) -> dict[str, np.ndarray]:
+        """Aggregate each part of the model over the sites that trained it, weighted by the eyes
+        behind it (`eyes-*`; the shared part by num-examples, as always); return those parts.
+
+        A part gets its own aggregate (`aggregate_part`) only where the ordinary one would differ:
+        some site did not train it or, for a weighted rule, trained it on fewer eyes than it
+        has. The aggregate is written into every reply, so the inner strategy's mean (FedAvg,
+        FedProx) is that aggregate, FedAdam takes its server step towards it, and the robust
+        rules see the part as its trainers agreed on it; a part no site trained stays global.
+        A complete federation is aggregated as before, bit for bit. Under site-level DP this is
+        refused: its noise is calibrated to one plain mean of every site's update, and there an
+        untrained part counts as a zero update.
+        """
+        if any(key in self._metrics(m) for m in replies for key in PART_COUNTS.values()):
+            for m in replies:  # an older site trained every part on all its eyes; Flower
+                metrics = self._metrics(m)  # aggregates only replies with the same metrics
+                for key in PART_COUNTS.values():
+                    if key not in metrics:
+                        metrics[key] = metrics["num-examples"]
+        base = getattr(self.inner, "strategy", self.inner)
+        private = isinstance(self.inner, DP_WRAPPERS)
+        weighted = not (private or isinstance(base, FedMedian | FedTrimmedAvg | MultiKrum))
+        counts = [trained_counts(self._metrics(m)) for m in replies]
+        own = []
+        for part in PART_COUNTS:
+            keys = [k for k in self._global if model_part(k) == part]
+            if weighted:
+                differs = any(c[part] != c["shared"] for c in counts)
+            else:
+                differs = any(c[part] == 0 for c in counts)
+            if keys and differs:
+                own.append((part, keys))
+        if not own:
+            return {}
+        if private:
+            trained = ", ".join(
+                f"{part} by {sum(c[part] > 0 for c in counts)} of {len(counts)}" for part, _ in own
+            )
+            reason = (
+                f"sites trained different parts of the model ({trained} sites), but site-level "
+                "DP needs one plain mean of every site's update: a site's untrained part counts "
+                "as a zero update, not aggregated over its trainers only"
+            )
+            self.current["part-aggregation"] = {"refused": reason}
+            log.error(
+                "round %s: per-part aggregation refused: %s", self.current.get("round"), reason
+            )
+            return {}
+        out: dict[str, np.ndarray] = {}
+        record = self.current.setdefault("part-aggregation", {})
+        for part, keys in own:
+            trainers = [(m, c[part]) for m, c in zip(replies, counts, strict=True) if c[part] > 0]
+            if trainers:
+                arrays = [{k: self._arrays(m)[k].numpy() for k in keys} for m, _ in trainers]
+                aggregate = aggregate_part(base, arrays, [eyes for _, eyes in trainers])
+            else:
+                aggregate = {k: self._global[k] for k in keys}
+            for m in replies:
+                rec = self._arrays(m)
+                for k in keys:
+                    rec[k] = Array(np.asarray(aggregate[k], order="C"))
+            out.update(aggregate)
+            record[part] = sorted(self._site(m) for m, _ in trainers)
+        return out
 
     def _release(self, arrays, k: int, clip: float):
         """Rescale the wrapper's g + mean_k + N(0, (zC/k)^2) to g + sum_k/m + N(0, (zC/m)^2),

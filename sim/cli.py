@@ -17,10 +17,27 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
-from remdr.cli.common import add_config_flags, config_from_args, run_cli
-from remdr.config import ExperimentConfig, apply_overrides, flat_values
+from remdr.cli.common import (
+    Parser,
+    add_config_flags,
+    check_flag,
+    check_output_dir,
+    config_from_args,
+    run_cli,
+)
+from remdr.config import (
+    NON_NEGATIVE,
+    POSITIVE,
+    PROBABILITY,
+    ExperimentConfig,
+    Rule,
+    apply_overrides,
+    flat_values,
+)
 from remdr.data import SyntheticSpec, synthetic_data
+from remdr.errors import Problems
 from remdr.federation.run_config import FEDERATED_DEFAULTS
 
 # Defaults that finish on a 2-core CPU in a few minutes and still show learning; the federated
@@ -42,7 +59,7 @@ DP_RECIPE = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
+    ap = Parser(
         prog="remdr-sim", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("--data", help="dataset folder (default: the embedded synthetic set)")
@@ -87,6 +104,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ap.add_argument("--compare-local", action="store_true", help="also train each site alone")
     ap.add_argument(
+        "--site-modalities",
+        default="",
+        help="one entry per site: both, oct or fundus (the other image is withheld there), "
+        "e.g. both,both,oct,fundus; default: both everywhere",
+    )
+    ap.add_argument(
+        "--missing-rate",
+        type=float,
+        default=0.0,
+        help="at 'both' sites, this fraction of eyes loses one image (a fair coin picks which)",
+    )
+    ap.add_argument(
+        "--compare-complete-only",
+        action="store_true",
+        help="also run the federation of only the sites listed as 'both'",
+    )
+    ap.add_argument(
         "--fed",
         action="append",
         default=[],
@@ -94,12 +128,40 @@ def build_parser() -> argparse.ArgumentParser:
         help="any federation key, e.g. --fed site-dp=fixed --fed on-missing=abort",
     )
     ap.add_argument("--quiet", action="store_true")
-    add_config_flags(ap)
+    add_config_flags(ap, defaults=SIM_DEFAULTS, federation=True)
     return ap
 
 
+def _final_model(cfg: ExperimentConfig, fed_dir: Path, rounds: int):
+    """The federation's model: its best-validation round, else its last round."""
+    from safetensors.torch import load_file
+
+    from remdr.methods import build_model
+
+    model = build_model(cfg)
+    best = fed_dir / "best.safetensors"
+    model.load_state_dict(
+        load_file(str(best if best.is_file() else fed_dir / f"round-{rounds:03d}.safetensors"))
+    )
+    return model
+
+
+def _one_image_tests(model, test_records: list, cfg: ExperimentConfig) -> dict:
+    """The global test set with one image withheld from every eye (`test_oct_only`,
+    `test_fundus_only`): what the fused model predicts for an incomplete eye."""
+    from remdr.data.dataset import EyeDataset
+
+    if len(model.modalities) < 2:
+        return {}
+    out = {}
+    for m in model.modalities:
+        eyes = [dataclasses.replace(r, modalities=(m,)) for r in test_records]
+        out[f"test_{m}_only"] = _test_metrics(model, EyeDataset(eyes, cfg.data), cfg)[0]
+    return out
+
+
 def _test_metrics(model, test_ds, cfg: ExperimentConfig):
-    from remdr.metrics import regression_metrics
+    from remdr.metrics import scored_metrics
     from remdr.runtime import resolve_device
     from remdr.train import make_loader, predict
 
@@ -107,7 +169,7 @@ def _test_metrics(model, test_ds, cfg: ExperimentConfig):
     preds = predict(
         model.to(device), make_loader(test_ds, 64, shuffle=False, seed=0, device=device), device
     )
-    return regression_metrics(preds["md"], preds["pred"]), preds
+    return scored_metrics(preds), preds
 
 
 def _train_central(
@@ -132,6 +194,7 @@ def _train_central(
     )  # fmt: skip
     return {
         "test": outcome.test_metrics,
+        "best_val_mse": outcome.fit.best_val_mse,
         "wall_seconds": outcome.fit.seconds,
         "test_curve": outcome.test_curve,
     }
@@ -148,31 +211,66 @@ def explicit_keys(args: argparse.Namespace) -> set[str]:
     return keys
 
 
-def check_sim_flags(args: argparse.Namespace) -> None:
-    """Every problem with the simulator's own flags, in one line, before any work starts."""
-    import math
-
-    from remdr.errors import Problems
+def check_sim_flags(args: argparse.Namespace) -> tuple[ExperimentConfig, int, dict]:
+    """Every problem with the simulator's flags, its config keys (--set, ...) and federation
+    keys (--fed), in one line, before any work starts; `resolve_config`'s result when none."""
+    from remdr.federation.run_config import split_run_config
 
     p = Problems()
-    for flag, value, low in (("--sites", args.sites, 1), ("--rounds", args.rounds, 1),
-                             ("--synthetic-n", args.synthetic_n, 8)):  # fmt: skip
-        if value < low:
-            p.add(f"{flag} {value}", f"must be at least {low}")
-    if args.local_epochs is not None and args.local_epochs < 1:
-        p.add(f"--local-epochs {args.local_epochs}", "must be at least 1")
-    if not (math.isfinite(args.alpha) and args.alpha > 0):
-        p.add(f"--alpha {args.alpha:g}", "the Dirichlet concentration must be a positive number",
-              "smaller is more label skew, e.g. 0.3; 1 is the default")  # fmt: skip
-    if not (math.isfinite(args.test_fraction) and 0 < args.test_fraction < 1):
-        p.add(f"--test-fraction {args.test_fraction:g}", "must be between 0 and 1, e.g. 0.2")
-    for flag, value in (("--cpus-per-site", args.cpus_per_site),
-                        ("--gpus-per-site", args.gpus_per_site)):  # fmt: skip
-        if not (math.isfinite(value) and value >= 0):
-            p.add(f"{flag} {value:g}", "must be a number of at least 0")
-    if args.cpus_per_site == 0:
-        p.add("--cpus-per-site 0", "a virtual site needs some CPU, e.g. 1")
+    check_flag(p, "--sites", args.sites, 4, low=1)
+    check_flag(p, "--rounds", args.rounds, 8, low=1)
+    check_flag(p, "--synthetic-n", args.synthetic_n, SyntheticSpec.n, low=8)
+    check_flag(p, "--local-epochs", args.local_epochs, 1, low=1)
+    alpha = Rule(
+        "", low=0, low_open=True, fix="smaller is more label skew, e.g. 0.3; 1 is the default"
+    )
+    check_flag(p, "--alpha", args.alpha, rule=alpha)
+    check_flag(p, "--test-fraction", args.test_fraction, 0.2, **PROBABILITY)
+    check_flag(p, "--cpus-per-site", args.cpus_per_site, 1.0, **POSITIVE)
+    check_flag(p, "--gpus-per-site", args.gpus_per_site, 0.5, **NON_NEGATIVE)
+    check_output_dir(p, "--out", args.out)
+    check_flag(p, "--missing-rate", args.missing_rate, 0.0, low=0, high=1, high_open=True)
+    kinds = site_modalities(args)
+    if kinds:
+        bad = sorted({k for k in kinds if k not in SITE_KINDS})
+        if bad:
+            p.add(f"--site-modalities {args.site_modalities}", f"unknown entries {', '.join(bad)}",
+                  "each entry is both, oct or fundus")  # fmt: skip
+        if len(kinds) != args.sites:
+            p.add(f"--site-modalities {args.site_modalities}",
+                  f"has {len(kinds)} entries for {args.sites} sites", "give one entry per site")  # fmt: skip
+    if args.compare_complete_only and "both" not in (kinds or ["both"]):
+        p.add("--compare-complete-only", "no site is listed as 'both'",
+              "list at least one complete site in --site-modalities")  # fmt: skip
+    if args.compare_complete_only and args.partition == "predefined":
+        p.add("--compare-complete-only with --partition predefined", "not supported",
+              "use dirichlet, iid or quantity")  # fmt: skip
+    fed = _fed_overrides(args.fed, p)
+    resolved = p.call(resolve_config, args)
+    # the run config as far as it is known before the data (the cohort comes from the
+    # partition); flags refused above are left out of it, so nothing is said twice
+    run_config: dict[str, Any] = {"strategy": args.strategy, "fedbn": args.fedbn}
+    if resolved is not None:
+        run_config.update(flat_values(resolved[0]))
+        if resolved[1] >= 1:
+            run_config["local-epochs"] = resolved[1]
+    if args.rounds >= 1:
+        run_config["num-server-rounds"] = args.rounds
+    if args.sites >= 1:
+        run_config["min-nodes"] = args.sites
+    run_config.update(fed)  # --fed wins, as in `simulate`
+    p.call(split_run_config, run_config, check_cohort=args.partition != "predefined")
     p.raise_if_any()
+    assert resolved is not None
+    return resolved
+
+
+SITE_KINDS = ("both", "oct", "fundus")
+
+
+def site_modalities(args: argparse.Namespace) -> list[str]:
+    """The --site-modalities entries ([] when not given)."""
+    return [k.strip() for k in args.site_modalities.split(",")] if args.site_modalities else []
 
 
 def resolve_config(args: argparse.Namespace) -> tuple[ExperimentConfig, int, dict]:
@@ -200,20 +298,27 @@ def dp_batch_size(site_patients: list[int], val_fraction: float) -> int:
     return math.ceil(train / 2)
 
 
-def _fed_overrides(items: list[str]) -> dict[str, str]:
-    from remdr.errors import ConfigError
+def _fed_overrides(items: list[str], problems: Problems | None = None) -> dict[str, str]:
+    """The valid --fed KEY=VALUE items; every malformed item or unknown key is raised at once,
+    or added to `problems`."""
+    from remdr.config import flat_keys, unknown_key
     from remdr.federation.run_config import fed_keys
 
-    out = {}
+    p, out = Problems() if problems is None else problems, {}
     for item in items:
         key, sep, value = item.partition("=")
         key = key.strip().replace("_", "-")
-        if not sep or key not in fed_keys():
-            raise ConfigError(
-                f"--fed {item!r}", "expected KEY=VALUE with a federation key",
-                f"valid keys: {', '.join(fed_keys())}",
-            )  # fmt: skip
-        out[key] = value.strip()
+        if not sep or not key:
+            p.add(f"--fed {item}", "expected KEY=VALUE", "e.g. --fed on-missing=abort")
+        elif key in flat_keys():
+            p.add(f"--fed {item}", "a config key, not a federation key", f"--set {item}")
+        elif key not in fed_keys():
+            _, why, fix = unknown_key(key, fed_keys())
+            p.add(f"--fed {item}: unknown federation key", why, fix)
+        else:
+            out[key] = value.strip()
+    if problems is None:
+        p.raise_if_any()
     return out
 
 
@@ -241,12 +346,10 @@ def simulate(args: argparse.Namespace) -> int:
     from remdr.federation.run_config import split_run_config
     from remdr.federation.run_directory import RunDirectory, clean
     from remdr.federation.site_round import load_site
-    from remdr.methods import build_model
     from remdr.ops.processes import free_port
 
     t0 = time.perf_counter()
-    check_sim_flags(args)
-    cfg, local_epochs, recipe = resolve_config(args)
+    cfg, local_epochs, recipe = check_sim_flags(args)
     if recipe:
         print(
             f"{cfg.train.method} is a private method: using the DP recipe (README, Privacy) for "
@@ -255,19 +358,21 @@ def simulate(args: argparse.Namespace) -> int:
             + "; without it DP-SGD learns nothing at these sizes",
             flush=True,
         )
-    out = Path(args.out).resolve()
-    if out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
     data_path = args.data or str(synthetic_data(SyntheticSpec(n=args.synthetic_n)))
     dataset = load_dataset(data_path, cfg.data, quiet=True)
     print(f"data: {data_path}: {dataset.report.summary()}")
+    out = Path(args.out).resolve()  # replaced only once the data is known to load
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
     spec = PartitionSpec(
         sites=args.sites,
         scheme=args.partition,
         alpha=args.alpha,
         test_fraction=args.test_fraction,
         seed=cfg.train.seed,
+        site_modalities=tuple(site_modalities(args)),
+        missing_rate=args.missing_rate,
     )
     part = partition(dataset, spec, out / "data")
     print(
@@ -306,27 +411,46 @@ def simulate(args: argparse.Namespace) -> int:
     fed_seconds = time.perf_counter() - t_fed
 
     test_ds = EyeDataset(part.test, cfg.data)
-    model = build_model(cfg)
-    weights = out / "federation" / "best.safetensors"
-    from safetensors.torch import load_file
-
-    model.load_state_dict(
-        load_file(
-            str(
-                weights
-                if weights.is_file()
-                else out / "federation" / f"round-{args.rounds:03d}.safetensors"
-            )
-        )
-    )
+    model = _final_model(cfg, out / "federation", args.rounds)
     fed_metrics, fed_preds = _test_metrics(model, test_ds, cfg)
     results = {
         "federated": {
             "test": fed_metrics,
+            **_one_image_tests(model, part.test, cfg),
             "wall_seconds": fed_seconds,
             "test_curve": _federated_test_curve(fed_run, model, test_ds, cfg, fed_seconds),
         }
     }
+    if args.compare_complete_only:
+        complete = [
+            n for n, k in zip(part.sites, site_modalities(args), strict=True) if k == "both"
+        ]
+        root = out / "data" / "complete-sites"  # virtual node k reads <root>/site-<k>
+        for k, name in enumerate(complete):
+            (root / f"site-{k}").parent.mkdir(parents=True, exist_ok=True)
+            (root / f"site-{k}").symlink_to(part.site_dir(name), target_is_directory=True)
+        print(f"\nfederated, complete sites only: {', '.join(complete)}")
+        t_complete = time.perf_counter()
+        complete_config = {
+            **run_config,
+            "min-nodes": len(complete),
+            "out-dir": str(out / "federation-complete"),
+            "sim-data-root": str(root),
+        }
+        complete_log = out / "flower-complete.log"
+        code = run_federation(
+            complete_config, len(complete), resources, complete_log, stream_printer(),
+            (free_port(), free_port()),
+        )  # fmt: skip
+        check_finished(code, complete_log)
+        if RunDirectory(out / "federation-complete").last_round() < args.rounds:
+            raise_incomplete(RunDirectory(out / "federation-complete"), complete_log)
+        complete_model = _final_model(cfg, out / "federation-complete", args.rounds)
+        results["complete_sites_only"] = {
+            "sites": complete,
+            "test": _test_metrics(complete_model, test_ds, cfg)[0],
+            "wall_seconds": time.perf_counter() - t_complete,
+        }
 
     epochs = args.rounds * local_epochs
     sites = {name: load_site(part.site_dir(name), cfg, seed=cfg.train.seed) for name in part.sites}
@@ -392,17 +516,25 @@ def raise_incomplete(fed_run, log_path: Path) -> None:
 
 def summary_table(results: dict) -> str:
     rows = [("federated", results["federated"])]
+    for kind in ("oct", "fundus"):
+        if f"test_{kind}_only" in results["federated"]:
+            rows.append(
+                (f" {kind} input only", {"test": results["federated"][f"test_{kind}_only"]})
+            )
+    if "complete_sites_only" in results:
+        rows.append(("complete sites", results["complete_sites_only"]))
     if "centralized" in results:
         rows.append(("centralized", results["centralized"]))
     for name, r in results.get("local", {}).items():
         rows.append((f"local {name}", r))
     lines = [
-        f"{'':14s} {'test MSE':>9s} {'MAE':>6s} {'bin-avg MAE':>12s} {'R²':>6s} {'wall s':>7s}"
+        f"{'':16s} {'test MSE':>9s} {'MAE':>6s} {'bin-avg MAE':>12s} {'R²':>6s} {'wall s':>7s}"
     ]
     for name, r in rows:
         m = r["test"]
         lines.append(
-            f"{name:14s} {m['mse']:9.2f} {m['mae']:6.2f} {m['mae_bin_avg']:12.2f} {m['r2']:6.2f} {r['wall_seconds']:7.0f}"
+            f"{name:16s} {m['mse']:9.2f} {m['mae']:6.2f} {m['mae_bin_avg']:12.2f} {m['r2']:6.2f} "
+            + (f"{r['wall_seconds']:7.0f}" if "wall_seconds" in r else f"{'':>7s}")
         )
     var = results["federated"]["test"]["md_var"]
     lines.append(f"(test MD variance {var:.2f} dB²: predicting the mean scores MSE {var:.2f})")

@@ -9,6 +9,7 @@ hospital would have, so `remdr-client` could serve it unchanged.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -34,6 +35,31 @@ class PartitionSpec:
     alpha: float = 1.0  # Dirichlet concentration over severity bins; small = strong label skew
     test_fraction: float = 0.2  # of patients, kept apart from every site
     seed: int = 0
+    # per site: "both", "oct" or "fundus" (the other modality is withheld there); () = all both
+    site_modalities: tuple[str, ...] = ()
+    missing_rate: float = 0.0  # at "both" sites, this fraction of eyes loses one image
+
+
+SITE_MODALITIES = {"both": ("oct", "fundus"), "oct": ("oct",), "fundus": ("fundus",)}
+
+
+def withhold(sites: dict[str, list[EyeRecord]], spec: PartitionSpec) -> dict[str, list[EyeRecord]]:
+    """The sites' records with the modalities `spec` withholds: every eye of an "oct" or
+    "fundus" site loses the other image; at "both" sites a seeded `missing_rate` of eyes loses
+    one (which one: a fair coin)."""
+    rng = np.random.default_rng(spec.seed + 7919)
+    out: dict[str, list[EyeRecord]] = {}
+    for i, (name, records) in enumerate(sites.items()):
+        kind = spec.site_modalities[i] if spec.site_modalities else "both"
+        kept = []
+        for r in records:
+            modalities = tuple(m for m in r.modalities if m in SITE_MODALITIES[kind])
+            if kind == "both" and len(modalities) == 2 and rng.random() < spec.missing_rate:
+                modalities = (modalities[int(rng.integers(2))],)
+            if modalities:
+                kept.append(dataclasses.replace(r, modalities=modalities))
+        out[name] = kept
+    return out
 
 
 def _patients(records: list[EyeRecord]) -> dict[str, list[EyeRecord]]:
@@ -107,16 +133,32 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         shutil.copy2(src, dst)
 
 
+NPZ_IMAGE_KEYS = {"oct": ("oct_bscans", "rnflt"), "fundus": ("slo_fundus",)}
+
+
+def _write_without(src: Path, dst: Path, absent: set[str]) -> None:
+    """A copy of an npz eye without the images of the `absent` modalities (a site that lacks them)."""
+    drop = {k for m in absent for k in NPZ_IMAGE_KEYS[m]}
+    with np.load(src, allow_pickle=False) as z:
+        np.savez(dst, **{k: z[k] for k in z.files if k not in drop})
+
+
 def write_folder(records: list[EyeRecord], folder: Path) -> None:
-    """Materialise records as a data folder: npz files linked in, or a manifest with absolute paths."""
+    """Materialise records as a data folder: npz files linked in (copied without a withheld
+    image), or a manifest with absolute paths (an empty cell for a withheld image)."""
     folder.mkdir(parents=True, exist_ok=True)
     manifest_rows = []
     for r in records:
-        if r.source == "npz":
+        absent = {"oct", "fundus"} - set(r.modalities)
+        if r.source == "npz" and absent:
+            _write_without(Path(r.path), folder / Path(r.path).name, absent)
+        elif r.source == "npz":
             _link_or_copy(Path(r.path), folder / Path(r.path).name)
         else:
+            oct_path = r.path if "oct" in r.modalities else ""
+            fundus_path = r.fundus_path if "fundus" in r.modalities else ""
             manifest_rows.append(
-                f"{r.eye_id},{r.md},{r.path},{r.fundus_path},{r.patient_id},{r.site}"
+                f"{r.eye_id},{r.md},{oct_path},{fundus_path},{r.patient_id},{r.site}"
             )
     if manifest_rows:
         header = "eye_id,md,oct_path,fundus_path,patient_id,site"
@@ -144,12 +186,15 @@ class Partition:
 
     def table(self) -> str:
         head = f"{'site':10s} {'eyes':>5s} {'patients':>8s} " + " ".join(f"{b:>8s}" for b in BINS)
-        rows = [head]
+        rows = [head + "  images (complete/OCT-only/fundus-only)"]
         for name, recs in [*self.sites.items(), ("test", self.test)]:
             c = bin_counts(recs)
             n_pat = len({r.patient_id for r in recs})
+            k = Counter(r.kind for r in recs)
             rows.append(
-                f"{name:10s} {len(recs):5d} {n_pat:8d} " + " ".join(f"{c[b]:8d}" for b in BINS)
+                f"{name:10s} {len(recs):5d} {n_pat:8d} "
+                + " ".join(f"{c[b]:8d}" for b in BINS)
+                + f"  {k['complete']}/{k['oct-only']}/{k['fundus-only']}"
             )
         return "\n".join(rows)
 
@@ -159,6 +204,7 @@ class Partition:
             "sites": {
                 n: {
                     "eyes": len(r),
+                    "kinds": dict(Counter(x.kind for x in r)),
                     "patients": len({x.patient_id for x in r}),
                     "bins": bin_counts(r),
                     "eye_ids": [x.eye_id for x in r],
@@ -177,7 +223,7 @@ def partition(dataset: Dataset, spec: PartitionSpec, root: Path) -> Partition:
     """Keep a patient-level global test set apart, split the rest into sites, write folders."""
     parts = split_records(dataset.records, 0.0, spec.test_fraction, spec.seed)
     pool = parts["train"] + parts["val"]
-    sites = assign_sites(pool, spec)
+    sites = withhold(assign_sites(pool, spec), spec)
     if root.exists():
         shutil.rmtree(root / "sites", ignore_errors=True)
         shutil.rmtree(root / "test", ignore_errors=True)

@@ -118,14 +118,26 @@ def write_sim_report(out: Path, report: dict, fed_preds: dict[str, np.ndarray]) 
         "|---|---|---|---|---|---|---|---|",
     ]
     rows = [("federated", results["federated"])]
+    for kind, label in (("oct", "OCT"), ("fundus", "fundus")):
+        if f"test_{kind}_only" in results["federated"]:
+            rows.append(
+                (
+                    f"federated, {label} input only",
+                    {"test": results["federated"][f"test_{kind}_only"]},
+                )
+            )
+    if "complete_sites_only" in results:
+        sites = ", ".join(results["complete_sites_only"]["sites"])
+        rows.append((f"federated, complete sites only ({sites})", results["complete_sites_only"]))
     if "centralized" in results:
         rows.append(("centralized (union of sites)", results["centralized"]))
     rows += [(f"{n} alone", r) for n, r in results.get("local", {}).items()]
     for name, r in rows:
         m = r["test"]
+        wall = f"{r['wall_seconds']:.0f}" if "wall_seconds" in r else ""
         lines.append(
             f"| {name} | {m['mse']:.2f} | {m['mae']:.2f} | {m['mae_bin_avg']:.2f} | {m['r2']:.2f} | "
-            f"{m['pearson']:.2f} | {m['within_2db']:.0f}% | {r['wall_seconds']:.0f} |"
+            f"{m['pearson']:.2f} | {m['within_2db']:.0f}% | {wall} |"
         )
     m = results["federated"]["test"]
     lines += [

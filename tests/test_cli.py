@@ -41,7 +41,8 @@ def test_train_then_predict(tiny_data, tmp_path, capsys):
         == 0
     )
     lines = preds.read_text().splitlines()
-    assert lines[0] == "eye_id,patient_id,md_pred,md" and len(lines) == 49
+    assert lines[0] == "eye_id,patient_id,md_pred,md,input" and len(lines) == 49
+    assert all(line.endswith(",complete") for line in lines[1:])
 
 
 def test_synthetic_default_path(tmp_path):

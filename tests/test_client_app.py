@@ -68,6 +68,9 @@ def test_train_reply_has_weights_metrics_and_keeps_state(tiny_data):
     assert metrics["num-examples"] > 0 and metrics["train-seconds"] > 0
     for key in ("train-loss", "val-mse", "val-mae", "val-mae-severe", "val-mae-bin-avg"):
         assert key in metrics
+    # every tiny eye has both images: each part of the model trained on all of them
+    n = metrics["num-examples"]
+    assert metrics["eyes-oct"] == metrics["eyes-fundus"] == metrics["eyes-complete"] == n
     new = reply.content["arrays"].to_torch_state_dict()
     assert new.keys() == initial.keys()
     assert any(not torch.equal(new[k], initial[k]) for k in initial)

@@ -51,19 +51,22 @@ def test_every_bad_record_is_skipped_and_counted(tiny_data, tmp_path):
     (folder / "bad_truncated.npz").write_bytes(good[: len(good) // 3])
     g = _good()
     _write(folder / "bad_missing_md.npz", oct_bscans=g["oct_bscans"], slo_fundus=g["slo_fundus"])
-    _write(folder / "bad_missing_fundus.npz", oct_bscans=g["oct_bscans"], md=g["md"])
+    _write(folder / "oct_only.npz", oct_bscans=g["oct_bscans"], md=g["md"])  # incomplete, valid
+    _write(folder / "bad_no_image.npz", md=g["md"])
     _write(folder / "bad_shape.npz", **{**g, "oct_bscans": g["oct_bscans"][0]})
     _write(folder / "bad_dtype.npz", **{**g, "slo_fundus": np.full((32, 32), "x")})
     _write(folder / "bad_nan.npz", **{**g, "md": np.float32("nan")})
     _write(folder / "bad_inf.npz", **{**g, "md": np.float32("inf")})
     _write(folder / "bad_range.npz", **{**g, "md": np.float32(-55.0)})
     ds = load_dataset(folder, DataConfig(image_size=32))
-    assert len(ds.records) == 12
-    assert ds.report.n_seen == 21 and ds.report.n_bad == 9
+    assert len(ds.records) == 13
+    assert ds.report.n_seen == 22 and ds.report.n_bad == 9
+    assert ds.report.kinds == {"complete": 12, "oct-only": 1}
+    assert "12 complete, 1 oct-only, 0 fundus-only" in ds.report.summary()
     assert ds.report.skipped == {
         "unreadable file": 2,
         "missing key 'md'": 1,
-        "missing key 'slo_fundus'": 1,
+        "no image (neither 'oct_bscans' nor 'slo_fundus')": 1,
         "oct has wrong shape": 1,
         "fundus has wrong dtype": 1,
         "MD not finite": 2,
@@ -117,11 +120,16 @@ def test_rnflt_view_and_bscans_view_tensors(tiny_data):
         assert np.isfinite(item["oct"].numpy()).all()
 
 
-def test_harvard_gf_layout_without_fundus_is_reported(tmp_path):
-    for i in range(4):  # Harvard-GF: rnflt + oct_bscans + md, no fundus image
+def test_harvard_gf_layout_without_fundus_loads_as_oct_only_eyes(tmp_path):
+    for i in range(4):  # Harvard-GF: an RNFLT map and MD, no fundus image
         _write(tmp_path / f"data_{i}.npz", rnflt=np.ones((32, 32), np.float32), md=np.float32(-1.0))
-    with pytest.raises(DataError, match="missing key 'slo_fundus'"):
-        load_dataset(tmp_path, DataConfig(oct_view="rnflt"))
+    cfg = DataConfig()
+    ds = load_dataset(tmp_path, cfg)
+    assert cfg.oct_view == "rnflt" and ds.report.kinds == {"oct-only": 4}
+    item = EyeDataset(ds.records, cfg)[0]
+    assert item["has_oct"] and not item["has_fundus"] and not item["fundus"].any()
+    with pytest.raises(DataError, match="pass --oct-view rnflt"):  # bscans: no eye has an OCT
+        load_dataset(tmp_path, DataConfig(oct_view="bscans"))
 
 
 def _manifest(folder: Path, rows: list[str]) -> None:

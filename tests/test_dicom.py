@@ -31,17 +31,16 @@ VOL = np.full((4, 32, 32), 60, np.uint8)
 SKIPPED = {
     "unreadable or not DICOM": 1,
     "missing pixel data": 1,
-    "no OCT within 180 days of the visual field": 1,
     "missing laterality": 1,
     "visual field without MD (no Results Normals Sequence)": 1,
-    "no fundus within 180 days of the visual field": 2,
+    "no OCT and no fundus within 180 days of the visual field": 1,
     "compressed (JPEG-LS Lossless Image Compression) with no decoder installed: "
     "install gdcm or pylibjpeg or pyjpegls": 1,
 }
 IGNORED = {
     "unsupported SOP class": 1,
     "duplicate study (a closer one was paired)": 1,
-    "image not paired with a visual field (prediction only)": 7,
+    "image not paired with a visual field (prediction only)": 4,
 }
 
 
@@ -50,19 +49,19 @@ def _add_broken_and_unpaired(root: Path, first_patient: str) -> None:
     (bad / "notes.txt").parent.mkdir(parents=True)
     (bad / "notes.txt").write_text("not an image")
     write_study(bad / "sc.dcm", Study(SECONDARY_CAPTURE, "PX0", "R", DAY, IMG))
-    # PX1: the OCT has no pixel data, so its visual field finds no OCT
+    # PX1: the OCT has no pixel data, so the eye is fundus-only
     write_study(bad / "px1-oct", Study(dicom.OCT_VOLUME, "PX1", "R", DAY))
     write_study(bad / "px1-fun", Study(dicom.FUNDUS_8BIT, "PX1", "R", DAY, IMG))
     write_study(bad / "px1-vf", Study(dicom.VISUAL_FIELD, "PX1", "R", DAY, md=-3.0))
-    # PX2: the fundus is JPEG-LS compressed and nothing installed decodes it
+    # PX2: the fundus is JPEG-LS compressed and nothing installed decodes it: OCT-only
     write_study(bad / "px2-oct", Study(dicom.OCT_VOLUME, "PX2", "L", DAY, VOL))
     write_study(bad / "px2-fun", Study(dicom.FUNDUS_8BIT, "PX2", "L", DAY, IMG), JPEG_LS)
     write_study(bad / "px2-vf", Study(dicom.VISUAL_FIELD, "PX2", "L", DAY, md=-8.0))
-    # PX3: the fundus has no laterality, the visual field no MD
+    # PX3: the fundus has no laterality, the visual field no MD: an OCT to predict for
     write_study(bad / "px3-oct", Study(dicom.OCT_VOLUME, "PX3", "R", DAY, VOL))
     write_study(bad / "px3-fun", Study(dicom.FUNDUS_8BIT, "PX3", "", DAY, IMG))
     write_study(bad / "px3-vf", Study(dicom.VISUAL_FIELD, "PX3", "R", DAY))
-    # PX4: the only fundus is 400 days after the visual field
+    # PX4: the only fundus is 400 days after the visual field: OCT-only
     write_study(bad / "px4-oct", Study(dicom.OCT_VOLUME, "PX4", "R", DAY, VOL))
     later = DAY + dt.timedelta(days=400)
     write_study(bad / "px4-fun", Study(dicom.FUNDUS_8BIT, "PX4", "R", later, IMG))
@@ -70,6 +69,8 @@ def _add_broken_and_unpaired(root: Path, first_patient: str) -> None:
     # PX5: images without any visual field: an eye to predict for, not to train on
     write_study(bad / "px5-oct", Study(dicom.OCT_VOLUME, "PX5", "L", DAY, VOL))
     write_study(bad / "px5-fun", Study(dicom.FUNDUS_8BIT, "PX5", "L", DAY, IMG))
+    # PX6: a visual field with no image at all
+    write_study(bad / "px6-vf", Study(dicom.VISUAL_FIELD, "PX6", "R", DAY, md=-2.0))
     # a repeat OCT of the first exported eye, further from its visual field than the original
     first = sorted((root / first_patient).glob("*-vf.dcm"))[0]
     import pydicom
@@ -98,15 +99,21 @@ def test_eyes_are_paired_and_every_bad_file_is_counted_by_reason(dicom_folder, t
     before = _snapshot(dicom_folder)
     ds = load_dataset(dicom_folder, DataConfig())
     assert ds.format == "dicom" and ds.oct_view == "bscans"
-    assert len(ds.records) == 48
+    assert len(ds.records) == 51
+    assert ds.report.kinds == {"complete": 48, "oct-only": 2, "fundus-only": 1}
+    assert {r.patient_id: r.kind for r in ds.records if r.patient_id.startswith("PX")} == {
+        "PX1": "fundus-only",
+        "PX2": "oct-only",
+        "PX4": "oct-only",
+    }
     assert dict(ds.report.skipped) == SKIPPED
     assert dict(ds.report.ignored) == IGNORED
-    assert "of the visual field: 2" in ds.report.summary()
+    assert "48 complete, 2 oct-only, 1 fundus-only" in ds.report.summary()
     # each eye is its original: same MD, same patient, same pixels
     original = {
         (r.patient_id, round(r.md, 4)): r for r in load_dataset(tiny_data, DataConfig()).records
     }
-    for rec in ds.records:
+    for rec in (r for r in ds.records if r.kind == "complete"):
         src = original[(rec.patient_id, round(rec.md, 4))]
         oct_arr, fundus_arr = load_arrays(rec, "bscans")
         want_oct, want_fundus = load_arrays(src, "bscans")
@@ -117,15 +124,14 @@ def test_eyes_are_paired_and_every_bad_file_is_counted_by_reason(dicom_folder, t
 def test_prediction_keeps_the_eye_without_a_visual_field(dicom_folder):
     ds = load_dataset(dicom_folder, DataConfig(), require_md=False)
     unlabelled = [r for r in ds.records if np.isnan(r.md)]
-    assert [r.patient_id for r in unlabelled] == ["PX5"]
+    assert {r.patient_id: r.kind for r in unlabelled} == {"PX3": "oct-only", "PX5": "complete"}
 
 
 def test_pairing_window_is_a_setting(dicom_folder):
     cfg = apply_overrides(ExperimentConfig(), {"dicom-max-days": 500}).data
     ds = load_dataset(dicom_folder, cfg)
     # PX4's fundus, 400 days away, now pairs
-    assert "PX4" in {r.patient_id for r in ds.records}
-    assert ds.report.skipped["no fundus within 500 days of the visual field"] == 1
+    assert next(r for r in ds.records if r.patient_id == "PX4").kind == "complete"
 
 
 def test_index_writes_a_manifest_that_trains_exactly_like_the_folder(dicom_folder, tmp_path):
@@ -138,11 +144,11 @@ def test_index_writes_a_manifest_that_trains_exactly_like_the_folder(dicom_folde
         text=True,
     )
     assert done.returncode == 0, done.stderr
-    assert "48 eyes of" in done.stdout and "missing laterality: 1" in done.stdout
+    assert "51 eyes of" in done.stdout and "missing laterality: 1" in done.stdout
     with (out.parent / "pairing.csv").open() as fh:
         rows = list(csv.DictReader(fh))
     statuses = Counter(r["status"] for r in rows)
-    assert statuses == {"paired": 144, "skipped": sum(SKIPPED.values()), "ignored": 9}
+    assert statuses == {"paired": 150, "skipped": sum(SKIPPED.values()), "ignored": 6}
     laterality = next(r for r in rows if r["eye_or_reason"] == "missing laterality")
     assert laterality["path"].endswith("px3-fun")
 
@@ -210,7 +216,7 @@ def test_remdr_train_runs_on_a_dicom_folder_with_no_other_flag(dicom_folder, tmp
         cwd=tmp_path,
     )
     assert done.returncode == 0, done.stderr
-    assert "48 eyes" in done.stderr or "144 of" in done.stderr
+    assert "150 of" in done.stderr and "2 oct-only, 1 fundus-only" in done.stderr
     assert "missing pixel data: 1" in done.stderr
     assert (tmp_path / "runs" / "train" / "metrics.json").is_file()
 
@@ -222,8 +228,8 @@ def test_client_check_only_prints_the_pairing(dicom_folder):
         text=True,
     )
     assert done.returncode == 0, done.stderr
-    assert "48 eyes of" in done.stdout and "(dicom)" in done.stdout
-    assert "no fundus within 180 days of the visual field: 2" in done.stdout
+    assert "51 eyes of" in done.stdout and "(dicom)" in done.stdout
+    assert "48 complete, 2 oct-only, 1 fundus-only" in done.stdout
 
 
 def test_nothing_from_the_dicom_headers_leaves_the_site_in_a_round(dicom_folder):
@@ -240,7 +246,7 @@ def test_nothing_from_the_dicom_headers_leaves_the_site_in_a_round(dicom_folder)
     assert list(reply.content.array_records) == ["arrays"]
     assert set(reply.content["arrays"].keys()) == set(initial)  # model weights, nothing else
     identifiers = {r.patient_id for r in load_dataset(dicom_folder, DataConfig()).records}
-    identifiers |= {"PX1", "PX2", "PX3", "PX4", "PX5", str(dicom_folder), "Synthetic"}
+    identifiers |= {"PX1", "PX2", "PX3", "PX4", "PX5", "PX6", str(dicom_folder), "Synthetic"}
     sent = []
     for records in (reply.content.metric_records, reply.content.config_records):
         for name, record in records.items():

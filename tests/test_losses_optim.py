@@ -86,7 +86,7 @@ def test_loss_is_invariant_to_batch_order():
 
 
 def _setup(tiny_cfg, tiny_data, name: str, **method_overrides):
-    cfg = apply_overrides(tiny_cfg, {"dropout": 0.0, **method_overrides})
+    cfg = apply_overrides(tiny_cfg, {"dropout": 0.0, "modality-dropout": 0.0, **method_overrides})
     ds = EyeDataset(load_dataset(tiny_data, cfg.data).records[:16], cfg.data)
     batch = next(iter(make_loader(ds, 16, shuffle=False, seed=0, device=torch.device("cpu"))))
     torch.manual_seed(0)
@@ -126,7 +126,7 @@ def test_sam_second_pass_runs_at_theta_plus_rho_g_over_norm_g():
 
 def test_sam_step_descends_with_the_gradient_taken_at_the_ascent_point(tiny_cfg, tiny_data):
     """The `sam` method's whole step with SGD(lr=1) equals theta - g(theta + rho g/||g||)."""
-    cfg = apply_overrides(tiny_cfg, {"dropout": 0.0, "sam-rho": 0.5})
+    cfg = apply_overrides(tiny_cfg, {"dropout": 0.0, "modality-dropout": 0.0, "sam-rho": 0.5})
     _, method, model, batch = _setup(cfg, tiny_data, "sam")
     expected_model = copy.deepcopy(model)
     params = [p for p in expected_model.parameters() if p.requires_grad]

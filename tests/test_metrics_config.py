@@ -56,7 +56,7 @@ def test_unknown_and_bad_keys_reported_together():
     with pytest.raises(ConfigError) as err:
         apply_overrides(ExperimentConfig(), {"image-sise": 3, "epochs": "x", "lr": -1})
     msg = str(err.value)
-    assert "image-size" in msg and "epochs" in msg and "2 problems" in msg
+    assert "image-size" in msg and "epochs" in msg and "lr" in msg and "3 problems" in msg
 
 
 def test_validation_collects_every_problem():

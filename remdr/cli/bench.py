@@ -11,10 +11,21 @@ from pathlib import Path
 
 import torch
 
-from remdr.cli.common import add_config_flags, config_from_args, run_cli
+from remdr.cli.common import (
+    Parser,
+    add_config_flags,
+    check_flag,
+    check_input_path,
+    check_names,
+    check_output_dir,
+    check_output_file,
+    config_from_args,
+    run_cli,
+)
 from remdr.config import ExperimentConfig, apply_overrides
 from remdr.data import SyntheticSpec, synthetic_data
-from remdr.methods import get_spec, list_methods
+from remdr.errors import Problems
+from remdr.methods import list_methods
 
 # CPU defaults: all 8 methods x 3 seeds on the 1,200-eye synthetic set in under 20 minutes.
 BENCH_DEFAULTS = {"epochs": 4}
@@ -26,11 +37,11 @@ def _add_data_flags(ap: argparse.ArgumentParser) -> None:
     src.add_argument("--synthetic", action="store_true", help="use the embedded synthetic dataset")
     ap.add_argument("--synthetic-n", type=int, default=SyntheticSpec.n)
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
-    add_config_flags(ap, skip=("method", "seed"))
+    add_config_flags(ap, skip=("method", "seed"), defaults=BENCH_DEFAULTS)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="remdr-bench", description=__doc__)
+    ap = Parser(prog="remdr-bench", description=__doc__)
     sub = ap.add_subparsers(dest="command", required=True)
     m = sub.add_parser("methods", help="train each method with several seeds on the same split")
     m.add_argument(
@@ -66,14 +77,34 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _methods(arg: str) -> list[str]:
     groups = {"all": list_methods(private=False), "dp": list_methods(private=True)}
-    names = groups.get(arg) or [n.strip() for n in arg.split(",") if n.strip()]
-    for n in names:
-        get_spec(n)
-    return names
+    return groups.get(arg) or [n.strip() for n in arg.split(",") if n.strip()]
 
 
-def _config(args: argparse.Namespace) -> ExperimentConfig:
-    return config_from_args(args, apply_overrides(ExperimentConfig(), BENCH_DEFAULTS))
+def check_args(args: argparse.Namespace) -> tuple[ExperimentConfig | None, list[str]]:
+    """Every flag of the subcommand (and its config keys), all problems in one line, before
+    any data is made or read. (config, methods); no config for `federation`."""
+    p = Problems()
+    cfg, methods = None, []
+    if args.command in ("methods", "speed"):
+        methods = _methods(args.methods)
+        check_names(p, "--methods", methods, list_methods())
+        check_flag(p, "--synthetic-n", args.synthetic_n, SyntheticSpec.n, low=8)
+        check_input_path(p, "--data", args.data)
+        base = apply_overrides(ExperimentConfig(), BENCH_DEFAULTS)
+        cfg = p.call(config_from_args, args, base)
+    if args.command == "methods":
+        check_flag(p, "--seeds", args.seeds, 3, low=1)
+        check_output_dir(p, "--out", args.out)
+    else:
+        check_flag(p, "--rounds", args.rounds, 3, low=1)
+        check_output_file(p, "--out", args.out, "bench.json")
+    if args.command == "speed":
+        check_flag(p, "--steps", args.steps, 5, low=1)
+    if args.command == "federation":  # sites are named A, B, ...
+        check_flag(p, "--sites", args.sites, 2, low=1, high=26)
+        check_flag(p, "--eyes-per-site", args.eyes_per_site, 32, low=8)
+    p.raise_if_any()
+    return cfg, methods
 
 
 def _data(args: argparse.Namespace, cfg: ExperimentConfig):
@@ -87,7 +118,8 @@ def cmd_methods(args: argparse.Namespace) -> int:
     from remdr.bench import run_methods, summarise, write_results
     from remdr.plots import bars_per_bin, scatter_pred_vs_true
 
-    cfg, methods = _config(args), _methods(args.methods)
+    cfg, methods = check_args(args)
+    assert cfg is not None
     seeds = list(range(args.seeds))
     path, data = _data(args, cfg)
     print(f"data: {path} ({data.dataset.report.summary()}); split {data.sizes()} (split seed 0)")
@@ -126,7 +158,8 @@ def cmd_methods(args: argparse.Namespace) -> int:
 def cmd_speed(args: argparse.Namespace) -> int:
     from remdr.bench import measure_speed
 
-    cfg, methods = _config(args), _methods(args.methods)
+    cfg, methods = check_args(args)
+    assert cfg is not None
     _, data = _data(args, cfg)
     results = measure_speed(cfg, data, methods, steps=args.steps, rounds=args.rounds)
     base = results[0]
@@ -152,6 +185,7 @@ def cmd_federation(args: argparse.Namespace) -> int:
 
     from remdr.ops.federation_bench import format_cost, measure
 
+    check_args(args)
     variants = {"one message per round": {}}
     if args.compare_separate_evaluate:
         variants["separate evaluate message"] = {"separate-evaluate": True}

@@ -18,13 +18,13 @@ import sys
 import time
 from pathlib import Path
 
-from remdr.cli.common import run_cli
+from remdr.cli.common import Parser, run_cli
 from remdr.config import OCT_VIEW_CHOICES, DataConfig
 from remdr.errors import ConfigError, DataError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="remdr-data", description=__doc__.split("\n")[0])
+    ap = Parser(prog="remdr-data", description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="command", required=True)
     ix = sub.add_parser("index", help="pair a DICOM folder into eyes; write manifest + report")
     ix.add_argument("folder", help="a folder of DICOM files (searched recursively)")
@@ -79,7 +79,10 @@ def cmd_index(args: argparse.Namespace) -> int:
         w.writerow(["eye_id", "md", "oct_path", "fundus_path", "patient_id"])
         for r in index.pairing.records:
             md = "" if r.md != r.md else repr(r.md)  # every digit: the manifest trains alike
-            rel = [os.path.relpath(Path(p).resolve(), base) for p in (r.path, r.fundus_path)]
+            rel = [  # an absent image stays an empty cell
+                os.path.relpath(Path(p).resolve(), base) if p else ""
+                for p in (r.path, r.fundus_path)
+            ]
             w.writerow([r.eye_id, md, *rel, r.patient_id])
     report_path = Path(args.report) if args.report else out.with_name("pairing.csv")
     write_pairing_report(report_path, index, report)

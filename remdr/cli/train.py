@@ -7,13 +7,23 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from remdr.cli.common import add_config_flags, config_from_args, run_cli
+from remdr.cli.common import (
+    Parser,
+    add_config_flags,
+    check_flag,
+    check_input_path,
+    check_output_dir,
+    config_from_args,
+    run_cli,
+)
+from remdr.config import ExperimentConfig
 from remdr.data import SyntheticSpec, synthetic_data
+from remdr.errors import Problems
 from remdr.methods import get_spec, list_methods
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
+    ap = Parser(
         prog="remdr-train",
         description="Train Re-M3Dr (or a baseline) on one dataset and write a run directory: "
         "model.safetensors, config.json, metrics.json, predictions.csv, pred_vs_true.png.",
@@ -37,6 +47,18 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def check_args(args: argparse.Namespace) -> ExperimentConfig:
+    """Every flag and config key, all problems in one line, before any data is read."""
+    p = Problems()
+    check_flag(p, "--synthetic-n", args.synthetic_n, SyntheticSpec.n, low=8)
+    check_input_path(p, "--data", args.data)
+    check_output_dir(p, "--out", args.out)
+    cfg = p.call(config_from_args, args)
+    p.raise_if_any()
+    assert cfg is not None
+    return cfg
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
@@ -47,8 +69,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         from remdr.experiment import load_splits, train_and_test, write_run
 
-        cfg = config_from_args(args)
-        private = get_spec(cfg.train.method).private  # an unknown method fails before data
+        cfg = check_args(args)
+        private = get_spec(cfg.train.method).private
         if private and not cfg.privacy.dp_ledger:  # the run's own ledger unless one is named
             ledger = str(Path(args.out) / "privacy-ledger.jsonl")
             cfg = dataclasses.replace(

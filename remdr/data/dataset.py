@@ -62,7 +62,8 @@ def preprocess_fundus(arr: np.ndarray, cfg: DataConfig) -> torch.Tensor:
 
 
 class EyeDataset(TorchDataset):
-    """Items are dicts: ``oct`` (K,1,S,S) or (1,S,S), ``fundus`` (C,S,S), ``md`` (dB), ``index``.
+    """Items are dicts: ``oct`` (K,1,S,S) or (1,S,S), ``fundus`` (C,S,S), ``md`` (dB), ``index``,
+    and ``has_oct`` / ``has_fundus`` (bool): an absent image is zeros and its flag false.
 
     Preprocessed tensors are cached in memory as float16 when the whole set fits in 2 GiB,
     which makes CPU epochs after the first cheap.
@@ -86,10 +87,24 @@ class EyeDataset(TorchDataset):
             oct_x, fundus_x = self._cache[i]
             return oct_x.float(), fundus_x.float()
         oct_arr, fundus_arr = load_arrays(self.records[i], self.oct_view)
-        oct_x, fundus_x = preprocess_oct(oct_arr, self.cfg), preprocess_fundus(fundus_arr, self.cfg)
+        oct_x = preprocess_oct(oct_arr, self.cfg) if oct_arr is not None else self._blank("oct")
+        fundus_x = (
+            preprocess_fundus(fundus_arr, self.cfg)
+            if fundus_arr is not None
+            else self._blank("fundus")
+        )
         if self.cache_enabled:
             self._cache[i] = (oct_x.half(), fundus_x.half())
         return oct_x, fundus_x
+
+    def _blank(self, modality: str) -> torch.Tensor:
+        """The zeros standing in for an absent image (never seen by a branch: it is masked)."""
+        s = self.cfg.image_size
+        if modality == "fundus":
+            return torch.zeros(self.cfg.fundus_channels, s, s)
+        if self.oct_view == "bscans":
+            return torch.zeros(self.cfg.n_bscans, 1, s, s)
+        return torch.zeros(1, s, s)
 
     def cached_tensors(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Every item's (oct, fundus) as cached (float16), decoding what is not cached yet."""
@@ -109,6 +124,8 @@ class EyeDataset(TorchDataset):
             "fundus": fundus_x,
             "md": torch.tensor(self.records[i].md, dtype=torch.float32),
             "index": torch.tensor(i),
+            "has_oct": torch.tensor("oct" in self.records[i].modalities),
+            "has_fundus": torch.tensor("fundus" in self.records[i].modalities),
         }
 
     def targets(self) -> np.ndarray:

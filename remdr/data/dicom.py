@@ -216,6 +216,22 @@ def _closest(
     return (within[0], within[1:]) if within else (None, [])
 
 
+def _eye(
+    eye_id: str, patient: str, md: float, oct_obj: DicomObject | None, fundus: DicomObject | None
+) -> EyeRecord:
+    """An eye from the objects found for it; one of the two images may be absent."""
+    modalities = tuple(m for m, o in (("oct", oct_obj), ("fundus", fundus)) if o is not None)
+    return EyeRecord(
+        eye_id,
+        patient,
+        md,
+        "dicom",
+        oct_obj.path if oct_obj else "",
+        fundus.path if fundus else "",
+        modalities=modalities,
+    )
+
+
 def pair_eyes(
     objects: list[DicomObject],
     oct_view: str,
@@ -223,10 +239,11 @@ def pair_eyes(
     report: LoadReport,
     require_md: bool = True,
 ) -> Pairing:
-    """Pair each visual field with its eye's closest OCT (of `oct_view`) and fundus.
+    """Pair each visual field with its eye's closest OCT (of `oct_view`) and fundus; an eye
+    with only one of them within the window is an incomplete eye (OCT-only or fundus-only).
 
-    With `require_md=False` (prediction), an eye with images but no visual field also gives
-    one unlabelled record: its latest OCT with the fundus closest to it.
+    With `require_md=False` (prediction), an eye with an OCT but no visual field also gives
+    one unlabelled record: its latest OCT with the fundus closest to it, if any.
     """
     oct_kind = OCT_KIND[oct_view]
     eyes: dict[tuple[str, str], dict[str, list[DicomObject]]] = defaultdict(
@@ -246,28 +263,25 @@ def pair_eyes(
                 continue
             oct_obj, _ = _closest(kinds[oct_kind], vf.date, max_days)
             fundus_obj, _ = _closest(kinds["fundus"], vf.date, max_days)
-            if oct_obj is None or fundus_obj is None:
-                missing = "OCT" if oct_obj is None else "fundus"
-                reason = f"no {missing} within {max_days} days of the visual field"
+            if oct_obj is None and fundus_obj is None:
+                reason = f"no OCT and no fundus within {max_days} days of the visual field"
                 report.skip(reason, vf.path)
                 unused[vf.path] = reason
                 continue
             seen_days.add(vf.date)
             eye_id = f"{patient}-{side}-{vf.date:%Y%m%d}"
-            records.append(
-                EyeRecord(eye_id, patient, vf.md, "dicom", oct_obj.path, fundus_obj.path)
-            )
+            records.append(_eye(eye_id, patient, vf.md, oct_obj, fundus_obj))
             for obj in (vf, oct_obj, fundus_obj):
-                used_by.setdefault(obj.path, eye_id)
-        if not require_md and not seen_days and kinds[oct_kind] and kinds["fundus"]:
+                if obj is not None:
+                    used_by.setdefault(obj.path, eye_id)
+        if not require_md and not seen_days and kinds[oct_kind]:
             latest = max(kinds[oct_kind], key=lambda o: (o.date, o.path))
             fundus_obj, _ = _closest(kinds["fundus"], latest.date, max_days)
-            if fundus_obj is not None:
-                eye_id = f"{patient}-{side}-{latest.date:%Y%m%d}"
-                records.append(
-                    EyeRecord(eye_id, patient, math.nan, "dicom", latest.path, fundus_obj.path)
-                )
-                used_by[latest.path] = used_by[fundus_obj.path] = eye_id
+            eye_id = f"{patient}-{side}-{latest.date:%Y%m%d}"
+            records.append(_eye(eye_id, patient, math.nan, latest, fundus_obj))
+            for obj in (latest, fundus_obj):
+                if obj is not None:
+                    used_by[obj.path] = eye_id
         for kind in (oct_kind, "fundus"):
             for obj in kinds[kind]:
                 if obj.path in used_by:

@@ -63,11 +63,17 @@ def read_npz_record(
         report.skip("unreadable file", where)
         return None
     oct_key = OCT_KEYS[oct_view]
-    for key in ((MD_KEY,) if require_md else ()) + (oct_key, FUNDUS_KEY):
-        if key not in headers:
-            report.skip(f"missing key '{key}'", where)
-            return None
-    for key, name, ndim in ((oct_key, "oct", OCT_NDIM[oct_view]), (FUNDUS_KEY, "fundus", (2, 3))):
+    if require_md and MD_KEY not in headers:
+        report.skip(f"missing key '{MD_KEY}'", where)
+        return None
+    images = {"oct": oct_key, "fundus": FUNDUS_KEY}
+    modalities = tuple(m for m, key in images.items() if key in headers)
+    if not modalities:  # an eye needs at least one image; one alone is an incomplete eye
+        report.skip(f"no image (neither '{oct_key}' nor '{FUNDUS_KEY}')", where)
+        return None
+    checks = {"oct": (oct_key, OCT_NDIM[oct_view]), "fundus": (FUNDUS_KEY, (2, 3))}
+    for name in modalities:
+        key, ndim = checks[name]
         shape, dtype = headers[key]
         if not _numeric(dtype):
             report.skip(f"{name} has wrong dtype", where)
@@ -102,13 +108,19 @@ def read_npz_record(
         site=str(site),
         split=split,
         demographics=extras,
+        modalities=modalities,
     )
 
 
-def load_npz_arrays(record: EyeRecord, oct_view: str) -> tuple[np.ndarray, np.ndarray]:
-    """(oct, fundus) arrays of one record: oct is (D, H, W) for bscans, (H, W) for rnflt."""
+def load_npz_arrays(
+    record: EyeRecord, oct_view: str
+) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """(oct, fundus) arrays of one record: oct is (D, H, W) for bscans, (H, W) for rnflt;
+    None for a modality the eye does not have."""
     with np.load(record.path, allow_pickle=False) as z:
-        return np.asarray(z[OCT_KEYS[oct_view]]), np.asarray(z[FUNDUS_KEY])
+        oct_arr = np.asarray(z[OCT_KEYS[oct_view]]) if "oct" in record.modalities else None
+        fundus_arr = np.asarray(z[FUNDUS_KEY]) if "fundus" in record.modalities else None
+    return oct_arr, fundus_arr
 
 
 def scan_npz_dir(

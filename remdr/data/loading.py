@@ -4,6 +4,7 @@ and counted, with the OCT view resolved from the data when the user left it on "
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -142,13 +143,20 @@ def load_dataset(
         else:
             records = scan_npz_dir(path, view, report, require_md)
             root = path
+    report.kinds = Counter(r.kind for r in records)
+    explicit = cfg.oct_view != "auto"
     try:
         report.check(cfg.max_bad_fraction, str(path))
     except DataError:
-        mismatch = view_mismatch(path, fmt, view, report) if cfg.oct_view != "auto" else None
+        mismatch = view_mismatch(path, fmt, view, report) if explicit else None
         if mismatch is None:
             raise
         raise mismatch from None
+    if explicit and not report.kinds["complete"] + report.kinds["oct-only"]:
+        # every eye fundus-only: fine for a fundus-only site, wrong if the OCT is the other view
+        mismatch = view_mismatch(path, fmt, view, report)
+        if mismatch is not None:
+            raise mismatch
     if cfg.oct_view == "auto":
         cfg.oct_view = view
         if not quiet:
@@ -158,16 +166,25 @@ def load_dataset(
     return Dataset(root=str(root), format=fmt, records=records, report=report, oct_view=view)
 
 
-def load_arrays(record: EyeRecord, oct_view: str) -> tuple[np.ndarray, np.ndarray]:
-    """Raw (oct, fundus) arrays of a record; a file that went bad since the scan is a DataError."""
+def load_arrays(record: EyeRecord, oct_view: str) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """Raw (oct, fundus) arrays of a record, None for an absent modality; a file that went bad
+    since the scan is a DataError."""
     try:
         if record.source == "npz":
-            return load_npz_arrays(record, oct_view)
-        if record.source == "dicom":
-            return dicom.read_pixels(record.path), dicom.read_pixels(record.fundus_path)
-        return load_manifest_arrays(record)
+            oct_arr, fundus_arr = load_npz_arrays(record, oct_view)
+        elif record.source == "dicom":
+            oct_arr = dicom.read_pixels(record.path) if "oct" in record.modalities else None
+            fundus_arr = (
+                dicom.read_pixels(record.fundus_path) if "fundus" in record.modalities else None
+            )
+        else:
+            oct_arr, fundus_arr = load_manifest_arrays(record)
     except (OSError, ValueError, KeyError, EOFError) as err:
         raise DataError(f"cannot read eye {record.eye_id} ({record.path})", str(err)) from None
+    return (
+        oct_arr if "oct" in record.modalities else None,
+        fundus_arr if "fundus" in record.modalities else None,
+    )
 
 
 def describe(records: list[EyeRecord], fmt: str, report: LoadReport) -> str:

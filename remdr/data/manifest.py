@@ -1,7 +1,7 @@
 """A generic `manifest.csv`: one row per eye, images as PNG/JPEG/npy files beside it.
 
 Columns: ``eye_id, md, oct_path, fundus_path`` and optionally ``patient_id, site``. Paths are
-relative to the manifest's folder. An OCT image is 2D (used as the RNFLT-style map) or a 3D npy
+relative to the manifest's folder; an empty path cell means the eye lacks that image. An OCT image is 2D (used as the RNFLT-style map) or a 3D npy
 volume (D, H, W) (used for the B-scan view).
 """
 
@@ -71,9 +71,14 @@ def scan_manifest(
                 report.skip(reason, where)
                 continue
             md = float("nan")
-        oct_path, fundus_path = root / str(row.oct_path), root / str(row.fundus_path)
-        reason = _check_image(oct_path, "oct", OCT_NDIM[oct_view]) or _check_image(
-            fundus_path, "fundus", (2, 3)
+        paths = {"oct": _cell(row.oct_path), "fundus": _cell(row.fundus_path)}
+        modalities = tuple(m for m, p in paths.items() if p)
+        if not modalities:  # one image alone is an incomplete eye; none is no eye
+            report.skip("no image (oct_path and fundus_path both empty)", where)
+            continue
+        ndims = {"oct": OCT_NDIM[oct_view], "fundus": (2, 3)}
+        reason = next(
+            (r for m in modalities if (r := _check_image(root / paths[m], m, ndims[m]))), ""
         )
         if reason:
             report.skip(reason, where)
@@ -89,13 +94,24 @@ def scan_manifest(
                 else str(row.eye_id),
                 md=md,
                 source="manifest",
-                path=str(oct_path),
-                fundus_path=str(fundus_path),
+                path=str(root / paths["oct"]) if paths["oct"] else "",
+                fundus_path=str(root / paths["fundus"]) if paths["fundus"] else "",
                 site=str(site) if isinstance(site, str) else "",
+                modalities=modalities,
             )
         )
     return records
 
 
-def load_manifest_arrays(record: EyeRecord) -> tuple[np.ndarray, np.ndarray]:
-    return read_image(Path(record.path)), read_image(Path(record.fundus_path))
+def _cell(value) -> str:
+    """A path cell; empty (or NaN, as pandas reads an empty cell) means the image is absent."""
+    return (
+        "" if value is None or (isinstance(value, float) and value != value) else str(value).strip()
+    )
+
+
+def load_manifest_arrays(record: EyeRecord) -> tuple[np.ndarray | None, np.ndarray | None]:
+    return (
+        read_image(Path(record.path)) if record.path else None,
+        read_image(Path(record.fundus_path)) if record.fundus_path else None,
+    )

@@ -12,6 +12,8 @@ from remdr.errors import DataError
 
 MD_RANGE = (-40.0, 10.0)  # dB; outside this an MD value is a data error, not a severe eye
 MIN_IMAGE_SIDE = 8  # pixels
+MODALITIES = ("oct", "fundus")
+KINDS = {("oct", "fundus"): "complete", ("oct",): "oct-only", ("fundus",): "fundus-only"}
 
 
 @dataclass
@@ -27,6 +29,12 @@ class EyeRecord:
     site: str = ""
     split: str = ""  # "train" / "val" / "test" when the dataset ships its own splits
     demographics: dict[str, Any] = field(default_factory=dict)
+    modalities: tuple[str, ...] = MODALITIES  # the images this eye has (one may be absent)
+
+    @property
+    def kind(self) -> str:
+        """ "complete", "oct-only" or "fundus-only"."""
+        return KINDS[self.modalities]
 
 
 @dataclass
@@ -42,6 +50,7 @@ class LoadReport:
     ignored: Counter = field(default_factory=Counter)
     unit: str = "records"  # what n_seen counts ("DICOM files" for a DICOM folder)
     trace: dict[str, str] | None = None  # when a dict: every skipped/ignored file -> reason
+    kinds: Counter = field(default_factory=Counter)  # usable eyes: complete / oct-only / ...
 
     def skip(self, reason: str, where: str) -> None:
         self.skipped[reason] += 1
@@ -70,6 +79,8 @@ class LoadReport:
         if self.ignored:
             reasons = ", ".join(f"{r}: {c}" for r, c in self.ignored.most_common())
             line += f"; ignored {sum(self.ignored.values())} ({reasons})"
+        if set(self.kinds) - {"complete"}:
+            line += "; eyes: " + ", ".join(f"{self.kinds[k]} {k}" for k in KINDS.values())
         return line
 
     def to_dict(self) -> dict[str, Any]:
@@ -78,6 +89,7 @@ class LoadReport:
             "n_ok": self.n_ok,
             "skipped": dict(self.skipped),
             "ignored": dict(self.ignored),
+            "kinds": dict(self.kinds),
             "examples": self.examples,
         }
 

@@ -10,8 +10,23 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from remdr import __version__
-from remdr.config import ExperimentConfig, apply_overrides, coerce, flat_values
-from remdr.errors import ConfigError
+from remdr.config import (
+    FRACTION,
+    NON_NEGATIVE,
+    POSITIVE,
+    PROBABILITY,
+    SHARE,
+    ExperimentConfig,
+    apply_overrides,
+    check_fields,
+    coerce,
+    describe_fields,
+    flat_keys,
+    flat_values,
+    setting,
+    unknown_key,
+)
+from remdr.errors import ConfigError, Problems
 from remdr.methods import get_spec
 
 # Where federated training's defaults differ from centralized training's (README, "Federated
@@ -38,86 +53,120 @@ ON_MISSING = ("continue", "abort")
 class FedConfig:
     """Federation settings; run-config keys are the kebab-case field names."""
 
-    num_server_rounds: int = 3
-    local_epochs: int = 1
-    strategy: str = "fedavg"  # one of STRATEGIES
-    proximal_mu: float = 0.01  # FedProx
-    server_lr: float = 0.05  # FedAdam eta
-    server_beta_1: float = 0.9
-    server_beta_2: float = 0.99
-    server_tau: float = 1e-3
-    trim_beta: float = 0.2  # FedTrimmedAvg: fraction cut at each end
-    fraction_train: float = 1.0
-    min_nodes: int = 2  # the expected number of sites: every round waits for all of them
-    round_timeout: float = 900.0  # seconds to wait for replies in one round
-    fedbn: bool = False  # keep normalisation layers local to each site
-    keep_site_optimizer: bool = True  # a site resumes its AdamW moments from its last round
+    num_server_rounds: int = setting(3, "federated rounds", low=1)
+    local_epochs: int = setting(1, "epochs each site trains per round", low=1)
+    strategy: str = setting("fedavg", "how the coordinator aggregates", choices=STRATEGIES)
+    proximal_mu: float = setting(0.01, "FedProx proximal term", **NON_NEGATIVE)
+    server_lr: float = setting(0.05, "FedAdam server learning rate (eta)", **POSITIVE)
+    server_beta_1: float = setting(0.9, "FedAdam first-moment decay", **FRACTION)
+    server_beta_2: float = setting(0.99, "FedAdam second-moment decay", **FRACTION)
+    server_tau: float = setting(1e-3, "FedAdam adaptivity (epsilon)", **POSITIVE)
+    trim_beta: float = setting(
+        0.2, "FedTrimmedAvg: fraction cut at each end", low=0, high=0.5, high_open=True
+    )
+    fraction_train: float = setting(1.0, "fraction of connected sites asked to train", **SHARE)
+    min_nodes: int = setting(2, "the expected sites: every round waits for all of them", low=1)
+    round_timeout: float = setting(900.0, "seconds to wait for replies in one round", **POSITIVE)
+    fedbn: bool = setting(False, "keep normalisation layers local to each site")
+    keep_site_optimizer: bool = setting(True, "a site resumes its AdamW moments between rounds")
     # one message per round: a site validates the model it receives inside its train reply
     # (round r's reply scores round r-1's model) and the final model gets one evaluate message;
     # true sends a separate evaluate message every round, as Flower's examples do
-    separate_evaluate: bool = False
-    on_missing: str = "continue"  # a site does not reply or connect in time: continue or abort
-    node_wait: float = 120.0  # seconds a round waits for all min-nodes sites to be connected
-    max_update_norm: float = 1e4  # reject a site update whose change is larger (0: no limit)
-    site_dp: str = "off"  # site-level DP of the aggregate: off, fixed or adaptive clipping
-    site_dp_noise: float = 1.0  # z: noise std is z * C / number of sites
-    site_dp_clip: float = 1.0  # C (fixed) or the initial C (adaptive) of each site's update
-    site_dp_delta: float = 1e-5  # delta of the site-level guarantee
-    out_dir: str = "runs/federation"  # coordinator's run directory (checkpoints, report)
-    sim_data_root: str = ""  # simulation only: virtual node k reads <root>/site-<k>
+    separate_evaluate: bool = setting(False, "an evaluate message every round, not one at the end")
+    on_missing: str = setting(
+        "continue", "a site does not reply or connect in time", choices=ON_MISSING
+    )
+    node_wait: float = setting(
+        120.0, "seconds a round waits for min-nodes sites to connect", **NON_NEGATIVE
+    )
+    max_update_norm: float = setting(
+        1e4, "reject a larger site update (0: no limit)", **NON_NEGATIVE
+    )
+    site_dp: str = setting("off", "site-level DP of the aggregate (clipping)", choices=SITE_DP)
+    site_dp_noise: float = setting(1.0, "z: noise std is z * C / number of sites", **POSITIVE)
+    site_dp_clip: float = setting(
+        1.0, "C (fixed) or the initial C (adaptive) per site update", **POSITIVE
+    )
+    site_dp_delta: float = setting(1e-5, "delta of the site-level guarantee", **PROBABILITY)
+    out_dir: str = setting(
+        "runs/federation",
+        "the coordinator's run directory",
+        pattern=r".*\S.*",
+        text="a non-empty path",
+    )
+    sim_data_root: str = setting("", "simulation only: virtual node k reads <root>/site-<k>")
 
 
 def fed_keys() -> dict[str, str]:
     return {f.name.replace("_", "-"): f.name for f in fields(FedConfig)}
 
 
-def split_run_config(run_config: dict[str, Any]) -> tuple[ExperimentConfig, FedConfig]:
-    """Flat Flower run config -> (core config, federation config); unknown keys are errors."""
-    fed_names = fed_keys()
-    fed_values: dict[str, Any] = {}
+def describe_fed_keys(fed: FedConfig | None = None) -> list[str]:
+    """The `--list-keys` lines of the federation keys."""
+    return describe_fields("federation", fed or FedConfig())
+
+
+def split_run_config(
+    run_config: dict[str, Any], *, check_cohort: bool = True
+) -> tuple[ExperimentConfig, FedConfig]:
+    """Flat Flower run config -> (core config, federation config); every problem (unknown key,
+    type, range, combination) is raised at once. `check_cohort=False` skips the check that
+    needs the real number of sites (a simulator learns it from the data)."""
+    p = Problems()
+    fed_names, core_names = fed_keys(), flat_keys()
+    fed = FedConfig()
     core: dict[str, Any] = {}
     for key, value in run_config.items():
         k = key.replace("_", "-")
         if k in fed_names:
-            fed_values[fed_names[k]] = value
-        else:
+            name = fed_names[k]
+            try:
+                setattr(fed, name, coerce(value, getattr(fed, name), k))
+            except ConfigError as err:
+                p.items.extend(err.items)
+        elif k in core_names:
             core[k] = value
-    cfg = apply_overrides(ExperimentConfig(), {**FEDERATED_DEFAULTS, **core})
-    fed = FedConfig()
-    for name, value in fed_values.items():
-        setattr(fed, name, coerce(value, getattr(fed, name), name.replace("_", "-")))
-    if fed.strategy not in STRATEGIES:
-        raise ConfigError(f"strategy={fed.strategy!r}", f"must be one of {', '.join(STRATEGIES)}")
-    if fed.num_server_rounds < 1 or fed.local_epochs < 1 or fed.min_nodes < 1:
-        raise ConfigError("num-server-rounds/local-epochs/min-nodes", "must be at least 1")
-    if fed.on_missing not in ON_MISSING:
-        raise ConfigError(f"on-missing={fed.on_missing!r}", "must be continue or abort")
-    if fed.site_dp not in SITE_DP:
-        raise ConfigError(f"site-dp={fed.site_dp!r}", f"must be one of {', '.join(SITE_DP)}")
-    if fed.site_dp != "off":
-        if fed.strategy not in ("fedavg", "fedprox"):
-            raise ConfigError(
-                f"site-dp with strategy={fed.strategy}",
-                "the site-level accounting assumes a plain mean of clipped updates",
-                "use strategy=fedavg or fedprox",
-            )
-        if not (cfg.privacy.group_norm or get_spec(cfg.train.method).private):
-            raise ConfigError(
-                "site-dp without group-norm=true",
-                "noise is added to every array, and BatchNorm's integer counters cannot take it",
-                "set group-norm=true (or use a private method)",
-            )
-        if fed.site_dp_noise <= 0 or fed.site_dp_clip <= 0 or not 0 < fed.site_dp_delta < 1:
-            raise ConfigError("site-dp-noise/clip/delta", "noise and clip > 0, delta in (0, 1)")
-        if fed.site_dp == "adaptive" and fed.site_dp_noise >= fed.min_nodes / 10:
-            raise ConfigError(
-                f"site-dp=adaptive with site-dp-noise={fed.site_dp_noise:g} and "
-                f"min-nodes={fed.min_nodes}",
-                "Flower's adaptive clipping gives the count of clipped updates noise of std "
-                f"min-nodes/20, which needs site-dp-noise below min-nodes/10 = {fed.min_nodes / 10:g}",
-                "use site-dp=fixed, or a smaller site-dp-noise",
-            )
+        else:
+            p.add(*unknown_key(key, [*core_names, *fed_names]))
+    base = apply_overrides(ExperimentConfig(), FEDERATED_DEFAULTS)  # fixes suggest its values
+    cfg = p.call(apply_overrides, base, core)
+    bad = check_fields(fed, p)
+    if cfg is not None and cfg.data.oct_view == "auto":
+        p.add(
+            "oct-view='auto' in a federation",
+            "the server builds the model before any site's data is seen",
+            "set oct-view='bscans' (3-D OCT volumes) or 'rnflt' (2-D thickness maps)",
+        )
+    if fed.site_dp != "off" and not bad:
+        _check_site_dp(fed, cfg, p, check_cohort)
+    p.raise_if_any(ConfigError)
+    assert cfg is not None  # no problem means apply_overrides returned
     return cfg, fed
+
+
+def _check_site_dp(
+    fed: FedConfig, cfg: ExperimentConfig | None, p: Problems, check_cohort: bool
+) -> None:
+    if fed.strategy not in ("fedavg", "fedprox"):
+        p.add(
+            f"site-dp with strategy={fed.strategy}",
+            "the site-level accounting assumes a plain mean of clipped updates",
+            "use strategy=fedavg or fedprox",
+        )
+    if cfg is not None and not (cfg.privacy.group_norm or get_spec(cfg.train.method).private):
+        p.add(
+            "site-dp without group-norm=true",
+            "noise is added to every array, and BatchNorm's integer counters cannot take it",
+            "set group-norm=true (or use a private method)",
+        )
+    if check_cohort and fed.site_dp == "adaptive" and fed.site_dp_noise >= fed.min_nodes / 10:
+        p.add(
+            f"site-dp=adaptive with site-dp-noise={fed.site_dp_noise:g} and "
+            f"min-nodes={fed.min_nodes}",
+            "Flower's adaptive clipping gives the count of clipped updates noise of std "
+            f"min-nodes/20, which needs site-dp-noise below min-nodes/10 = {fed.min_nodes / 10:g}",
+            "use site-dp=fixed, or a smaller site-dp-noise",
+        )
 
 
 # Keys a resumed run may change: how the coordinator waits and where things run, not what is

@@ -10,6 +10,7 @@ import dataclasses
 import functools
 import logging
 import time
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,11 +23,14 @@ from remdr.data import load_dataset
 from remdr.data.dataset import EyeDataset
 from remdr.data.loading import Dataset
 from remdr.data.preprocessed import warm
+from remdr.data.records import EyeRecord
 from remdr.data.splits import split_records
 from remdr.errors import RemdrError, TrainingError
 from remdr.federation.run_config import FedConfig
+from remdr.federation.screening import PART_COUNTS
 from remdr.methods import build_model, create_method
 from remdr.metrics import BINS, regression_metrics
+from remdr.model import model_part
 from remdr.runtime import prepare_model, resolve_device, seed_everything
 from remdr.train import evaluate, fit, make_loader
 
@@ -85,6 +89,38 @@ def norm_state_keys(model: nn.Module) -> list[str]:
         if isinstance(module, NORM_TYPES):
             keys += [f"{prefix}.{k}" if prefix else k for k in module.state_dict()]
     return keys
+
+
+def eye_counts(records: Sequence[EyeRecord]) -> dict[str, int]:
+    """The reply's `eyes-*` metrics: training eyes with OCT, with fundus and with both. They
+    say which parts of the model this site's training can move (`PART_COUNTS`), and weigh
+    each part in the coordinator's aggregate."""
+    return {
+        "eyes-oct": sum("oct" in r.modalities for r in records),
+        "eyes-fundus": sum("fundus" in r.modalities for r in records),
+        "eyes-complete": sum("oct" in r.modalities and "fundus" in r.modalities for r in records),
+    }
+
+
+def untrained_keys(keys: Iterable[str], counts: dict[str, int]) -> list[str]:
+    """The state-dict keys of the parts no training eye of this site reaches: a modality's
+    branch without an eye that has the image, the fusion head without a complete eye."""
+    untrained = {part for part, metric in PART_COUNTS.items() if counts[metric] == 0}
+    return [k for k in keys if model_part(k) in untrained]
+
+
+def restore_untrained(
+    model: nn.Module, global_state: dict[str, torch.Tensor], counts: dict[str, int]
+) -> dict[str, torch.Tensor]:
+    """Put the parts this site has no data for back to the received global values in `model`
+    (so the site validates what it sends); return those values exactly (dtype too: the
+    coordinator's screening compares them) for the reply. Weight decay, or AdamW steps on zero
+    gradients, would otherwise move weights no eye here trained, and the coordinator
+    aggregates a part only over the sites that trained it."""
+    keys = untrained_keys(global_state, counts)
+    if keys:
+        model.load_state_dict({k: global_state[k] for k in keys}, strict=False)
+    return {k: global_state[k].detach().cpu().clone().contiguous() for k in keys}
 
 
 @dataclass
@@ -193,8 +229,14 @@ def train_round(
         optimizer_state=optimizer_state if fed.keep_site_optimizer else None,
     )
     seconds = time.perf_counter() - start
+    # Parts without data here go back as received. AdamW's moments are left alone: such a
+    # part gets no (or zero) gradients, but for the fusion head at a one-modality site, whose
+    # moments only shape this site's own steps (its weights never leave the site).
+    counts = eye_counts(site.train.records)
+    restored = restore_untrained(model, global_state, counts)
     metrics = {
         "num-examples": len(site.train),
+        **counts,
         "unit-weight": 1.0,  # equal weights: site-level DP's sensitivity assumes them
         "skipped-records": site.dataset.report.n_bad,  # corrupt or invalid files, not used
         "train-loss": float(result.history[-1].get("train_loss", float("nan"))),
@@ -215,6 +257,7 @@ def train_round(
     metrics.update(evaluate_site(model, site, cfg, device))
     metrics.update(received)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    state.update(restored)  # the received values and dtypes, exactly
     local = {k: state[k] for k in norm_state_keys(model)} if fed.fedbn else {}
     kept = result.optimizer_state if fed.keep_site_optimizer else None
     return RoundResult(state, metrics, method.state_dict(), local, kept)
