@@ -186,6 +186,11 @@ class ReM3Dr(nn.Module):
                 dim=-1,
             )
             out["pred"] = self.fusion(fused).squeeze(-1)
+            if not self.training:  # an eye with one image: that modality's own head predicts
+                a, b = self.modalities
+                only_a, only_b = masks[a] & ~masks[b], masks[b] & ~masks[a]
+                pred = torch.where(only_a, out[f"pred_{a}"], out["pred"])
+                out["pred"] = torch.where(only_b, out[f"pred_{b}"], pred)
         else:
             out["pred"] = out[f"pred_{self.modalities[0]}"]
         return out

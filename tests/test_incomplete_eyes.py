@@ -32,6 +32,16 @@ def _records(tiny_data, cfg, pattern: tuple[str, ...]):
     ]
 
 
+def _split(tiny_data, cfg, records) -> SplitData:
+    """32 training, 8 validation and the rest test eyes, in order."""
+    return SplitData(
+        load_dataset(tiny_data, cfg.data, quiet=True),
+        EyeDataset(records[:32], cfg.data),
+        EyeDataset(records[32:40], cfg.data),
+        EyeDataset(records[40:], cfg.data),
+    )
+
+
 def _batch(tiny_data, cfg, pattern, n=12) -> dict[str, torch.Tensor]:
     eyes = EyeDataset(_records(tiny_data, cfg, pattern)[:n], cfg.data)
     return torch.utils.data.default_collate([eyes[i] for i in range(len(eyes))])
@@ -100,12 +110,7 @@ def test_modality_dropout_hides_one_image_of_complete_eyes_from_fusion_only():
 def test_training_and_prediction_with_every_kind_of_eye(tiny_data):
     cfg = _cfg(method="remdr", epochs=2, **{"modality-dropout": 0.3})
     records = _records(tiny_data, cfg, ("complete", "complete", "oct-only", "fundus-only"))
-    data = SplitData(
-        load_dataset(tiny_data, cfg.data, quiet=True),
-        EyeDataset(records[:32], cfg.data),
-        EyeDataset(records[32:40], cfg.data),
-        EyeDataset(records[40:], cfg.data),
-    )
+    data = _split(tiny_data, cfg, records)
     out = train_and_test(cfg, data, progress=False)
     assert np.isfinite(out.test_preds["pred"]).all()  # every eye gets a prediction
     by_kind = metrics_by_kind(out.test_preds)
@@ -118,12 +123,7 @@ def test_training_and_prediction_with_every_kind_of_eye(tiny_data):
 def test_a_unimodal_method_learns_and_predicts_only_for_eyes_with_its_image(tiny_data):
     cfg = _cfg(method="oct", epochs=1)
     records = _records(tiny_data, cfg, ("complete", "fundus-only"))
-    data = SplitData(
-        load_dataset(tiny_data, cfg.data, quiet=True),
-        EyeDataset(records[:32], cfg.data),
-        EyeDataset(records[32:40], cfg.data),
-        EyeDataset(records[40:], cfg.data),
-    )
+    data = _split(tiny_data, cfg, records)
     out = train_and_test(cfg, data, progress=False)
     has_oct = out.test_preds["has_oct"]
     assert np.isfinite(out.test_preds["pred"][has_oct]).all()
@@ -143,3 +143,20 @@ def test_a_private_loss_on_mixed_eyes_is_a_sum_of_per_patient_terms(tiny_data, n
     rows = [method.loss(model, {k: v[i : i + 1] for k, v in batch.items()})[0] for i in range(6)]
     assert torch.isfinite(whole)
     assert float(whole) * 6 == pytest.approx(float(sum(rows)), rel=1e-4)
+
+
+def test_at_evaluation_an_eye_with_one_image_is_predicted_by_that_modalitys_head(tiny_data):
+    cfg = _cfg()
+    batch = _batch(tiny_data, cfg, ("complete", "oct-only", "fundus-only"))
+    model = build_model(cfg).eval()
+    present = {"oct": batch["has_oct"], "fundus": batch["has_fundus"]}
+    with torch.no_grad():
+        out = model(batch["oct"], batch["fundus"], present=present)
+        fused = model.train()(batch["oct"], batch["fundus"], present=present)["pred"]
+    only_oct = batch["has_oct"] & ~batch["has_fundus"]
+    only_fundus = batch["has_fundus"] & ~batch["has_oct"]
+    complete = batch["has_oct"] & batch["has_fundus"]
+    assert torch.equal(out["pred"][only_oct], out["pred_oct"][only_oct])
+    assert torch.equal(out["pred"][only_fundus], out["pred_fundus"][only_fundus])
+    assert not torch.equal(out["pred"][complete], out["pred_oct"][complete])  # fusion there
+    assert fused.shape == out["pred"].shape
