@@ -44,9 +44,11 @@ def run_methods(
     seeds: list[int],
     on_result: Callable[[dict], None] | None = None,
     progress: bool = True,
+    curves: list[dict] | None = None,
 ) -> tuple[list[dict], dict[str, dict[str, np.ndarray]]]:
     """Train every method with every seed on the same split; return result rows and, per method,
-    the first seed's test predictions (for plots)."""
+    the first seed's test predictions (for plots). With `curves` (a list), also append the
+    validation and test MSE after every epoch of every run (the learning curves)."""
     rows: list[dict] = []
     preds: dict[str, dict[str, np.ndarray]] = {}
     for seed in seeds:
@@ -54,7 +56,21 @@ def run_methods(
             run_cfg = dataclasses.replace(
                 cfg, train=dataclasses.replace(cfg.train, method=name, seed=seed)
             )
-            out = train_and_test(run_cfg, data, progress=progress, desc=f"{name} s{seed}")
+            out = train_and_test(
+                run_cfg, data, progress=progress, desc=f"{name} s{seed}",
+                test_curve=curves is not None,
+            )  # fmt: skip
+            if curves is not None:
+                for record, (_, test_mse) in zip(out.fit.history, out.test_curve, strict=False):
+                    curves.append(
+                        {
+                            "method": name,
+                            "seed": seed,
+                            "epoch": record["epoch"],
+                            "val_mse": record.get("val_mse", float("nan")),
+                            "test_mse": test_mse,
+                        }
+                    )
             row = {
                 "method": name,
                 "seed": seed,
@@ -112,6 +128,50 @@ def write_results(
         writer.writeheader()
         writer.writerows(rows)
     (out / "results.md").write_text(markdown_table(summary, note))
+
+
+def write_curves(out: Path, curves: list[dict], methods: list[str]) -> str:
+    """curves.csv, learning_curves.png (mean over seeds) and a markdown table: per method, the
+    epoch of the lowest mean validation MSE (where it saturates; chosen on validation only) and
+    the test MSE there and at the last epoch."""
+    from remdr.plots import method_curves
+
+    out.mkdir(parents=True, exist_ok=True)
+    with (out / "curves.csv").open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=["method", "seed", "epoch", "val_mse", "test_mse"])
+        writer.writeheader()
+        writer.writerows(curves)
+    means: dict[str, dict[str, list[tuple[int, float]]]] = {}
+    lines = [
+        "| method | best epoch (mean val MSE) | val MSE there | test MSE there | test MSE, last epoch |",
+        "|---|---|---|---|---|",
+    ]
+    for name in methods:
+        epochs = sorted({c["epoch"] for c in curves if c["method"] == name})
+        if not epochs:
+            continue
+        mean = {
+            key: [
+                (
+                    e,
+                    float(
+                        np.nanmean(
+                            [c[key] for c in curves if c["method"] == name and c["epoch"] == e]
+                        )
+                    ),
+                )
+                for e in epochs
+            ]
+            for key in ("val_mse", "test_mse")
+        }
+        means[name] = mean
+        best = min(range(len(epochs)), key=lambda i: mean["val_mse"][i][1])
+        lines.append(
+            f"| {name} | {epochs[best]} | {mean['val_mse'][best][1]:.2f} | "
+            f"{mean['test_mse'][best][1]:.2f} | {mean['test_mse'][-1][1]:.2f} |"
+        )
+    method_curves(means, out / "learning_curves.png")
+    return "\n".join(lines) + "\n"
 
 
 # -- speed ---------------------------------------------------------------------------------------

@@ -84,3 +84,17 @@ def learning_curves(
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def method_curves(means: dict[str, dict[str, list[tuple[int, float]]]], path: Path) -> None:
+    """Validation and test MSE against epochs, one line per method (means over seeds)."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
+    for ax, key, title in zip(axes, ("val_mse", "test_mse"), ("validation", "test"), strict=True):
+        for name, series in means.items():
+            xs, ys = zip(*series[key], strict=True)
+            ax.plot(xs, ys, marker="o", ms=3, label=name)
+        ax.set(xlabel="epoch", ylabel="MSE (dB²)", title=f"{title} MSE, mean over seeds")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -83,3 +83,18 @@ def test_speed_bench_reports_ratios(tiny_data, capsys):
     ratio = float(re.search(r"step ratio vs concat: ([0-9.]+)", sam_line).group(1))
     # measured, not assumed: a positive finite number (SAM's two passes make it ~2 on a quiet CPU)
     assert math.isfinite(ratio) and ratio > 0
+
+
+def test_methods_bench_learning_curves(tiny_data, tmp_path):
+    out = tmp_path / "curves"
+    args = ["methods", "--data", str(tiny_data), "--methods", "concat,oct", "--seeds", "1",
+            "--curves", "--out", str(out), *TINY, "--set", "epochs=3"]  # fmt: skip
+    assert bench.main(args) == 0
+    rows = list(csv.DictReader((out / "curves.csv").open()))
+    assert [(r["method"], r["epoch"]) for r in rows] == [
+        (m, str(e)) for m in ("concat", "oct") for e in (1, 2, 3)
+    ]
+    assert all(math.isfinite(float(r["val_mse"])) and float(r["test_mse"]) > 0 for r in rows)
+    table = (out / "results.md").read_text()
+    assert "Learning curves" in table and "\n| oct | " in table.split("Learning curves")[1]
+    assert (out / "learning_curves.png").is_file()

@@ -50,6 +50,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma-separated names, 'all' (the non-private ones) or 'dp' (the DP-SGD ones)",
     )
     m.add_argument("--seeds", type=int, default=3, help="number of seeds (0..N-1)")
+    m.add_argument(
+        "--curves",
+        action="store_true",
+        help="also score validation and test MSE after every epoch: curves.csv, "
+        "learning_curves.png and where each method saturates (one run per method and seed at "
+        "--epochs; with the cosine schedule a shorter budget would decay sooner, so use "
+        "--set schedule=constant for budget-free curves)",
+    )
     m.add_argument("--out", default="runs/bench", help="folder for results.csv, results.md, plots")
     _add_data_flags(m)
     s = sub.add_parser("speed", help="steps/s of concat vs remdr (and sam), interleaved")
@@ -115,7 +123,7 @@ def _data(args: argparse.Namespace, cfg: ExperimentConfig):
 
 
 def cmd_methods(args: argparse.Namespace) -> int:
-    from remdr.bench import run_methods, summarise, write_results
+    from remdr.bench import run_methods, summarise, write_curves, write_results
     from remdr.plots import bars_per_bin, scatter_pred_vs_true
 
     cfg, methods = check_args(args)
@@ -134,7 +142,10 @@ def cmd_methods(args: argparse.Namespace) -> int:
             flush=True,
         )
 
-    rows, preds = run_methods(cfg, data, methods, seeds, on_result=show, progress=not args.quiet)
+    curves: list[dict] | None = [] if args.curves else None
+    rows, preds = run_methods(
+        cfg, data, methods, seeds, on_result=show, progress=not args.quiet, curves=curves
+    )
     summary = summarise(rows, methods)
     wall = time.perf_counter() - start
     note = (
@@ -144,6 +155,13 @@ def cmd_methods(args: argparse.Namespace) -> int:
         f"{platform.machine()} with {torch.get_num_threads()} torch threads."
     )
     write_results(out, rows, summary, note)
+    if curves is not None:
+        table = write_curves(out, curves, methods)
+        with (out / "results.md").open("a") as fh:
+            fh.write(
+                f"\nLearning curves ({cfg.train.schedule} schedule; test MSE is reported only, "
+                "the epoch is chosen on validation):\n\n" + table
+            )
     for name, p in preds.items():
         scatter_pred_vs_true(
             p["md"], p["pred"], out / f"pred_vs_true_{name}.png", title=f"{name} (seed 0)"
