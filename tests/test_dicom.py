@@ -145,6 +145,8 @@ def test_index_writes_a_manifest_that_trains_exactly_like_the_folder(dicom_folde
     )
     assert done.returncode == 0, done.stderr
     assert "51 eyes of" in done.stdout and "missing laterality: 1" in done.stdout
+    files = sum(1 for p in dicom_folder.rglob("*") if p.is_file())
+    assert f"indexed {files} files" in done.stdout
     with (out.parent / "pairing.csv").open() as fh:
         rows = list(csv.DictReader(fh))
     statuses = Counter(r["status"] for r in rows)

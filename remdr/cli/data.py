@@ -87,7 +87,7 @@ def cmd_index(args: argparse.Namespace) -> int:
     report_path = Path(args.report) if args.report else out.with_name("pairing.csv")
     write_pairing_report(report_path, index, report)
     print(f"{describe(index.pairing.records, 'dicom', report)}; oct-view {index.oct_view}")
-    print(f"indexed {report.n_seen + sum(report.ignored.values())} files in {seconds:.1f} s")
+    print(f"indexed {index.n_files} files in {seconds:.1f} s")
     print(f"wrote {out} ({len(index.pairing.records)} eyes) and {report_path}")
     return 0
 

@@ -16,6 +16,7 @@ import datetime as dt
 import logging
 import math
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,9 +66,15 @@ def is_dicom_file(path: Path) -> bool:
         return False
 
 
+def candidate_files(root: Path) -> Iterator[Path]:
+    """Every file under `root`, recursively, except hidden ones (file names mean nothing in
+    DICOM, so each is a candidate)."""
+    return (p for p in root.rglob("*") if p.is_file() and not p.name.startswith("."))
+
+
 def holds_dicom(folder: Path, limit: int = 200) -> bool:
-    """True when one of the first `limit` files under the folder (recursively) is DICOM."""
-    for i, path in enumerate(p for p in folder.rglob("*") if p.is_file()):
+    """True when one of the first `limit` candidate files under the folder is DICOM."""
+    for i, path in enumerate(candidate_files(folder)):
         if i >= limit:
             return False
         if is_dicom_file(path):
@@ -179,10 +186,10 @@ def read_object(path: Path, report: LoadReport) -> DicomObject | None:
     return DicomObject(where, kind, patient, laterality, date)
 
 
-def scan_objects(root: Path, report: LoadReport) -> list[DicomObject]:
-    """Every usable object under `root`, in path order (so pairing is reproducible)."""
+def scan_objects(files: list[Path], report: LoadReport) -> list[DicomObject]:
+    """Every usable object among `files` (given in path order, so pairing is reproducible)."""
     objects: list[DicomObject] = []
-    for path in sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith(".")):
+    for path in files:
         obj = read_object(path, report)
         if obj is not None:
             objects.append(obj)
@@ -201,19 +208,13 @@ class Pairing:
     """Eyes found and what became of every usable object (for the report a site inspects)."""
 
     records: list[EyeRecord]
-    used_by: dict[str, str]  # object path -> eye id
-    unused: dict[str, str]  # object path -> why it is not part of an eye
+    used_by: dict[str, str]  # object path -> eye id (why the others are not: the load report)
 
 
-def _closest(
-    candidates: list[DicomObject], date: dt.date, max_days: int
-) -> tuple[DicomObject | None, list[DicomObject]]:
-    """The candidate nearest `date` within `max_days`, and the others inside the window."""
-    within = sorted(
-        (c for c in candidates if abs((c.date - date).days) <= max_days),
-        key=lambda c: (abs((c.date - date).days), c.path),
-    )
-    return (within[0], within[1:]) if within else (None, [])
+def _closest(candidates: list[DicomObject], date: dt.date, max_days: int) -> DicomObject | None:
+    """The candidate nearest `date` within `max_days` (ties: path order), or None."""
+    within = [c for c in candidates if abs((c.date - date).days) <= max_days]
+    return min(within, key=lambda c: (abs((c.date - date).days), c.path), default=None)
 
 
 def _eye(
@@ -253,20 +254,17 @@ def pair_eyes(
         eyes[(obj.patient_id, obj.laterality)][obj.kind].append(obj)
     records: list[EyeRecord] = []
     used_by: dict[str, str] = {}
-    unused: dict[str, str] = {}
     for (patient, side), kinds in sorted(eyes.items()):
         seen_days: set[dt.date] = set()
         for vf in sorted(kinds["visual-field"], key=lambda o: (o.date, o.path)):
             if vf.date in seen_days:
                 report.ignore("duplicate visual field (same eye, same day)", vf.path)
-                unused[vf.path] = "duplicate visual field (same eye, same day)"
                 continue
-            oct_obj, _ = _closest(kinds[oct_kind], vf.date, max_days)
-            fundus_obj, _ = _closest(kinds["fundus"], vf.date, max_days)
+            oct_obj = _closest(kinds[oct_kind], vf.date, max_days)
+            fundus_obj = _closest(kinds["fundus"], vf.date, max_days)
             if oct_obj is None and fundus_obj is None:
                 reason = f"no OCT and no fundus within {max_days} days of the visual field"
                 report.skip(reason, vf.path)
-                unused[vf.path] = reason
                 continue
             seen_days.add(vf.date)
             eye_id = f"{patient}-{side}-{vf.date:%Y%m%d}"
@@ -276,7 +274,7 @@ def pair_eyes(
                     used_by.setdefault(obj.path, eye_id)
         if not require_md and not seen_days and kinds[oct_kind]:
             latest = max(kinds[oct_kind], key=lambda o: (o.date, o.path))
-            fundus_obj, _ = _closest(kinds["fundus"], latest.date, max_days)
+            fundus_obj = _closest(kinds["fundus"], latest.date, max_days)
             eye_id = f"{patient}-{side}-{latest.date:%Y%m%d}"
             records.append(_eye(eye_id, patient, math.nan, latest, fundus_obj))
             for obj in (latest, fundus_obj):
@@ -294,14 +292,12 @@ def pair_eyes(
                     else "image not paired with a visual field (prediction only)"
                 )
                 report.ignore(why, obj.path)
-                unused[obj.path] = why
         other = "oct-map" if oct_kind == "oct-volume" else "oct-volume"
         for obj in kinds[other]:
             why = f"OCT of the other view (this dataset uses oct-view={oct_view})"
             report.ignore(why, obj.path)
-            unused[obj.path] = why
     report.n_ok = len(used_by)
-    return Pairing(records, used_by, unused)
+    return Pairing(records, used_by)
 
 
 @dataclass
@@ -311,16 +307,18 @@ class Index:
     objects: list[DicomObject]
     pairing: Pairing
     oct_view: str
+    n_files: int  # candidate files read, of any kind
 
 
 def index_folder(
     root: Path, oct_view: str, max_days: int, report: LoadReport, require_md: bool = True
 ) -> Index:
     """Scan and pair a DICOM folder ("auto" picks the OCT view from the objects found)."""
-    objects = scan_objects(root, report)
+    files = sorted(candidate_files(root))
+    objects = scan_objects(files, report)
     view = choose_view(objects) if oct_view == "auto" else oct_view
     report.n_seen = report.n_bad + len(objects)  # files of a known kind, usable or not
-    return Index(objects, pair_eyes(objects, view, max_days, report, require_md), view)
+    return Index(objects, pair_eyes(objects, view, max_days, report, require_md), view, len(files))
 
 
 def scan_dicom_dir(
