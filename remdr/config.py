@@ -192,6 +192,12 @@ class DataConfig:
         **NON_NEGATIVE,
     )
 
+    @property
+    def tensor_view(self) -> str:
+        """The OCT view tensors and the model are built for: "auto" not yet resolved against
+        data (a model built before any data is seen) means the default B-scan view."""
+        return "rnflt" if self.oct_view == "rnflt" else "bscans"
+
 
 @dataclass
 class ModelConfig:

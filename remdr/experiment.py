@@ -95,7 +95,7 @@ def train_and_test(
         on_epoch=score_test if test_curve and len(data.test) else None,
     )
     preds = predict(model, loader, device)
-    metrics = scored_metrics(preds) if len(preds["md"]) else {"n": 0}
+    metrics = scored_metrics(preds)
     return Outcome(model, method, result, metrics, preds, curve)
 
 

@@ -82,8 +82,6 @@ def scored_metrics(preds: dict[str, np.ndarray]) -> dict[str, float]:
     """`regression_metrics` of `predict()` output over the eyes that got a prediction (a
     unimodal model gives none, NaN, for an eye without its image)."""
     known = np.isfinite(preds["pred"])
-    if not known.any():
-        return {"n": 0}
     return regression_metrics(preds["md"][known], preds["pred"][known])
 
 

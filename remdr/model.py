@@ -4,11 +4,14 @@ Heads predict MD in normalised units, (md - md_center) / md_scale; `to_db` conve
 With one modality (the unimodal baselines) only that branch exists and its head is the output.
 
 An eye may lack one image. `present[m]` (B,) says which rows have modality m; where it is
-false the fusion head gets a learned absent-modality embedding instead of z_m, and a branch no
-row of the batch has input for is not run at all (its weights get no gradient, so an OCT-only
-site leaves the fundus encoder as it received it). Training also hides one modality of a complete
-eye from the fusion head with probability `modality_dropout`, so the fused model learns to
-predict from either image alone; the unimodal heads still see every image the eye has.
+false the fusion head gets a learned absent-modality embedding instead of z_m while training
+(so a one-modality site still trains its encoder through the fusion path), and a branch no row
+of the batch has input for is not run at all (its weights get no gradient, so an OCT-only site
+leaves the fundus encoder as it received it). At evaluation an eye with one image is predicted
+by that modality's unimodal head: in the federation it matches a model of that modality alone,
+where the fusion head with the stand-in does not (README, "Incomplete sites").
+`modality_dropout` (off by default: it cost complete eyes 10-30% in the federation) hides one
+image of a complete eye from the fusion head while training.
 """
 
 from __future__ import annotations
@@ -108,8 +111,7 @@ class ReM3Dr(nn.Module):
         self.heads = nn.ModuleDict()
         if "oct" in self.modalities:
             enc = create_encoder(model_cfg.oct_encoder, 1, model_cfg.oct_weights)
-            # "auto" (a config not yet resolved against data) builds the default B-scan view
-            self.branches["oct"] = Branch(enc, d, multi_view=data_cfg.oct_view != "rnflt")
+            self.branches["oct"] = Branch(enc, d, multi_view=data_cfg.tensor_view == "bscans")
         if "fundus" in self.modalities:
             enc = create_encoder(
                 model_cfg.fundus_encoder, data_cfg.fundus_channels, model_cfg.fundus_weights
@@ -152,8 +154,8 @@ class ReM3Dr(nn.Module):
         each modality's strength without pushing gradients into the encoders.
         """
         inputs = {"oct": oct, "fundus": fundus}
-        batch = next(x for x in inputs.values() if x is not None).shape[0]
-        device = next(x for x in inputs.values() if x is not None).device
+        given = next(x for x in inputs.values() if x is not None)
+        batch, device = given.shape[0], given.device
         masks = {
             m: (
                 present[m].to(device=device, dtype=torch.bool)

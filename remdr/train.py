@@ -20,7 +20,7 @@ from remdr.config import PrivacyConfig, TrainConfig
 from remdr.data.dataset import EyeDataset
 from remdr.data.transforms import augment_image
 from remdr.methods import Method, presence
-from remdr.metrics import regression_metrics
+from remdr.metrics import scored_metrics
 from remdr.model import MODALITIES, ReM3Dr
 from remdr.optim import proximal_term
 from remdr.runtime import autocast_for, to_device
@@ -119,8 +119,7 @@ def _usable_rows(
 def evaluate(model: ReM3Dr, loader: DataLoader, device: torch.device) -> dict[str, float]:
     """Metrics of the model's output, plus each modality head's MSE (`mse_<m>`)."""
     preds = predict(model, loader, device)
-    known = np.isfinite(preds["pred"])  # a unimodal model scores the eyes it can see
-    metrics = regression_metrics(preds["md"][known], preds["pred"][known])
+    metrics = scored_metrics(preds)  # a unimodal model scores the eyes it can see
     for m in model.modalities:
         if len(model.modalities) > 1:
             rows = np.isfinite(preds[f"pred_{m}"])

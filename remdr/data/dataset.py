@@ -40,7 +40,7 @@ def bscan_indices(depth: int, k: int) -> np.ndarray:
 
 def preprocess_oct(arr: np.ndarray, cfg: DataConfig) -> torch.Tensor:
     """bscans: (D, H, W) -> (K, 1, S, S); rnflt: (H, W) -> (1, S, S)."""
-    if cfg.oct_view != "rnflt":  # "auto" (unresolved) is the default B-scan view, as the model
+    if cfg.tensor_view == "bscans":
         vol = _to_unit(arr[bscan_indices(arr.shape[0], cfg.n_bscans)])
         x = _resize(torch.from_numpy(vol)[:, None], cfg.image_size)
     else:
@@ -71,8 +71,7 @@ class EyeDataset(TorchDataset):
 
     def __init__(self, records: list[EyeRecord], cfg: DataConfig, cache: bool | None = None):
         self.records, self.cfg = records, cfg
-        self.oct_view = "rnflt" if cfg.oct_view == "rnflt" else "bscans"  # "auto": as the model
-        k = cfg.n_bscans if self.oct_view == "bscans" else 1
+        k = cfg.n_bscans if cfg.tensor_view == "bscans" else 1
         per_item = 2 * cfg.image_size**2 * (k + cfg.fundus_channels)
         self.cache_enabled = (
             cache if cache is not None else per_item * len(records) < CACHE_LIMIT_BYTES
@@ -86,7 +85,7 @@ class EyeDataset(TorchDataset):
         if i in self._cache:
             oct_x, fundus_x = self._cache[i]
             return oct_x.float(), fundus_x.float()
-        oct_arr, fundus_arr = load_arrays(self.records[i], self.oct_view)
+        oct_arr, fundus_arr = load_arrays(self.records[i], self.cfg.tensor_view)
         oct_x = preprocess_oct(oct_arr, self.cfg) if oct_arr is not None else self._blank("oct")
         fundus_x = (
             preprocess_fundus(fundus_arr, self.cfg)
@@ -102,7 +101,7 @@ class EyeDataset(TorchDataset):
         s = self.cfg.image_size
         if modality == "fundus":
             return torch.zeros(self.cfg.fundus_channels, s, s)
-        if self.oct_view == "bscans":
+        if self.cfg.tensor_view == "bscans":
             return torch.zeros(self.cfg.n_bscans, 1, s, s)
         return torch.zeros(1, s, s)
 

@@ -181,10 +181,7 @@ def load_arrays(record: EyeRecord, oct_view: str) -> tuple[np.ndarray | None, np
             oct_arr, fundus_arr = load_manifest_arrays(record)
     except (OSError, ValueError, KeyError, EOFError) as err:
         raise DataError(f"cannot read eye {record.eye_id} ({record.path})", str(err)) from None
-    return (
-        oct_arr if "oct" in record.modalities else None,
-        fundus_arr if "fundus" in record.modalities else None,
-    )
+    return oct_arr, fundus_arr
 
 
 def describe(records: list[EyeRecord], fmt: str, report: LoadReport) -> str:

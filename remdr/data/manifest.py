@@ -111,7 +111,9 @@ def _cell(value) -> str:
 
 
 def load_manifest_arrays(record: EyeRecord) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """(oct, fundus) arrays of a row; None for a modality the eye does not have (its path may
+    still be set: the simulator withholds an image by the record's modalities)."""
     return (
-        read_image(Path(record.path)) if record.path else None,
-        read_image(Path(record.fundus_path)) if record.fundus_path else None,
+        read_image(Path(record.path)) if "oct" in record.modalities else None,
+        read_image(Path(record.fundus_path)) if "fundus" in record.modalities else None,
     )
