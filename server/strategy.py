@@ -224,7 +224,7 @@ class RemdrStrategy(Strategy):
             if msg.has_error():
                 self._error(site, phase, msg.error.reason)
                 continue
-            metrics = dict(next(iter(msg.content.metric_records.values())))
+            metrics = dict(self._metrics(msg))
             scored = {
                 k[len(RECEIVED) :]: metrics.pop(k) for k in list(metrics) if k.startswith(RECEIVED)
             }

@@ -10,12 +10,13 @@ import tomllib
 import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Error, Message, RecordDict
 from flwr.app import Metadata as FlwrMetadata
 from flwr.supercore.task_identity import TaskIdentity
 from remdr.client.fault_drill import FAULTS, corrupt_update, fault_for_round
 from remdr.server.grid import NODE_UNAVAILABLE, RetryingGrid
 from remdr.server.strategy import RemdrStrategy, RoundAborted, build_strategy
+from replies import train_reply
 
 from remdr.federation.app_bundle import bundle_pyproject
 from remdr.federation.run_config import split_run_config
@@ -95,25 +96,7 @@ def test_fault_schedule_cycles_by_round():
 
 
 def _reply(node: int, state: dict, site: str) -> Message:
-    meta = FlwrMetadata(
-        run_id=1,
-        message_id=f"r{node}",
-        src_node_id=node,
-        dst_node_id=0,
-        reply_to_message_id=f"q{node}",
-        group_id="1",
-        created_at=time.time(),
-        ttl=60.0,
-        message_type="train",
-    )
-    content = RecordDict(
-        {
-            "arrays": ArrayRecord(state),
-            "metrics": MetricRecord({"num-examples": 10, "unit-weight": 1.0}),
-            "site": ConfigRecord({"site-id": site}),
-        }
-    )
-    return Message(content=content, metadata=meta)
+    return train_reply(node, ArrayRecord(state), site, {"num-examples": 10, "unit-weight": 1.0})
 
 
 def _strategy(**fed) -> RemdrStrategy:

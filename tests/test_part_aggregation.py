@@ -5,14 +5,13 @@ to that."""
 from __future__ import annotations
 
 import dataclasses
-import time
 
 import numpy as np
 import pytest
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
-from flwr.app import Metadata as FlwrMetadata
+from flwr.app import Array, ArrayRecord, Message
 from remdr.server.strategy import BASES, RemdrStrategy, aggregate_part, build_strategy
+from replies import train_reply
 
 from remdr.data.dataset import EyeDataset
 from remdr.federation.run_config import split_run_config
@@ -61,29 +60,11 @@ OCT_ONLY = ("oct", "shared")
 
 def _reply(node: int, state: dict, site: str, n: int, eyes: tuple | None = None) -> Message:
     """A train reply; `eyes` = (eyes-oct, eyes-fundus, eyes-complete), None for an older site."""
-    meta = FlwrMetadata(
-        run_id=1,
-        message_id=f"r{node}",
-        src_node_id=node,
-        dst_node_id=0,
-        reply_to_message_id=f"q{node}",
-        group_id="1",
-        created_at=time.time(),
-        ttl=60.0,
-        message_type="train",
-    )
     metrics = {"num-examples": n, "unit-weight": 1.0, "train-loss": 1.0}
     if eyes is not None:
         metrics.update(zip(("eyes-oct", "eyes-fundus", "eyes-complete"), eyes, strict=True))
     arrays = ArrayRecord({k: torch.from_numpy(np.array(v)) for k, v in state.items()})
-    content = RecordDict(
-        {
-            "arrays": arrays,
-            "metrics": MetricRecord(metrics),
-            "site": ConfigRecord({"site-id": site}),
-        }
-    )
-    return Message(content=content, metadata=meta)
+    return train_reply(node, arrays, site, metrics)
 
 
 def _strategy(name: str = "fedavg", **fed) -> RemdrStrategy:
