@@ -232,7 +232,9 @@ def check_sim_flags(args: argparse.Namespace) -> tuple[ExperimentConfig, int, di
     check_flag(p, "--missing-rate", args.missing_rate, 0.0, low=0, high=1, high_open=True)
     kinds = site_modalities(args)
     if kinds:
-        bad = sorted({k for k in kinds if k not in SITE_KINDS})
+        from remdr.sim.partition import SITE_MODALITIES
+
+        bad = sorted({k for k in kinds if k not in SITE_MODALITIES})
         if bad:
             p.add(f"--site-modalities {args.site_modalities}", f"unknown entries {', '.join(bad)}",
                   "each entry is both, oct or fundus")  # fmt: skip
@@ -263,9 +265,6 @@ def check_sim_flags(args: argparse.Namespace) -> tuple[ExperimentConfig, int, di
     p.raise_if_any()
     assert resolved is not None
     return resolved
-
-
-SITE_KINDS = ("both", "oct", "fundus")
 
 
 def site_modalities(args: argparse.Namespace) -> list[str]:
