@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from remdr.config import ExperimentConfig
+from remdr.config import ExperimentConfig, apply_overrides, show
 from remdr.experiment import SplitData, train_and_test
 from remdr.methods import build_model, create_method
 from remdr.metrics import BINS
@@ -28,6 +28,7 @@ from remdr.train import make_loader, make_optimizer
 log = logging.getLogger(__name__)
 
 TABLE_COLUMNS = (
+    ("val_mse", "val MSE", min),  # what a choice between rows may be made on
     ("mse", "MSE", min),
     ("mae", "MAE", min),
     ("r2", "R²", max),
@@ -45,43 +46,68 @@ def run_methods(
     on_result: Callable[[dict], None] | None = None,
     progress: bool = True,
     curves: list[dict] | None = None,
+    variants: list[dict[str, str]] | None = None,
 ) -> tuple[list[dict], dict[str, dict[str, np.ndarray]]]:
     """Train every method with every seed on the same split; return result rows and, per method,
     the first seed's test predictions (for plots). With `curves` (a list), also append the
-    validation and test MSE after every epoch of every run (the learning curves)."""
+    validation and test MSE after every epoch of every run (the learning curves). `variants`
+    (config overrides, e.g. ``{"sam-every": "4"}``) run every method once per variant, each
+    labelled ``name [key=value]`` (`run_labels`): an ablation on the same split and seeds."""
     rows: list[dict] = []
     preds: dict[str, dict[str, np.ndarray]] = {}
+    variants = variants or [{}]
     for seed in seeds:
         for name in methods:
-            run_cfg = dataclasses.replace(
-                cfg, train=dataclasses.replace(cfg.train, method=name, seed=seed)
-            )
-            out = train_and_test(
-                run_cfg, data, progress=progress, desc=f"{name} s{seed}",
-                test_curve=curves is not None,
-            )  # fmt: skip
-            if curves is not None:
-                for record, (_, test_mse) in zip(out.fit.history, out.test_curve, strict=False):
-                    curves.append(
-                        {
-                            "method": name,
-                            "seed": seed,
-                            "epoch": record["epoch"],
-                            "val_mse": record.get("val_mse", float("nan")),
-                            "test_mse": test_mse,
-                        }
-                    )
-            row = {
-                "method": name,
-                "seed": seed,
-                "train_seconds": out.fit.seconds,
-                **out.test_metrics,
-            }
-            rows.append(row)
-            preds.setdefault(name, {"md": out.test_preds["md"], "pred": out.test_preds["pred"]})
-            if on_result:
-                on_result(row)
+            for variant in variants:
+                label = run_label(name, variant)
+                run_cfg = apply_overrides(cfg, {**variant, "method": name, "seed": seed})
+                out = train_and_test(
+                    run_cfg, data, progress=progress, desc=f"{label} s{seed}",
+                    test_curve=curves is not None,
+                )  # fmt: skip
+                row = _record(label, seed, out, curves)
+                rows.append(row)
+                preds.setdefault(
+                    label, {"md": out.test_preds["md"], "pred": out.test_preds["pred"]}
+                )
+                if on_result:
+                    on_result(row)
     return rows, preds
+
+
+def run_label(method: str, variant: dict[str, str]) -> str:
+    """`remdr [sam-every=4, lds-reweight=0.5]`: the method and what its variant changed."""
+    if not variant:
+        return method
+    return f"{method} [{', '.join(f'{k}={show(v).strip(chr(39))}' for k, v in variant.items())}]"
+
+
+def run_labels(methods: list[str], variants: list[dict[str, str]] | None) -> list[str]:
+    return [run_label(n, v) for n in methods for v in (variants or [{}])]
+
+
+def _record(label: str, seed: int, out, curves: list[dict] | None) -> dict:
+    """One run's result row (and its learning curve appended to `curves`)."""
+    if curves is not None:
+        for record, (_, test_mse) in zip(out.fit.history, out.test_curve, strict=False):
+            curves.append(
+                {
+                    "method": label,
+                    "seed": seed,
+                    "epoch": record["epoch"],
+                    "val_mse": record.get("val_mse", float("nan")),
+                    "test_mse": test_mse,
+                }
+            )
+    return {
+        "method": label,
+        "seed": seed,
+        "train_seconds": out.fit.seconds,
+        "val_mse": out.fit.best_val_mse,
+        "best_epoch": out.fit.best_epoch,
+        "epochs_run": len(out.fit.history),
+        **out.test_metrics,
+    }
 
 
 def summarise(rows: list[dict], methods: list[str]) -> dict[str, dict[str, float]]:
@@ -90,7 +116,7 @@ def summarise(rows: list[dict], methods: list[str]) -> dict[str, dict[str, float
     for name in methods:
         mine = [r for r in rows if r["method"] == name]
         summary: dict[str, float] = {"runs": len(mine)}
-        for key in [k for k, _, _ in TABLE_COLUMNS] + ["train_seconds", "within_2db"]:
+        for key in [k for k, _, _ in TABLE_COLUMNS] + ["train_seconds", "within_2db", "best_epoch"]:
             vals = [r[key] for r in mine if key in r and np.isfinite(r[key])]
             summary[key] = float(np.mean(vals)) if vals else float("nan")
             summary[f"{key}_std"] = float(np.std(vals)) if len(vals) > 1 else 0.0
@@ -105,8 +131,12 @@ def markdown_table(summary: dict[str, dict[str, float]], note: str = "") -> str:
     for key, _, pick in TABLE_COLUMNS:
         vals = [summary[n][key] for n in names if np.isfinite(summary[n][key])]
         best[key] = pick(vals) if vals else None
-    head = "| method | " + " | ".join(label for _, label, _ in TABLE_COLUMNS) + " | s/run |"
-    sep = "|---" * (len(TABLE_COLUMNS) + 2) + "|"
+    head = (
+        "| method | "
+        + " | ".join(label for _, label, _ in TABLE_COLUMNS)
+        + " | best epoch | s/run |"
+    )
+    sep = "|---" * (len(TABLE_COLUMNS) + 3) + "|"
     lines = [head, sep]
     for n in names:
         cells = []
@@ -114,7 +144,13 @@ def markdown_table(summary: dict[str, dict[str, float]], note: str = "") -> str:
             v, s = summary[n][key], summary[n][f"{key}_std"]
             cell = "n/a" if not np.isfinite(v) else f"{v:.2f} ± {s:.2f}"
             cells.append(f"**{cell}**" if best[key] is not None and v == best[key] else cell)
-        lines.append(f"| {n} | " + " | ".join(cells) + f" | {summary[n]['train_seconds']:.0f} |")
+        epoch = summary[n]["best_epoch"]
+        epoch_cell = f"{epoch:.1f}" if np.isfinite(epoch) else "n/a"
+        lines.append(
+            f"| {n} | "
+            + " | ".join(cells)
+            + f" | {epoch_cell} | {summary[n]['train_seconds']:.0f} |"
+        )
     return "\n".join(lines) + ("\n\n" + note if note else "") + "\n"
 
 

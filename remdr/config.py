@@ -242,7 +242,23 @@ class MethodConfig:
     con_span: float = setting(10.0, "dB; label distance at which the margin saturates", **POSITIVE)
     con_weight_clip: float = setting(5.0, "anchor weights (mean 1) are clipped to this", low=1)
     lds_sigma: float = setting(2.0, "dB; kernel of the label-density smoothing (LDS)", **POSITIVE)
+    lds_reweight: float = setting(
+        0.0,
+        "weight each eye's squared errors by p(y)^-power from the LDS-smoothed training label "
+        "density (rare, severe eyes count more); 0 = plain MSE, 0.5 = inverse square root",
+        low=0,
+        high=2,
+    )
+    lds_weight_clip: float = setting(
+        10.0, "LDS loss weights (training-set mean 1) are clipped to this", low=1
+    )
     sam_rho: float = setting(0.05, "SAM neighbourhood radius", **NON_NEGATIVE)
+    sam_every: int = setting(
+        1,
+        "SAM/SAGM ascent every k-th step (the others take the plain, still modulated, "
+        "gradient): k = 1 is exact SAM at 2 passes a step, k = 4 costs 1.25 passes",
+        low=1,
+    )
     mod_alpha: float = setting(
         0.5, "modulation strength: k = 1 - tanh(alpha (r - 1))", **NON_NEGATIVE
     )
@@ -267,6 +283,12 @@ class TrainConfig:
     lr: float = setting(2e-3, "learning rate", **POSITIVE)
     weight_decay: float = setting(1e-4, "AdamW weight decay", **NON_NEGATIVE)
     schedule: str = setting("cosine", "learning-rate schedule", choices=SCHEDULES)
+    patience: int = setting(
+        0,
+        "stop when validation MSE has not improved for this many epochs (0: never); the best "
+        "epoch's weights are kept either way",
+        **NON_NEGATIVE,
+    )
     seed: int = setting(0, "seed for splits, init and batches", low=0, high=SEED_MAX)
     device: str = setting(
         "auto",

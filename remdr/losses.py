@@ -56,6 +56,24 @@ class LabelDensity:
         return torch.as_tensor(self.values, dtype=torch.float32, device=y.device)[idx]
 
 
+def lds_loss_weights(
+    density: LabelDensity, y: torch.Tensor, power: float, clip: float, norm: float = 1.0
+) -> torch.Tensor:
+    """LDS re-weighting (Yang et al. 2021): w = p(y)^-power / norm, clipped at `clip` so one
+    rare eye cannot dominate a batch. `norm` is the training labels' mean of p(y)^-power
+    (`lds_norm`), so the training set's mean weight is 1 and the loss keeps its scale."""
+    w = density(y).clamp_min(1e-12) ** (-power) / norm
+    return w.clamp(max=clip)
+
+
+def lds_norm(density: LabelDensity, targets: np.ndarray, power: float) -> float:
+    """The mean of p(y)^-power over the training labels (1 for none)."""
+    if not len(targets):
+        return 1.0
+    y = torch.as_tensor(np.asarray(targets, dtype=np.float32))
+    return float((density(y).clamp_min(1e-12) ** (-power)).mean())
+
+
 def anchor_weights(
     density: LabelDensity, y: torch.Tensor, gamma: float, clip: float
 ) -> torch.Tensor:

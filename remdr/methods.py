@@ -44,6 +44,8 @@ from remdr.errors import ConfigError, PrivacyError
 from remdr.losses import (
     LabelDensity,
     adaptive_margin_supcon,
+    lds_loss_weights,
+    lds_norm,
     prototype_bins,
     prototype_margin_loss,
 )
@@ -132,7 +134,15 @@ class Method:
     """Holds a method's state (label density, modality scores) and runs one training step."""
 
     def __init__(self, spec: MethodSpec, cfg: MethodConfig) -> None:
+        if spec.private and cfg.lds_reweight > 0:
+            raise ConfigError(
+                f"lds-reweight={cfg.lds_reweight:g} with the private method {spec.name}",
+                "its weights would come from a histogram of the private labels, outside DP-SGD",
+                "lds-reweight=0",
+            )
         self.spec, self.cfg = spec, cfg
+        self._step_count = 0  # SAM every k-th step
+        self.lds_norm = 1.0  # mean LDS loss weight of the training labels before scaling
         self.density = LabelDensity.uniform()
         self.scores = ModalityScores(spec.modalities, cfg.mod_ema)
         self.last_k: dict[str, float] = {m: 1.0 for m in spec.modalities}
@@ -158,6 +168,7 @@ class Method:
             self.density = LabelDensity.fit(
                 np.asarray(train_targets, dtype=np.float64), self.cfg.lds_sigma
             )
+            self.lds_norm = lds_norm(self.density, train_targets, self.cfg.lds_reweight)
         self._noise_gen.manual_seed(seed)
 
     def build_model(self, model_cfg, data_cfg, *, group_norm: bool = False) -> ReM3Dr:
@@ -187,9 +198,21 @@ class Method:
             detach_heads=fused_inputs and not spec.unimodal_loss,
         )
         y = unwrapped(model).normalise(batch["md"])
+        weights = (
+            lds_loss_weights(
+                self.density, batch["md"], cfg.lds_reweight, cfg.lds_weight_clip, self.lds_norm
+            )
+            if cfg.lds_reweight > 0
+            else None
+        )
+
+        def squared_error(pred: torch.Tensor) -> torch.Tensor:
+            err = _squared_error(pred, y)
+            return err if weights is None else err * weights
+
         # a unimodal method learns from the eyes that have its image; fusion from every eye
         rows = None if fused_inputs else out[f"present_{spec.modalities[0]}"]
-        total = self._mean(_squared_error(out["pred"], y), rows)
+        total = self._mean(squared_error(out["pred"]), rows)
         parts = {"mse": float(total.detach())}
         if fused_inputs:
             uni_weight = (
@@ -199,7 +222,7 @@ class Method:
                 has_m = out[f"present_{m}"]
                 if not has_m.any():
                     continue
-                mse_m = self._mean(_squared_error(out[f"pred_{m}"], y), has_m)
+                mse_m = self._mean(squared_error(out[f"pred_{m}"]), has_m)
                 total = total + uni_weight * mse_m
                 parts[f"mse_{m}"] = float(mse_m.detach())
             if spec.contrastive and cfg.lambda_con > 0:
@@ -285,7 +308,9 @@ class Method:
         loss, parts = objective()
         loss.backward()
         self.scores.update({m: parts.get(f"mse_{m}", float("nan")) for m in self.spec.modalities})
-        if update in ("sam", "sagm") and self.cfg.sam_rho > 0:
+        self._step_count += 1
+        ascent_step = (self._step_count - 1) % self.cfg.sam_every == 0
+        if update in ("sam", "sagm") and self.cfg.sam_rho > 0 and ascent_step:
             params = [p for p in model.parameters() if p.requires_grad]
             with sam_perturbation(params, self.cfg.sam_rho), frozen_buffers(model):
                 optimizer.zero_grad(set_to_none=True)
@@ -372,6 +397,7 @@ class Method:
         state: dict = {"name": self.name}
         if not self.spec.private:
             state["density"] = self.density.values.tolist()
+            state["lds_norm"] = self.lds_norm
         state["scores"] = self.scores.state_dict()
         return state
 
@@ -383,6 +409,7 @@ class Method:
             if values.shape != self.density.values.shape:
                 raise ValueError("label density has the wrong number of bins")
             self.density = LabelDensity(values=values)
+            self.lds_norm = float(state.get("lds_norm", 1.0))
         self.scores.load_state_dict(state["scores"])
 
 

@@ -135,6 +135,7 @@ class FitResult:
     best_val_mse: float = float("inf")
     seconds: float = 0.0
     n_steps: int = 0
+    stopped_early: bool = False  # validation MSE stopped improving (`patience`)
     privacy: dict | None = None  # the ledger entry of a private method's training
     optimizer_state: dict | None = None  # AdamW's state at the end (plain training only)
 
@@ -306,6 +307,8 @@ def _train_epochs(
                 if keep_best:
                     best_state = copy.deepcopy(model.state_dict())
             bar.set_postfix(epoch=epoch + 1, val_mse=f"{val['mse']:.2f}")
+            stale = epoch + 1 - result.best_epoch
+            result.stopped_early = keep_best and 0 < cfg.patience <= stale < epochs - epoch - 1
         result.history.append(record)
         if on_epoch is not None:
             paused_at = time.perf_counter()
@@ -321,6 +324,12 @@ def _train_epochs(
                 record["train_loss"],
                 val_note,
             )
+        if result.stopped_early:
+            log.info(
+                "%s: stopped after epoch %d, no better validation MSE for %d epochs (best: "
+                "epoch %d)", desc, epoch + 1, cfg.patience, result.best_epoch,
+            )  # fmt: skip
+            break
     bar.close()
     if best_state is not None:
         model.load_state_dict(best_state)

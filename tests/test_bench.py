@@ -8,7 +8,7 @@ import re
 
 from conftest import TINY_CLI_FLAGS
 
-from remdr.bench import markdown_table
+from remdr.bench import TABLE_COLUMNS, markdown_table
 from remdr.cli import bench
 
 TINY = TINY_CLI_FLAGS
@@ -44,24 +44,16 @@ def test_methods_bench_writes_results(tiny_data, tmp_path, capsys):
 
 
 def test_markdown_marks_lowest_error_and_highest_r2():
-    cols = [
-        "mse",
-        "mae",
-        "r2",
-        "pearson",
-        "mae_normal",
-        "mae_early",
-        "mae_moderate",
-        "mae_severe",
-        "mae_bin_avg",
-    ]
-    a = {k: 1.0 for k in cols} | {f"{k}_std": 0.0 for k in cols} | {"train_seconds": 1.0}
+    cols = [key for key, _, _ in TABLE_COLUMNS]
+    a = {k: 1.0 for k in cols} | {f"{k}_std": 0.0 for k in cols}
+    a |= {"train_seconds": 1.0, "best_epoch": 3.0}
     b = dict(a) | {"mse": 2.0, "r2": 2.0}
     table = markdown_table({"a": a, "b": b})
     line_a = next(ln for ln in table.splitlines() if ln.startswith("| a |"))
     line_b = next(ln for ln in table.splitlines() if ln.startswith("| b |"))
-    assert line_a.split("|")[2].strip() == "**1.00 ± 0.00**"  # lower MSE wins
-    assert line_b.split("|")[4].strip() == "**2.00 ± 0.00**"  # higher R² wins
+    at = {key: i + 2 for i, key in enumerate(cols)}  # cell index after the leading "|" and name
+    assert line_a.split("|")[at["mse"]].strip() == "**1.00 ± 0.00**"  # lower MSE wins
+    assert line_b.split("|")[at["r2"]].strip() == "**2.00 ± 0.00**"  # higher R² wins
 
 
 def test_speed_bench_reports_ratios(tiny_data, capsys):

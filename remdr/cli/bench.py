@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import platform
 import sys
@@ -24,7 +25,7 @@ from remdr.cli.common import (
 )
 from remdr.config import ExperimentConfig, apply_overrides
 from remdr.data import SyntheticSpec, synthetic_data
-from remdr.errors import Problems
+from remdr.errors import ConfigError, Problems
 from remdr.methods import list_methods
 
 # CPU defaults: all 8 methods x 3 seeds on the 1,200-eye synthetic set in under 20 minutes.
@@ -57,6 +58,15 @@ def build_parser() -> argparse.ArgumentParser:
         "learning_curves.png and where each method saturates (one run per method and seed at "
         "--epochs; with the cosine schedule a shorter budget would decay sooner, so use "
         "--set schedule=constant for budget-free curves)",
+    )
+    m.add_argument(
+        "--vary",
+        action="append",
+        default=[],
+        metavar="KEY=V1,V2",
+        help="an ablation: run every method once per value of a config key (repeatable: every "
+        "combination), e.g. --vary sam-every=1,4 --vary lds-reweight=0,0.5; rows are labelled "
+        "'remdr [sam-every=4, ...]'",
     )
     m.add_argument("--out", default="runs/bench", help="folder for results.csv, results.md, plots")
     _add_data_flags(m)
@@ -102,6 +112,8 @@ def check_args(args: argparse.Namespace) -> tuple[ExperimentConfig | None, list[
         cfg = p.call(config_from_args, args, base)
     if args.command == "methods":
         check_flag(p, "--seeds", args.seeds, 3, low=1)
+        if cfg is not None:
+            args.variants = p.call(variants_from_args, args.vary, cfg) or [{}]
         check_output_dir(p, "--out", args.out)
     else:
         check_flag(p, "--rounds", args.rounds, 3, low=1)
@@ -115,6 +127,23 @@ def check_args(args: argparse.Namespace) -> tuple[ExperimentConfig | None, list[
     return cfg, methods
 
 
+def variants_from_args(items: list[str], cfg: ExperimentConfig) -> list[dict[str, str]]:
+    """Every combination of the `--vary KEY=V1,V2` values, each checked as a config override."""
+    axes: list[list[tuple[str, str]]] = []
+    for item in items:
+        key, sep, values = item.partition("=")
+        options = [v.strip() for v in values.split(",") if v.strip()]
+        if not sep or not key.strip() or not options:
+            raise ConfigError(
+                f"--vary {item!r}", "expected KEY=V1,V2,...", "e.g. --vary lr=1e-3,2e-3"
+            )
+        axes.append([(key.strip(), v) for v in options])
+    variants = [dict(combo) for combo in itertools.product(*axes)] if axes else [{}]
+    for variant in variants:
+        apply_overrides(cfg, variant)  # every problem of a value, before any training
+    return variants
+
+
 def _data(args: argparse.Namespace, cfg: ExperimentConfig):
     from remdr.experiment import load_splits
 
@@ -123,7 +152,7 @@ def _data(args: argparse.Namespace, cfg: ExperimentConfig):
 
 
 def cmd_methods(args: argparse.Namespace) -> int:
-    from remdr.bench import run_methods, summarise, write_curves, write_results
+    from remdr.bench import run_labels, run_methods, summarise, write_curves, write_results
     from remdr.plots import bars_per_bin, scatter_pred_vs_true
 
     cfg, methods = check_args(args)
@@ -131,22 +160,29 @@ def cmd_methods(args: argparse.Namespace) -> int:
     seeds = list(range(args.seeds))
     path, data = _data(args, cfg)
     print(f"data: {path} ({data.dataset.report.summary()}); split {data.sizes()} (split seed 0)")
-    print(f"{len(methods)} methods x {len(seeds)} seeds, {cfg.train.epochs} epochs each")
+    variants = args.variants
+    labels = run_labels(methods, variants)
+    print(
+        f"{len(methods)} methods x {len(variants)} variants x {len(seeds)} seeds, "
+        f"{cfg.train.epochs} epochs each"
+    )
     out = Path(args.out)
     start = time.perf_counter()
 
     def show(row: dict) -> None:
         print(
-            f"  {row['method']:14s} seed {row['seed']}: MSE {row['mse']:.2f}  MAE {row['mae']:.2f}  "
-            f"bin-avg MAE {row['mae_bin_avg']:.2f}  ({row['train_seconds']:.0f}s)",
+            f"  {row['method']:14s} seed {row['seed']}: val MSE {row['val_mse']:.2f}  "
+            f"MSE {row['mse']:.2f}  MAE {row['mae']:.2f}  bin-avg MAE {row['mae_bin_avg']:.2f}  "
+            f"({row['train_seconds']:.0f}s, best epoch {row['best_epoch']})",
             flush=True,
         )
 
     curves: list[dict] | None = [] if args.curves else None
     rows, preds = run_methods(
-        cfg, data, methods, seeds, on_result=show, progress=not args.quiet, curves=curves
-    )
-    summary = summarise(rows, methods)
+        cfg, data, methods, seeds, on_result=show, progress=not args.quiet, curves=curves,
+        variants=variants,
+    )  # fmt: skip
+    summary = summarise(rows, labels)
     wall = time.perf_counter() - start
     note = (
         f"{len(seeds)} seeds, {cfg.train.epochs} epochs, test n={data.sizes()['test']} eyes "
@@ -156,7 +192,7 @@ def cmd_methods(args: argparse.Namespace) -> int:
     )
     write_results(out, rows, summary, note)
     if curves is not None:
-        table = write_curves(out, curves, methods)
+        table = write_curves(out, curves, labels)
         with (out / "results.md").open("a") as fh:
             fh.write(
                 f"\nLearning curves ({cfg.train.schedule} schedule; test MSE is reported only, "

@@ -1,0 +1,135 @@
+"""The training options of the quality work: LDS loss re-weighting, SAM every k-th step, early
+stopping on validation, and the bench's ablation grid."""
+
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+import pytest
+import torch
+from conftest import TINY_CLI_FLAGS
+
+from remdr.cli import bench
+from remdr.config import MethodConfig, apply_overrides
+from remdr.data import load_dataset
+from remdr.data.dataset import EyeDataset
+from remdr.errors import ConfigError
+from remdr.losses import LabelDensity, lds_loss_weights, lds_norm
+from remdr.methods import build_model, create_method
+from remdr.model import full_precision
+from remdr.runtime import seed_everything
+from remdr.train import fit, make_loader
+
+
+def _imbalanced(n: int = 4000, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return np.concatenate([rng.normal(0, 1, int(0.9 * n)), rng.normal(-20, 2, n - int(0.9 * n))])
+
+
+def test_lds_weights_favour_rare_labels_keep_mean_one_and_clip():
+    y = _imbalanced()
+    density = LabelDensity.fit(y, sigma=2.0)
+    norm = lds_norm(density, y, 0.5)
+    w = lds_loss_weights(density, torch.tensor(y, dtype=torch.float32), 0.5, 100.0, norm)
+    assert float(w.mean()) == pytest.approx(1.0, rel=0.05)  # the loss keeps its scale
+    normal, severe = float(w[np.abs(y) < 1].mean()), float(w[y < -18].mean())
+    assert severe > 2 * normal  # a rare label counts more
+    clipped = lds_loss_weights(density, torch.tensor(y, dtype=torch.float32), power=1.0, clip=3.0)
+    assert float(clipped.max()) == pytest.approx(3.0)
+    flat = lds_loss_weights(density, torch.tensor(y, dtype=torch.float32), power=0.0, clip=3.0)
+    assert torch.allclose(flat, torch.ones_like(flat))
+
+
+def _batch(cfg, data_dir, n: int = 16):
+    ds = EyeDataset(load_dataset(data_dir, cfg.data).records[:n], cfg.data)
+    return next(iter(make_loader(ds, n, shuffle=False, seed=0, device=torch.device("cpu"))))
+
+
+def test_reweighted_loss_is_the_weighted_mean_of_squared_errors(tiny_cfg, tiny_data):
+    seed_everything(0, torch.device("cpu"))
+    cfg = apply_overrides(tiny_cfg, {"lds-reweight": 0.5, "dropout": 0.0})
+    method = create_method("concat", cfg.method)
+    batch = _batch(cfg, tiny_data)
+    method.setup(batch["md"].numpy())
+    model = build_model(cfg, method).eval()
+    loss, parts = method.loss(model, batch)
+    out = model(batch["oct"], batch["fundus"], detach_heads=True)
+    y = model.normalise(batch["md"])
+    w = lds_loss_weights(
+        method.density, batch["md"], 0.5, cfg.method.lds_weight_clip, method.lds_norm
+    )
+    assert float(w.mean()) == pytest.approx(1.0, rel=1e-4)  # fitted on these labels
+    expected = sum(
+        ((full_precision(out[k]) - y) ** 2 * w).mean() for k in ("pred", "pred_oct", "pred_fundus")
+    )
+    torch.testing.assert_close(loss, expected)
+    assert parts["mse"] == pytest.approx(float(((full_precision(out["pred"]) - y) ** 2 * w).mean()))
+
+
+def test_private_methods_refuse_lds_reweighting():
+    with pytest.raises(ConfigError, match="private labels"):
+        create_method("concat_dp", MethodConfig(lds_reweight=0.5))
+
+
+@pytest.mark.parametrize("every, passes", [(1, 12), (3, 8)])
+def test_sam_every_k_steps_runs_the_second_pass_on_every_kth_step(
+    every, passes, tiny_cfg, tiny_data
+):
+    seed_everything(0, torch.device("cpu"))
+    cfg = apply_overrides(tiny_cfg, {"sam-every": every})
+    method = create_method("remdr", cfg.method)
+    batch = _batch(cfg, tiny_data, n=8)
+    method.setup(batch["md"].numpy())
+    model = build_model(cfg, method).train()
+    forwards: list[int] = []
+    model.register_forward_hook(lambda *_: forwards.append(1))
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+    for _ in range(6):
+        method.step(model, optimizer, batch, epoch=0)
+    assert len(forwards) == passes  # every step's pass, plus an ascent pass on steps 1 and 4
+
+
+def test_patience_stops_when_validation_stops_improving(tiny_cfg, tiny_data):
+    # a learning rate below float32's resolution of the weights and no running statistics:
+    # validation MSE is the same every epoch, so epoch 1 stays the best
+    cfg = apply_overrides(
+        tiny_cfg, {"lr": 1e-30, "weight-decay": 0.0, "group-norm": True, "patience": 2}
+    )
+    ds = load_dataset(tiny_data, cfg.data)
+    train, val = EyeDataset(ds.records[:32], cfg.data), EyeDataset(ds.records[32:], cfg.data)
+    method = create_method("concat", cfg.method)
+    model = build_model(cfg, method)
+    result = fit(model, method, train, cfg=cfg.train, device=torch.device("cpu"), val_ds=val,
+                 epochs=10, progress=False)  # fmt: skip
+    assert result.stopped_early and result.best_epoch == 1
+    assert len(result.history) == 3  # epoch 1, then two without improvement
+    whole = fit(model, method, train, cfg=cfg.train, device=torch.device("cpu"), val_ds=val,
+                epochs=3, progress=False)  # fmt: skip
+    assert not whole.stopped_early and len(whole.history) == 3  # the budget ended first
+
+
+def test_bench_vary_runs_every_combination_on_the_same_seeds(tiny_data, tmp_path):
+    out = tmp_path / "ablation"
+    args = ["methods", "--data", str(tiny_data), "--methods", "concat", "--seeds", "2",
+            "--vary", "lds-reweight=0,0.5", "--out", str(out), *TINY_CLI_FLAGS]  # fmt: skip
+    assert bench.main(args) == 0
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert sorted((r["method"], r["seed"]) for r in rows) == [
+        ("concat [lds-reweight=0.5]", "0"),
+        ("concat [lds-reweight=0.5]", "1"),
+        ("concat [lds-reweight=0]", "0"),
+        ("concat [lds-reweight=0]", "1"),
+    ]
+    assert all(float(r["val_mse"]) > 0 and int(r["best_epoch"]) >= 1 for r in rows)
+    table = (out / "results.md").read_text()
+    assert "| concat [lds-reweight=0.5] |" in table and "val MSE" in table
+
+
+@pytest.mark.parametrize("vary", ["lds-reweight=-1", "no-such-key=1", "lds-reweight"])
+def test_bench_vary_refuses_bad_values_before_training(vary, tiny_data, tmp_path, capsys):
+    args = ["methods", "--data", str(tiny_data), "--vary", vary, "--out", str(tmp_path / "o")]
+    assert bench.main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert not (tmp_path / "o").exists()
