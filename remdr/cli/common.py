@@ -17,9 +17,11 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from remdr.config import (
+    PRESETS,
     ExperimentConfig,
     Rule,
     apply_overrides,
+    apply_preset,
     describe_keys,
     flat_rules,
     show,
@@ -108,6 +110,12 @@ def add_config_flags(
                 help=f"{rule.meaning}: {rule.describe(type(default))} (default {show(shown[key])})",
             )
     ap.add_argument(
+        "--preset",
+        default=None,
+        help="a named set of values for the machine, applied before the flags and --set: "
+        + "; ".join(f"{name}: {p.summary}" for name, p in PRESETS.items()),
+    )
+    ap.add_argument(
         "--set",
         action="append",
         default=[],
@@ -122,6 +130,9 @@ def config_from_args(
 ) -> ExperimentConfig:
     """`base` with COMMON_FLAGS and --set applied; every problem with them raised at once."""
     p = Problems()
+    base = base or ExperimentConfig()
+    if getattr(args, "preset", None):
+        base = p.call(apply_preset, base, args.preset) or base
     overrides: dict[str, Any] = {}
     for key in COMMON_FLAGS:
         value = getattr(args, key.replace("-", "_"), None)
@@ -133,7 +144,7 @@ def config_from_args(
             p.add(f"--set {item!r}", "expected KEY=VALUE", "e.g. --set lr=0.001")
         else:
             overrides[k.strip()] = v.strip()
-    cfg = p.call(apply_overrides, base or ExperimentConfig(), overrides)
+    cfg = p.call(apply_overrides, base, overrides)
     p.raise_if_any()
     assert cfg is not None
     return cfg

@@ -14,10 +14,12 @@ from remdr.config import (
     FRACTION,
     NON_NEGATIVE,
     POSITIVE,
+    PRESETS,
     PROBABILITY,
     SHARE,
     ExperimentConfig,
     apply_overrides,
+    apply_preset,
     check_fields,
     coerce,
     describe_fields,
@@ -53,6 +55,11 @@ ON_MISSING = ("continue", "abort")
 class FedConfig:
     """Federation settings; run-config keys are the kebab-case field names."""
 
+    preset: str = setting(
+        "cpu",
+        "a named set of training values for the sites' machines (remdr-train --help lists them)",
+        choices=tuple(PRESETS),
+    )
     num_server_rounds: int = setting(3, "federated rounds", low=1)
     local_epochs: int = setting(1, "epochs each site trains per round", low=1)
     strategy: str = setting("fedavg", "how the coordinator aggregates", choices=STRATEGIES)
@@ -129,6 +136,8 @@ def split_run_config(
         else:
             p.add(*unknown_key(key, [*core_names, *fed_names]))
     base = apply_overrides(ExperimentConfig(), FEDERATED_DEFAULTS)  # fixes suggest its values
+    if fed.preset in PRESETS:  # an unknown name is reported with the other keys below
+        base = apply_preset(base, fed.preset)
     cfg = p.call(apply_overrides, base, core)
     bad = check_fields(fed, p)
     if cfg is not None and cfg.data.oct_view == "auto":
