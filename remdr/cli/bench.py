@@ -164,7 +164,8 @@ def cmd_methods(args: argparse.Namespace) -> int:
     labels = run_labels(methods, variants)
     print(
         f"{len(methods)} methods x {len(variants)} variants x {len(seeds)} seeds, "
-        f"{cfg.train.epochs} epochs each"
+        f"{'epochs as varied' if any('epochs' in v for v in variants) else cfg.train.epochs} "
+        "epochs each"
     )
     out = Path(args.out)
     start = time.perf_counter()
@@ -184,8 +185,12 @@ def cmd_methods(args: argparse.Namespace) -> int:
     )  # fmt: skip
     summary = summarise(rows, labels)
     wall = time.perf_counter() - start
+    varied = any("epochs" in v for v in variants)
+    epochs_note = "epochs as labelled" if varied else f"{cfg.train.epochs} epochs"
+    if cfg.train.patience:
+        epochs_note += f" (early stopping after {cfg.train.patience} epochs without improvement)"
     note = (
-        f"{len(seeds)} seeds, {cfg.train.epochs} epochs, test n={data.sizes()['test']} eyes "
+        f"{len(seeds)} seeds, {epochs_note}, test n={data.sizes()['test']} eyes "
         f"(MD variance {rows[0]['md_var']:.2f} dB²), split seed 0; errors in dB (MSE in dB²); "
         f"best mean per column in bold. Data: {Path(path).name}. Wall time {wall / 60:.1f} min on "
         f"{platform.machine()} with {torch.get_num_threads()} torch threads."
