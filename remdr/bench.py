@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from remdr.config import ExperimentConfig, apply_overrides, show
+from remdr.errors import ConfigError
 from remdr.experiment import SplitData, train_and_test
 from remdr.methods import build_model, create_method
 from remdr.metrics import BINS
@@ -47,22 +48,36 @@ def run_methods(
     progress: bool = True,
     curves: list[dict] | None = None,
     variants: list[dict[str, str]] | None = None,
+    load: Callable[[ExperimentConfig], SplitData] | None = None,
 ) -> tuple[list[dict], dict[str, dict[str, np.ndarray]]]:
     """Train every method with every seed on the same split; return result rows and, per method,
     the first seed's test predictions (for plots). With `curves` (a list), also append the
     validation and test MSE after every epoch of every run (the learning curves). `variants`
     (config overrides, e.g. ``{"sam-every": "4"}``) run every method once per variant, each
-    labelled ``name [key=value]`` (`run_labels`): an ablation on the same split and seeds."""
+    labelled ``name [key=value]`` (`run_labels`): an ablation on the same split and seeds. A
+    variant of a data key (image size, B-scans, OCT view) reads the data again with `load`."""
     rows: list[dict] = []
     preds: dict[str, dict[str, np.ndarray]] = {}
     variants = variants or [{}]
+    loaded: dict[str, SplitData] = {repr(cfg.data): data}
+
+    def data_for(run_cfg: ExperimentConfig) -> SplitData:
+        key = repr(run_cfg.data)
+        if key not in loaded:
+            if load is None:
+                raise ConfigError(
+                    "a variant of a data key", "needs the data read again", "pass `load`"
+                )
+            loaded[key] = load(run_cfg)
+        return loaded[key]
+
     for seed in seeds:
         for name in methods:
             for variant in variants:
                 label = run_label(name, variant)
                 run_cfg = apply_overrides(cfg, {**variant, "method": name, "seed": seed})
                 out = train_and_test(
-                    run_cfg, data, progress=progress, desc=f"{label} s{seed}",
+                    run_cfg, data_for(run_cfg), progress=progress, desc=f"{label} s{seed}",
                     test_curve=curves is not None,
                 )  # fmt: skip
                 row = _record(label, seed, out, curves)

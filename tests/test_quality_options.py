@@ -133,3 +133,13 @@ def test_bench_vary_refuses_bad_values_before_training(vary, tiny_data, tmp_path
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "Traceback" not in err
     assert not (tmp_path / "o").exists()
+
+
+def test_bench_vary_of_a_data_key_reads_the_data_again(tiny_data, tmp_path):
+    out = tmp_path / "views"
+    args = ["methods", "--data", str(tiny_data), "--methods", "oct", "--seeds", "1",
+            "--vary", "oct-view=rnflt,bscans", "--out", str(out), *TINY_CLI_FLAGS]  # fmt: skip
+    assert bench.main(args) == 0  # the thickness-map model gets maps, the B-scan model volumes
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert {r["method"] for r in rows} == {"oct [oct-view=rnflt]", "oct [oct-view=bscans]"}
+    assert len({r["mse"] for r in rows}) == 2

@@ -153,6 +153,7 @@ def _data(args: argparse.Namespace, cfg: ExperimentConfig):
 
 def cmd_methods(args: argparse.Namespace) -> int:
     from remdr.bench import run_labels, run_methods, summarise, write_curves, write_results
+    from remdr.experiment import load_splits
     from remdr.plots import bars_per_bin, scatter_pred_vs_true
 
     cfg, methods = check_args(args)
@@ -181,7 +182,7 @@ def cmd_methods(args: argparse.Namespace) -> int:
     curves: list[dict] | None = [] if args.curves else None
     rows, preds = run_methods(
         cfg, data, methods, seeds, on_result=show, progress=not args.quiet, curves=curves,
-        variants=variants,
+        variants=variants, load=lambda run_cfg: load_splits(path, run_cfg, split_seed=0),
     )  # fmt: skip
     summary = summarise(rows, labels)
     wall = time.perf_counter() - start
