@@ -40,6 +40,7 @@ from remdr.methods import get_spec
 # The OCT view is fixed for a federation: the server builds the model before any site's data
 # is seen, so "auto" cannot be resolved there.
 FEDERATED_DEFAULTS = {
+    "method": "concat",  # what the federated-vs-centralized sweep measured; remdr is centralized's
     "batch-size": 8,
     "group-norm": True,
     "schedule": "constant",
