@@ -183,6 +183,9 @@ class DataConfig:
         0.15, "of patients, when the data has no test/ split", **HELD_OUT
     )
     augment: bool = setting(True, "light shift + intensity jitter, training batches only")
+    augment_strength: float = setting(
+        1.0, "scales the augmentation: 1 = shifts up to 6% of the side, 5% jitter", **POSITIVE
+    )
     md_center: float = setting(-5.0, "dB; fixed target normalisation (not fitted on private data)")
     md_scale: float = setting(8.0, "dB; target scale", **POSITIVE)
     max_bad_fraction: float = setting(0.5, "loading fails when more records are bad", **SHARE)

@@ -149,7 +149,7 @@ def fit(
     device: torch.device,
     val_ds: EyeDataset | None = None,
     epochs: int | None = None,
-    augment: bool = True,
+    augment: float = 1.0,
     keep_best: bool = True,
     progress: bool = True,
     desc: str = "train",
@@ -245,7 +245,7 @@ def _train_epochs(
     device: torch.device,
     *,
     epochs: int,
-    augment: bool,
+    augment: float,
     keep_best: bool,
     progress: bool,
     desc: str,
@@ -283,7 +283,7 @@ def _train_epochs(
             batch = to_device(batch, device)
             if augment and len(batch["md"]):
                 for m in model.modalities:
-                    batch[m] = augment_image(batch[m], aug_gen)
+                    batch[m] = augment_image(batch[m], aug_gen, float(augment))
             parts = method.step(train_model, optimizer, batch, epoch, autocast, regulariser)
             step += 1
             bar.update(1)

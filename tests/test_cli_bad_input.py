@@ -106,7 +106,7 @@ def test_remdr_bench(places):
             (["remdr-bench", "methods", "--methods", "concat,remdrr", "--seeds", "0", "--set",
               "con-tau=0", "--epochs", "0", "--out", places["file"]],
              ["--methods remdrr", "did you mean remdr", "--seeds 0", "con-tau=0", "epochs=0",
-              "e.g. epochs=4", "is a file"]),  # epochs=4: the bench's own default
+              "e.g. epochs=24", "is a file"]),  # the training default
             (["remdr-bench", "speed", "--steps", "0", "--set", "lr=inf"], ["--steps 0", "lr=inf"]),
             (["remdr-bench", "federation", "--sites", "0", "--eyes-per-site", "2"],
              ["--sites 0", "--eyes-per-site 2"]),

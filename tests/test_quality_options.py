@@ -143,3 +143,16 @@ def test_bench_vary_of_a_data_key_reads_the_data_again(tiny_data, tmp_path):
     rows = list(csv.DictReader((out / "results.csv").open()))
     assert {r["method"] for r in rows} == {"oct [oct-view=rnflt]", "oct [oct-view=bscans]"}
     assert len({r["mse"] for r in rows}) == 2
+
+
+def test_augment_strength_scales_the_same_draws():
+    from remdr.data.transforms import augment_image
+
+    x = torch.rand(4, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+
+    def at(strength: float) -> torch.Tensor:
+        return augment_image(x, torch.Generator().manual_seed(1), strength)
+
+    torch.testing.assert_close(at(0.0), x, atol=1e-5, rtol=0)  # nothing moves
+    change = [float((at(s) - x).abs().mean()) for s in (0.5, 1.0, 2.0)]
+    assert change[0] < change[1] < change[2]

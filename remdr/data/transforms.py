@@ -22,12 +22,13 @@ def _shift(x: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
-def augment_image(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """x: (B, C, H, W) or (B, K, C, H, W); returns the same shape."""
+def augment_image(x: torch.Tensor, gen: torch.Generator, strength: float = 1.0) -> torch.Tensor:
+    """x: (B, C, H, W) or (B, K, C, H, W); returns the same shape. `strength` scales the shift
+    and the jitter (the same random draws, so strengths differ only in size)."""
     b = x.shape[0]
-    shifts = (torch.rand(b, 2, generator=gen) * 2 - 1) * (2 * MAX_SHIFT)
-    gain = 1.0 + JITTER * torch.randn(b, generator=gen)
-    offset = JITTER * torch.randn(b, generator=gen)
+    shifts = (torch.rand(b, 2, generator=gen) * 2 - 1) * (2 * MAX_SHIFT * strength)
+    gain = 1.0 + JITTER * strength * torch.randn(b, generator=gen)
+    offset = JITTER * strength * torch.randn(b, generator=gen)
     if x.ndim == 5:
         k = x.shape[1]
         flat = _shift(x.flatten(0, 1), shifts.repeat_interleave(k, 0)).view_as(x)
