@@ -20,18 +20,19 @@ def learn_data(tmp_path_factory):
     return out
 
 
-def test_concat_learns_well_below_md_variance(learn_data):
-    cfg = apply_overrides(
-        ExperimentConfig(),
-        {"image-size": 32, "n-bscans": 2, "epochs": 8, "device": "cpu", "method": "concat"},
-    )
+def test_the_default_method_learns_well_below_md_variance(learn_data):
+    """The training defaults (remdr, 24 epochs) at test size. Measured on a 2-core CPU: test MSE
+    0.16 x the MD variance and Pearson 0.92 (the old defaults, concat for 8 epochs: 0.26 and
+    0.88); the bounds leave about 2x room so a change of platform does not fail it."""
+    cfg = apply_overrides(ExperimentConfig(), {"image-size": 32, "n-bscans": 2, "device": "cpu"})
+    assert (cfg.train.method, cfg.train.epochs) == ("remdr", 24)
     out = train_and_test(cfg, load_splits(learn_data, cfg), progress=False)
     m = out.test_metrics
-    # Predicting the mean gives MSE = variance; learning from the images must halve it at least.
-    assert m["mse"] <= 0.5 * m["md_var"], (
+    # Predicting the mean gives MSE = variance.
+    assert m["mse"] <= 0.3 * m["md_var"], (
         f"test MSE {m['mse']:.2f} vs MD variance {m['md_var']:.2f}"
     )
-    assert m["pearson"] > 0.7
+    assert m["pearson"] > 0.85
 
 
 def test_checkpoint_round_trip_gives_identical_predictions(tiny_data, tiny_cfg, tmp_path):
