@@ -185,7 +185,7 @@ def test_list_keys_prints_every_key_and_exits(cli, argv, federation, capsys):
     listed = {line.split()[0] for line in out.splitlines() if line.startswith("  ")}
     assert listed == set(flat_keys()) | (set(fed_keys()) if federation else set())
     if cli is bench_cli:
-        assert re.search(r"^  epochs +4 ", out, re.M)  # the command's own default
+        assert re.search(r"^  epochs +24 ", out, re.M)  # the training default it measures
 
 
 def test_list_keys_works_as_installed(places):
