@@ -196,6 +196,11 @@ class DataConfig:
     )
 
     @property
+    def augment_scale(self) -> float:
+        """The strength training batches are augmented with (0: not augmented)."""
+        return self.augment_strength if self.augment else 0.0
+
+    @property
     def tensor_view(self) -> str:
         """The OCT view tensors and the model are built for: "auto" not yet resolved against
         data (a model built before any data is seen) means the default B-scan view."""

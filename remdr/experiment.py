@@ -88,7 +88,7 @@ def train_and_test(
         cfg=cfg.train,
         device=device,
         val_ds=data.val,
-        augment=cfg.data.augment_strength if cfg.data.augment else 0.0,
+        augment=cfg.data.augment_scale,
         progress=progress,
         desc=desc or cfg.train.method,
         privacy=cfg.privacy,

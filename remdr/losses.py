@@ -71,7 +71,7 @@ def lds_norm(density: LabelDensity, targets: np.ndarray, power: float) -> float:
     if not len(targets):
         return 1.0
     y = torch.as_tensor(np.asarray(targets, dtype=np.float32))
-    return float((density(y).clamp_min(1e-12) ** (-power)).mean())
+    return float(lds_loss_weights(density, y, power, clip=float("inf")).mean())
 
 
 def anchor_weights(

@@ -164,11 +164,12 @@ def cmd_methods(args: argparse.Namespace) -> int:
     print(f"data: {path} ({data.dataset.report.summary()}); split {data.sizes()} (split seed 0)")
     variants = args.variants
     labels = run_labels(methods, variants)
-    print(
-        f"{len(methods)} methods x {len(variants)} variants x {len(seeds)} seeds, "
-        f"{'epochs as varied' if any('epochs' in v for v in variants) else cfg.train.epochs} "
-        "epochs each"
+    epochs_note = (
+        "epochs as labelled"
+        if any("epochs" in v for v in variants)
+        else f"{cfg.train.epochs} epochs"
     )
+    print(f"{len(methods)} methods x {len(variants)} variants x {len(seeds)} seeds, {epochs_note}")
     out = Path(args.out)
     start = time.perf_counter()
 
@@ -187,8 +188,6 @@ def cmd_methods(args: argparse.Namespace) -> int:
     )  # fmt: skip
     summary = summarise(rows, labels)
     wall = time.perf_counter() - start
-    varied = any("epochs" in v for v in variants)
-    epochs_note = "epochs as labelled" if varied else f"{cfg.train.epochs} epochs"
     if cfg.train.patience:
         epochs_note += f" (early stopping after {cfg.train.patience} epochs without improvement)"
     note = (

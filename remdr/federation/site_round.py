@@ -218,7 +218,7 @@ def train_round(
         cfg=train_cfg,
         device=device,
         epochs=fed.local_epochs,
-        augment=cfg.data.augment_strength if cfg.data.augment else 0.0,
+        augment=cfg.data.augment_scale,
         keep_best=False,
         progress=False,
         proximal=(mu, anchor) if mu > 0 else None,
