@@ -19,8 +19,9 @@ import sys
 from pathlib import Path
 
 from remdr.cli.common import Parser, check_address, check_flag, check_input_path, run_cli
-from remdr.config import OCT_VIEW_CHOICES, POSITIVE, PROBABILITY, DataConfig
+from remdr.config import OCT_VIEW_CHOICES, DataConfig
 from remdr.errors import ConfigError, Problems
+from remdr.settings import POSITIVE, PROBABILITY
 
 
 def check_data(data: str, oct_view: str) -> str:
@@ -124,6 +125,7 @@ def check_args(args: argparse.Namespace) -> None:
     check_input_path(p, "--data", args.data)
     check_flag(p, "--oct-view", args.oct_view, "bscans", choices=OCT_VIEW_CHOICES)
     check_flag(p, "--epsilon-max", args.epsilon_max, 10.0, **POSITIVE)
+    check_flag(p, "--threads", args.threads, 1, low=1)
     if not args.check_only:
         check_flag(p, "--port", args.port, 9094, low=1, high=65535)
         check_address(p, "--superlink", args.superlink)
@@ -141,14 +143,22 @@ def check_args(args: argparse.Namespace) -> None:
 def cmd_start(args: argparse.Namespace) -> int:
     check_args(args)  # flags, site id and TLS files before the data is read
     print(f"remdr-client: {check_data(args.data, args.oct_view)}", flush=True)
-    if args.check_only:
-        return 0
-    from remdr.ops.processes import flower_env
+    from remdr.ops.processes import flower_env, thread_env, usable_cores
 
-    worker = None if args.no_worker else start_worker(args, flower_env())
+    threads = args.threads or usable_cores()
+    if args.check_only:
+        print(f"remdr-client: training would use {threads} CPU thread(s)", flush=True)
+        return 0
+
+    env = {**flower_env(), **thread_env(threads)}
+    worker = None if args.no_worker else start_worker(args, env)
     cmd = supernode_command(args, worker)
-    print(f"remdr-client: connecting site {args.site_id} to {args.superlink}", flush=True)
-    os.execvpe(cmd[0], cmd, flower_env())
+    print(
+        f"remdr-client: connecting site {args.site_id} to {args.superlink} "
+        f"({threads} CPU thread(s))",
+        flush=True,
+    )
+    os.execvpe(cmd[0], cmd, env)
     return 0  # not reached
 
 
@@ -221,6 +231,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument(
         "--require-dp", action="store_true", help="refuse methods that do not train under DP-SGD"
+    )
+    s.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads this site's training may use (default: the cores this process may "
+        "run on); give each site its share when several share a machine",
     )
     s.add_argument(
         "--no-worker",

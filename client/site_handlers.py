@@ -27,7 +27,7 @@ from remdr.errors import PrivacyError, RemdrError
 from remdr.federation.run_config import split_run_config, versions_compatible
 from remdr.federation.site_round import SiteData, evaluate_global, load_site, train_round
 from remdr.federation.site_state import SiteState, flatten_optimizer, unflatten_optimizer
-from remdr.methods import get_spec
+from remdr.registry import get_spec
 
 log = logging.getLogger(__name__)
 

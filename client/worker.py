@@ -80,7 +80,9 @@ def serve(folder: Path, parent: int) -> None:
     threading.Thread(target=_exit_with, args=(parent, folder), daemon=True).start()
     states: dict[int, RecordDict] = {}
     with Listener(str(folder / SOCKET), family="AF_UNIX", authkey=key) as listener:
-        log.info("site worker ready in %s", folder)
+        import torch
+
+        log.info("site worker ready in %s (%d torch threads)", folder, torch.get_num_threads())
         while True:
             try:
                 conn = listener.accept()

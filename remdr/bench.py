@@ -18,12 +18,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from remdr.config import ExperimentConfig, apply_overrides, show
+from remdr.config import ExperimentConfig, apply_overrides
 from remdr.errors import ConfigError
 from remdr.experiment import SplitData, train_and_test
 from remdr.methods import build_model, create_method
 from remdr.metrics import BINS
 from remdr.runtime import autocast_for, prepare_model, resolve_device, seed_everything, to_device
+from remdr.settings import show
 from remdr.train import make_loader, make_optimizer
 
 log = logging.getLogger(__name__)

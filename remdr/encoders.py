@@ -3,19 +3,14 @@
 from __future__ import annotations
 
 import difflib
-from functools import lru_cache
 from pathlib import Path
 
 import timm
 import torch
 from torch import nn
 
+from remdr.config import ENCODER_NAMES
 from remdr.errors import ConfigError
-
-
-@lru_cache(maxsize=1)
-def available_encoders() -> frozenset[str]:
-    return frozenset(timm.list_models())
 
 
 def _read_weights(path: Path) -> dict[str, torch.Tensor]:
@@ -51,8 +46,8 @@ def _load_local_weights(model: nn.Module, path: Path, in_chans: int) -> None:
 
 def create_encoder(name: str, in_chans: int, weights: str = "") -> nn.Module:
     """A timm backbone without classifier (`num_classes=0`); its width is `.num_features`."""
-    if name not in available_encoders():
-        close = difflib.get_close_matches(name, available_encoders(), n=3)
+    if name not in ENCODER_NAMES:
+        close = difflib.get_close_matches(name, ENCODER_NAMES, n=3)
         raise ConfigError(
             f"unknown encoder '{name}'",
             ("did you mean " + ", ".join(close)) if close else "not a timm model name",

@@ -31,10 +31,8 @@ entropy (`remdr.privacy`), never from the run seed.
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -49,7 +47,7 @@ from remdr.losses import (
     prototype_bins,
     prototype_margin_loss,
 )
-from remdr.model import MODALITIES, ReM3Dr, full_precision
+from remdr.model import ReM3Dr, full_precision
 from remdr.optim import (
     ModalityScores,
     branch_signal,
@@ -57,49 +55,7 @@ from remdr.optim import (
     sam_perturbation,
     scale_gradients,
 )
-
-UPDATES = ("plain", "modulate", "sam", "sagm", "dpsat")
-
-
-@dataclass(frozen=True)
-class MethodSpec:
-    name: str
-    summary: str
-    modalities: tuple[str, ...] = MODALITIES
-    unimodal_loss: bool = False  # unimodal heads train the encoders (else they are probes)
-    contrastive: bool = False
-    update: str = "plain"  # one of UPDATES
-    ogm_noise: bool = False
-    prototypes: bool = False  # per-example contrastive loss against MD-bin prototypes
-    private: bool = False  # trains only under DP-SGD, one row per patient
-
-
-_REGISTRY: dict[str, MethodSpec] = {}
-
-
-def register_method(spec: MethodSpec) -> MethodSpec:
-    if spec.update not in UPDATES:
-        raise ValueError(f"unknown update rule {spec.update!r}")
-    if spec.private and (spec.contrastive or spec.update in ("sam", "sagm", "modulate")):
-        raise ValueError(  # these couple rows or read private labels outside DP-SGD
-            f"private method {spec.name!r} may not use in-batch SupCon (with its label density), "
-            "SAM or loss-based modulation: use prototypes and dpsat"
-        )
-    _REGISTRY[spec.name] = spec
-    return spec
-
-
-def list_methods(private: bool | None = None) -> list[str]:
-    """Registered names; `private=False` only the non-DP ones, `True` only the DP ones."""
-    return [n for n, s in _REGISTRY.items() if private is None or s.private == private]
-
-
-def get_spec(name: str) -> MethodSpec:
-    if name not in _REGISTRY:
-        close = difflib.get_close_matches(name, _REGISTRY, n=1)
-        hint = f"did you mean {close[0]}? " if close else ""
-        raise ConfigError(f"unknown method '{name}'", f"{hint}valid: {', '.join(_REGISTRY)}")
-    return _REGISTRY[name]
+from remdr.registry import MODALITIES, MethodSpec, get_spec
 
 
 def create_method(name: str, cfg: MethodConfig | None = None) -> Method:
@@ -411,39 +367,3 @@ class Method:
             self.density = LabelDensity(values=values)
             self.lds_norm = float(state.get("lds_norm", 1.0))
         self.scores.load_state_dict(state["scores"])
-
-
-for _spec in (
-    MethodSpec("oct", "unimodal baseline: OCT branch only", modalities=("oct",)),
-    MethodSpec("fundus", "unimodal baseline: fundus branch only", modalities=("fundus",)),
-    MethodSpec("concat", "naive late fusion (concat -> MLP), MSE"),
-    MethodSpec(
-        "ogm_ge", "OGM-GE (CVPR 2022) adapted to regression", update="modulate", ogm_noise=True
-    ),
-    MethodSpec("sam", "late fusion trained with plain SAM", update="sam"),
-    MethodSpec(
-        "remdr",
-        "Re-M3Dr: adaptive-margin SupCon + SAGM",
-        unimodal_loss=True,
-        contrastive=True,
-        update="sagm",
-    ),
-    MethodSpec(
-        "remdr_no_con", "Re-M3Dr without the contrastive loss", unimodal_loss=True, update="sagm"
-    ),
-    MethodSpec(
-        "remdr_no_sagm", "Re-M3Dr without SAGM (plain step)", unimodal_loss=True, contrastive=True
-    ),
-    MethodSpec(
-        "concat_dp", "late fusion under patient-level DP-SGD (the DP baseline)", private=True
-    ),
-    MethodSpec(
-        "remdr_dp",
-        "Re-M3Dr under patient-level DP-SGD: prototype-margin loss, DP-SAT, noisy modulation",
-        unimodal_loss=True,
-        prototypes=True,
-        update="dpsat",
-        private=True,
-    ),
-):
-    register_method(_spec)

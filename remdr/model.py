@@ -9,7 +9,7 @@ false the fusion head gets a learned absent-modality embedding instead of z_m wh
 of the batch has input for is not run at all (its weights get no gradient, so an OCT-only site
 leaves the fundus encoder as it received it). At evaluation an eye with one image is predicted
 by that modality's unimodal head: in the federation it matches a model of that modality alone,
-where the fusion head with the stand-in does not (README, "Incomplete sites").
+where the fusion head with the stand-in does not (docs/federation.md, "Incomplete sites").
 `modality_dropout` (off by default: it cost complete eyes 10-30% in the federation) hides one
 image of a complete eye from the fusion head while training.
 """
@@ -22,8 +22,7 @@ from torch import nn
 
 from remdr.config import DataConfig, ModelConfig
 from remdr.encoders import create_encoder
-
-MODALITIES = ("oct", "fundus")
+from remdr.registry import MODALITIES
 
 
 class AttentionPool(nn.Module):

@@ -21,8 +21,9 @@ from remdr.data.dataset import EyeDataset
 from remdr.data.transforms import augment_image
 from remdr.methods import Method, presence
 from remdr.metrics import scored_metrics
-from remdr.model import MODALITIES, ReM3Dr
+from remdr.model import ReM3Dr
 from remdr.optim import proximal_term
+from remdr.registry import MODALITIES
 from remdr.runtime import autocast_for, to_device
 
 log = logging.getLogger(__name__)

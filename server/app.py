@@ -21,7 +21,8 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 from remdr.server.grid import RetryingGrid
-from remdr.server.strategy import RemdrStrategy, RoundAborted, build_strategy, site_level_privacy
+from remdr.server.site_dp import site_level_privacy
+from remdr.server.strategy import RemdrStrategy, RoundAborted, build_strategy
 
 from remdr import __version__
 from remdr.errors import ConfigError

@@ -32,9 +32,9 @@ from remdr.cli.common import (
     key_listing,
     run_cli,
 )
-from remdr.config import NON_NEGATIVE
 from remdr.errors import ConfigError, Problems
 from remdr.ops.processes import executable, flower_env, wait_healthy, write_flwr_home
+from remdr.settings import NON_NEGATIVE
 
 TLS_FILES = {"ca": "ca.crt", "cert": "server.pem", "key": "server.key"}
 SITE_ID = r"[A-Za-z0-9._-]+"

@@ -1,27 +1,16 @@
 """remdr's strategy: a recording and screening layer around the configured Flower strategy.
 
 `build_strategy` turns the run's federation settings into FedAvg, FedProx, FedAdam or a robust
-aggregator with a fixed cohort, maybe inside Flower's site-level DP wrapper, and wraps it in
-`RemdrStrategy`, which records what every site did each round, refuses malformed updates before
-anything aggregates them and applies the missing-site policy. `site_level_privacy` accounts the
-DP wrapper's guarantee from the releases actually made.
-
-Site-level DP releases the sum of the clipped updates actually aggregated divided by the round's
-fixed cohort size m (the sites asked), plus Gaussian noise of std z*C/m: adding or removing one
-site's update moves the release by at most C/m whether other sites replied or were refused, so
-the multiplier z holds. A missing or refused site counts as a zero update.
-
-Sites with one modality train only some parts of the model (`remdr.model.model_part`): an
-OCT-only hospital has no eye for the fundus branch or the fusion head, and sends them back as
-received (`eyes-*` counts in its reply). Each part is aggregated over the sites that trained it,
-weighted by the eyes behind it (`_aggregate_parts`), so a part is never pulled towards the
-global values by sites without data for it.
+aggregator with a fixed cohort, maybe inside Flower's site-level DP wrapper (`site_dp`), and
+wraps it in `RemdrStrategy`, which records what every site did each round, refuses malformed
+updates before anything aggregates them (`remdr.federation.screening`), aggregates each part of
+the model over the sites that trained it (`part_aggregation`) and applies the missing-site
+policy. The metrics of the replies are combined by `reply_metrics`.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Callable, Iterable
 
@@ -29,110 +18,30 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import (
     DifferentialPrivacyServerSideAdaptiveClipping,
-    DifferentialPrivacyServerSideFixedClipping,
     FedAdam,
     FedAvg,
     FedMedian,
     FedProx,
     FedTrimmedAvg,
     Krum,
-    MultiKrum,
     Strategy,
 )
 from flwr.serverapp.strategy.fedopt import FedOpt
-from flwr.serverapp.strategy.fedtrimmedavg import trim_mean
-from flwr.serverapp.strategy.multikrum import select_multikrum
-from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 from remdr.server.grid import RetryingGrid
+from remdr.server.part_aggregation import aggregate_parts
+from remdr.server.reply_metrics import aggregate_metrics, drop_site_only_keys, metrics_of
+from remdr.server.site_dp import DP_WRAPPERS, over_cohort, release_record, wrap
 
 from remdr.federation.run_config import FedConfig
 from remdr.federation.screening import (
-    PART_COUNTS,
     counts_problem,
     trained_counts,
     untrained_part_problem,
     update_problem,
 )
 from remdr.federation.site_round import RECEIVED
-from remdr.model import model_part
-from remdr.privacy import epsilon_of
 
 log = logging.getLogger("flwr")  # Flower's handlers stream this to `remdr-server run`
-
-
-# Per-site only, never averaged: a site's privacy spend (`dp-*`: one site's epsilon averaged with
-# another's is no guarantee of anyone; each site's value stays in the round record and in
-# report.privacy) and its own test split (`test-*`: reported per site, so nothing selects on it).
-PER_SITE_ONLY = ("dp-", "test-", "num-test", RECEIVED)
-# Counts summed over the sites, not averaged: the round's training eyes of each kind.
-SUMMED = ("eyes-",)
-
-
-def aggregate_metrics(records: list[RecordDict], weight_key: str) -> MetricRecord:
-    """Weighted mean of every metric, ignoring NaN (a site without severe eyes has no severe MAE)
-    and the per-site-only keys (`PER_SITE_ONLY`); the `SUMMED` counts add up."""
-    totals: dict[str, float] = {}
-    weights: dict[str, float] = {}
-    sums: dict[str, float] = {}
-    for rec in records:
-        metrics = next(iter(rec.metric_records.values()))
-        w = float(metrics[weight_key])
-        for k, v in metrics.items():
-            if k == weight_key or k.startswith(PER_SITE_ONLY):
-                continue
-            if k.startswith(SUMMED) and not isinstance(v, list):
-                sums[k] = sums.get(k, 0.0) + float(v)
-                continue
-            if isinstance(v, list) or not math.isfinite(float(v)):
-                continue
-            totals[k] = totals.get(k, 0.0) + w * float(v)
-            weights[k] = weights.get(k, 0.0) + w
-    out = {k: totals[k] / weights[k] for k in totals if weights[k] > 0}
-    out.update(sums)
-    out[weight_key] = sum(float(next(iter(r.metric_records.values()))[weight_key]) for r in records)
-    return MetricRecord(out)
-
-
-# Keys only some sites send (a site's own shipped test split, the model it received scored on
-# it): recorded per site above, then dropped from the reply, because Flower refuses to aggregate
-# replies whose metric keys differ (InconsistentMessageReplies).
-MAY_DIFFER = ("test-", "num-test", f"{RECEIVED}test-", f"{RECEIVED}num-test")
-
-
-def _drop_site_only_keys(msg: Message) -> None:
-    for record in msg.content.metric_records.values():
-        for key in [k for k in record if k.startswith(MAY_DIFFER)]:
-            del record[key]
-
-
-PART_WEIGHT = "eyes"  # the weight of one part's own aggregation: the eyes that trained it
-
-
-def aggregate_part(
-    base: Strategy, arrays: list[dict[str, np.ndarray]], eyes: list[float]
-) -> dict[str, np.ndarray]:
-    """One part of the model aggregated over the sites that trained it (their `arrays` of it,
-    the `eyes` each trained it on) by `base`'s own rule, with Flower's own functions: Krum picks
-    among them on this part alone; FedMedian and FedTrimmedAvg take the coordinate-wise median
-    and trimmed mean (unweighted, as they are); FedAvg, FedProx and FedAdam the eye-weighted
-    mean (FedAdam's server step then follows from it)."""
-    keys = list(arrays[0])
-    if isinstance(base, FedMedian):
-        return {k: np.asarray(np.median(np.stack([a[k] for a in arrays]), axis=0)) for k in keys}
-    if isinstance(base, FedTrimmedAvg):
-        return {k: np.asarray(trim_mean(np.stack([a[k] for a in arrays]), base.beta)) for k in keys}
-    contents = [
-        RecordDict(
-            {
-                "arrays": ArrayRecord({k: Array(np.asarray(v, order="C")) for k, v in a.items()}),
-                "metrics": MetricRecord({PART_WEIGHT: float(w)}),
-            }
-        )
-        for a, w in zip(arrays, eyes, strict=True)
-    ]
-    if isinstance(base, MultiKrum):
-        contents = select_multikrum(contents, base.num_malicious_nodes, base.num_nodes_to_select)
-    return {k: v.numpy() for k, v in aggregate_arrayrecords(contents, PART_WEIGHT).items()}
 
 
 class RoundAborted(RuntimeError):
@@ -200,14 +109,6 @@ class RemdrStrategy(Strategy):
             self.site_of_node[node] = str(msg.content["site"]["site-id"])
         return self.site_of_node.get(node, f"node-{node}")
 
-    @staticmethod
-    def _metrics(msg: Message) -> MetricRecord:
-        return next(iter(msg.content.metric_records.values()))
-
-    @staticmethod
-    def _arrays(msg: Message) -> ArrayRecord:
-        return next(iter(msg.content.array_records.values()))
-
     def _error(self, site: str, phase: str, reason: str) -> None:
         self.current.setdefault("errors", []).append(
             {"site": site, "phase": phase, "reason": reason}
@@ -224,7 +125,7 @@ class RemdrStrategy(Strategy):
             if msg.has_error():
                 self._error(site, phase, msg.error.reason)
                 continue
-            metrics = dict(self._metrics(msg))
+            metrics = dict(metrics_of(msg))
             scored = {
                 k[len(RECEIVED) :]: metrics.pop(k) for k in list(metrics) if k.startswith(RECEIVED)
             }
@@ -232,7 +133,7 @@ class RemdrStrategy(Strategy):
                 self.received[site] = scored
             prefix = "" if phase == "train" else "eval-"
             rec.setdefault(site, {}).update({f"{prefix}{k}": v for k, v in metrics.items()})
-            _drop_site_only_keys(msg)
+            drop_site_only_keys(msg)
             good.append(msg)
         sampled = self._sampled.get(phase, [])
         missing = [self.site_of_node.get(n, f"node-{n}") for n in sampled if n not in replied]
@@ -256,7 +157,7 @@ class RemdrStrategy(Strategy):
             update = {
                 k: v.numpy() for rec in msg.content.array_records.values() for k, v in rec.items()
             }
-            metrics = self._metrics(msg)
+            metrics = metrics_of(msg)
             problem = (
                 update_problem(update, self._global, self.fed.max_update_norm)
                 or counts_problem(metrics)
@@ -355,96 +256,32 @@ class RemdrStrategy(Strategy):
         return arrays, metrics
 
     def _aggregate_parts(self, replies: list[Message]) -> dict[str, np.ndarray]:
-        """Aggregate each part of the model over the sites that trained it, weighted by the eyes
-        behind it (`eyes-*`; the shared part by num-examples, as always); return those parts.
-
-        A part gets its own aggregate (`aggregate_part`) only where the ordinary one would differ:
-        some site did not train it or, for a weighted rule, trained it on fewer eyes than it
-        has. The aggregate is written into every reply, so the inner strategy's mean (FedAvg,
-        FedProx) is that aggregate, FedAdam takes its server step towards it, and the robust
-        rules see the part as its trainers agreed on it; a part no site trained stays global.
-        A complete federation is aggregated as before, bit for bit. Under site-level DP this is
-        refused: its noise is calibrated to one plain mean of every site's update, and there an
-        untrained part counts as a zero update.
-        """
-        if any(key in self._metrics(m) for m in replies for key in PART_COUNTS.values()):
-            for m in replies:  # an older site trained every part on all its eyes; Flower
-                metrics = self._metrics(m)  # aggregates only replies with the same metrics
-                for key in PART_COUNTS.values():
-                    if key not in metrics:
-                        metrics[key] = metrics["num-examples"]
+        """Each part over the sites that trained it (`part_aggregation.aggregate_parts`); the
+        round record names the sites behind each separately aggregated part."""
         base = getattr(self.inner, "strategy", self.inner)
         private = isinstance(self.inner, DP_WRAPPERS)
-        weighted = not (private or isinstance(base, FedMedian | FedTrimmedAvg | MultiKrum))
-        counts = [trained_counts(self._metrics(m)) for m in replies]
-        own = []
-        for part in PART_COUNTS:
-            keys = [k for k in self._global if model_part(k) == part]
-            if weighted:
-                differs = any(c[part] != c["shared"] for c in counts)
-            else:
-                differs = any(c[part] == 0 for c in counts)
-            if keys and differs:
-                own.append((part, keys))
-        if not own:
-            return {}
-        if private:
-            trained = ", ".join(
-                f"{part} by {sum(c[part] > 0 for c in counts)} of {len(counts)}" for part, _ in own
-            )
-            reason = (
-                f"sites trained different parts of the model ({trained} sites), but site-level "
-                "DP needs one plain mean of every site's update: a site's untrained part counts "
-                "as a zero update, not aggregated over its trainers only"
-            )
-            self.current["part-aggregation"] = {"refused": reason}
+        own, record = aggregate_parts(replies, base, self._global, self._site, private=private)
+        if record is not None:
+            self.current["part-aggregation"] = record
+        if record and "refused" in record:
             log.error(
-                "round %s: per-part aggregation refused: %s", self.current.get("round"), reason
+                "round %s: per-part aggregation refused: %s",
+                self.current.get("round"),
+                record["refused"],
             )
-            return {}
-        out: dict[str, np.ndarray] = {}
-        record = self.current.setdefault("part-aggregation", {})
-        for part, keys in own:
-            trainers = [(m, c[part]) for m, c in zip(replies, counts, strict=True) if c[part] > 0]
-            if trainers:
-                arrays = [{k: self._arrays(m)[k].numpy() for k in keys} for m, _ in trainers]
-                aggregate = aggregate_part(base, arrays, [eyes for _, eyes in trainers])
-            else:
-                aggregate = {k: self._global[k] for k in keys}
-            for m in replies:
-                rec = self._arrays(m)
-                for k in keys:
-                    rec[k] = Array(np.asarray(aggregate[k], order="C"))
-            out.update(aggregate)
-            record[part] = sorted(self._site(m) for m, _ in trainers)
-        return out
+        return own
 
     def _release(self, arrays, k: int, clip: float):
-        """Rescale the wrapper's g + mean_k + N(0, (zC/k)^2) to g + sum_k/m + N(0, (zC/m)^2),
-        with m the round's cohort (the sites asked): the release has sensitivity C/m and
-        multiplier z however many replied or passed screening. Record and journal it."""
+        """The DP wrapper's release over the round's cohort m (`site_dp.over_cohort`): the sum
+        of the k aggregated updates over m, noise z*C/m. Recorded and journalled."""
         m = max(len(self._sampled.get("train", [])), k)
         if k < m:
-            scaled = {}
-            for key, array in arrays.items():
-                a, g = array.numpy(), self._global[key].astype(np.float64)
-                scaled[key] = Array((g + (a.astype(np.float64) - g) * (k / m)).astype(a.dtype))
-            arrays = ArrayRecord(scaled)
+            arrays = over_cohort(arrays, self._global, k, m)
             log.warning(
                 "round %s: site-level DP over %d of %d sites; missing or refused sites count "
                 "as zero updates (the release is the sum over m=%d)", self.current["round"], k, m, m,
             )  # fmt: skip
-        z = float(self.inner.noise_multiplier)
-        release = {
-            "round": self.current.get("round"),
-            "cohort": m,
-            "aggregated": k,
-            "noise_multiplier": z,
-            "clip": clip,
-            "noise_std": z * clip / m,
-        }
-        if isinstance(self.inner, DifferentialPrivacyServerSideAdaptiveClipping):
-            release["count_noise"] = float(self.inner.clipped_count_stddev)
+        release = release_record(self.inner, self.current.get("round"), m, k, clip)
         self.current["site_dp_release"] = release
         if self.on_release is not None:
             self.on_release(release)
@@ -466,33 +303,6 @@ class RemdrStrategy(Strategy):
         self.current["evaluate"] = dict(metrics) if metrics is not None else {}
         return metrics
 
-
-class ServerSideAdaptiveClipping(DifferentialPrivacyServerSideAdaptiveClipping):
-    """Flower's server-side adaptive clipping, noised with the norm the updates were clipped to.
-
-    Flower 1.42 moves the clipping norm (`_geometric_update`) before it adds the noise, so a
-    shrinking norm under-noises the release (std z*C_next/m for updates clipped to C). Here the
-    next norm takes effect only after the release."""
-
-    _next_norm: float | None = None
-
-    def _geometric_update(self, clipped_fraction: float) -> None:
-        used = self.clipping_norm
-        super()._geometric_update(clipped_fraction)
-        self._next_norm, self.clipping_norm = self.clipping_norm, used
-
-    def aggregate_train(self, server_round, replies):  # noqa: D102
-        self._next_norm = None
-        out = super().aggregate_train(server_round, replies)
-        if self._next_norm is not None:
-            self.clipping_norm = self._next_norm
-        return out
-
-
-DP_WRAPPERS = (
-    DifferentialPrivacyServerSideFixedClipping,
-    DifferentialPrivacyServerSideAdaptiveClipping,
-)
 
 BASES = {
     "fedavg": FedAvg,
@@ -530,41 +340,4 @@ def build_strategy(fed: FedConfig) -> RemdrStrategy:
         )
     elif fed.strategy == "fedtrimmedavg":
         kwargs["beta"] = fed.trim_beta
-    inner: Strategy = base(**kwargs)
-    if fed.site_dp == "fixed":
-        inner = DifferentialPrivacyServerSideFixedClipping(
-            inner, fed.site_dp_noise, fed.site_dp_clip, fed.min_nodes
-        )
-    elif fed.site_dp == "adaptive":
-        inner = ServerSideAdaptiveClipping(
-            inner, fed.site_dp_noise, fed.min_nodes, initial_clipping_norm=fed.site_dp_clip
-        )
-    return RemdrStrategy(inner, fed)
-
-
-def site_level_privacy(fed: FedConfig, releases: list[dict]) -> dict | None:
-    """(epsilon, delta) of the site-level guarantee after the noised aggregates in `releases`
-    (the journal: one entry per release made, as `RemdrStrategy` recorded it).
-
-    Every site joins every round (q = 1, no amplification): each release is a Gaussian
-    mechanism with multiplier z on the sum of clipped updates over the fixed cohort m (std
-    z*C/m on the released mean), composed with Opacus' RDP. Adaptive clipping also releases a
-    noisy count of clipped updates (sensitivity 1, std `count_noise`), accounted as a second
-    Gaussian mechanism per release.
-    """
-    if fed.site_dp == "off":
-        return None
-    history = [(float(r["noise_multiplier"]), 1.0, 1) for r in releases]
-    history += [(float(r["count_noise"]), 1.0, 1) for r in releases if "count_noise" in r]
-    return {
-        "granularity": "site-level: add or remove one site's whole update in a round",
-        "mechanism": (
-            f"Flower server-side {fed.site_dp} clipping; the sum of the clipped updates over the "
-            "round's cohort m (a missing or refused site counts as zero), noise z*C/m on the mean"
-        ),
-        "noise_multiplier": fed.site_dp_noise,
-        "clip": fed.site_dp_clip if fed.site_dp == "fixed" else f"adaptive from {fed.site_dp_clip}",
-        "releases": len(releases),
-        "delta": fed.site_dp_delta,
-        "epsilon": epsilon_of(history, fed.site_dp_delta),
-    }
+    return RemdrStrategy(wrap(base(**kwargs), fed), fed)

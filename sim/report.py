@@ -212,3 +212,30 @@ def _privacy_lines(privacy: dict) -> list[str]:
     if sample or site:
         lines += ["", f"Not covered: {privacy.get('not_covered', '')}."]
     return lines
+
+
+def summary_table(results: dict) -> str:
+    rows = [("federated", results["federated"])]
+    for kind in ("oct", "fundus"):
+        if f"test_{kind}_only" in results["federated"]:
+            rows.append(
+                (f" {kind} input only", {"test": results["federated"][f"test_{kind}_only"]})
+            )
+    if "complete_sites_only" in results:
+        rows.append(("complete sites", results["complete_sites_only"]))
+    if "centralized" in results:
+        rows.append(("centralized", results["centralized"]))
+    for name, r in results.get("local", {}).items():
+        rows.append((f"local {name}", r))
+    lines = [
+        f"{'':16s} {'test MSE':>9s} {'MAE':>6s} {'bin-avg MAE':>12s} {'R²':>6s} {'wall s':>7s}"
+    ]
+    for name, r in rows:
+        m = r["test"]
+        lines.append(
+            f"{name:16s} {m['mse']:9.2f} {m['mae']:6.2f} {m['mae_bin_avg']:12.2f} {m['r2']:6.2f} "
+            + (f"{r['wall_seconds']:7.0f}" if "wall_seconds" in r else f"{'':>7s}")
+        )
+    var = results["federated"]["test"]["md_var"]
+    lines.append(f"(test MD variance {var:.2f} dB²: predicting the mean scores MSE {var:.2f})")
+    return "\n".join(lines)

@@ -10,6 +10,13 @@ import pytest
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
 
+# Under pytest-xdist (`make test` runs one worker per core) each worker trains with its share
+# of the cores: workers that each start one OpenMP thread per core spin against each other.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    _threads = max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    os.environ.setdefault("OMP_NUM_THREADS", str(_threads))
+    os.environ.setdefault("MKL_NUM_THREADS", str(_threads))
+
 from remdr.config import ExperimentConfig, apply_overrides  # noqa: E402
 from remdr.data.synthetic import SyntheticSpec, generate  # noqa: E402
 from remdr.ops.loopback import TINY as TINY_SETTINGS  # noqa: E402

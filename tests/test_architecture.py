@@ -34,10 +34,11 @@ ALLOWED = {
     "cli": {"foundation", "privacy", "core", "federation", "ops", "cli"},
     **{app: {"foundation", "privacy", "core", "federation", "ops", "cli", app} for app in APPS},
 }
-FOUNDATION = {"remdr", "remdr.config", "remdr.errors"}
-# Late-bound lookups, imported inside the one function that needs them: the config checks a
-# method name against the registry and an encoder name against timm only when it validates.
-LATE_BOUND = {("remdr.config", "remdr.methods"), ("remdr.config", "remdr.encoders")}
+# version, errors, the setting rules, the method registry (names and specs, no torch) and the
+# config dataclasses, which check method names against the registry, and the presets
+FOUNDATION = {
+    "remdr", "remdr.errors", "remdr.settings", "remdr.registry", "remdr.config", "remdr.presets",
+}  # fmt: skip
 
 
 def layer_of(module: str) -> str:
@@ -98,7 +99,7 @@ def test_imports_point_one_way_between_layers():
             if root != "remdr":
                 continue
             target = _remdr_module(imported, modules)
-            if target and layer_of(target) not in ALLOWED[src] and (name, target) not in LATE_BOUND:
+            if target and layer_of(target) not in ALLOWED[src]:
                 wrong.append(f"{name} ({src}) imports {target} ({layer_of(target)})")
     assert wrong == [], "\n".join(wrong)
 
@@ -129,3 +130,19 @@ def test_core_never_imports_flower_at_run_time():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "False"
+
+
+def test_refusing_a_bad_flag_never_imports_torch():
+    """Configs are checked by the foundation (rules, the torch-free method registry, the
+    encoders remdr knows), so a typo is refused in a moment, before torch is imported."""
+    code = (
+        "import sys\n"
+        + "".join(f"import {m}\n" for m in sorted(FOUNDATION))
+        + "assert 'torch' not in sys.modules, 'the foundation imported torch'\n"
+        "from remdr.cli import train\n"
+        "code = train.main(['--epochs', '0', '--method', 'remdr', '--oct-encoder', 'resnet18'])\n"
+        "print(code, 'torch' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.split() == ["2", "False"], out.stderr[-2000:]
+    assert "epochs=0" in out.stderr

@@ -11,7 +11,8 @@ import torch
 from conftest import TINY
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, Metadata, RecordDict
 from remdr.client.app import PRIVACY_DECLINED, VERSION_MISMATCH, app
-from remdr.server.strategy import aggregate_metrics, build_strategy
+from remdr.server.reply_metrics import aggregate_metrics
+from remdr.server.strategy import build_strategy
 
 from remdr.errors import ConfigError
 from remdr.federation.app_bundle import bundle_pyproject

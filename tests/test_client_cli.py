@@ -64,3 +64,14 @@ def test_privacy_report_reads_the_sites_ledger(tmp_path, capsys):
     )  # fmt: skip
     code, out, _ = _run(capsys, "privacy-report", "--ledger", str(ledger))
     assert code == 0 and "total: epsilon = " in out and "not covered" in out
+
+
+def test_the_threads_a_site_trains_with_default_to_its_cores_and_can_be_set(tiny_data, capsys):
+    from remdr.ops.processes import usable_cores
+
+    code, out, _ = _run(capsys, "start", "--data", str(tiny_data), "--check-only")
+    assert code == 0 and f"training would use {usable_cores()} CPU thread(s)" in out
+    code, out, _ = _run(capsys, "start", "--data", str(tiny_data), "--check-only", "--threads", "3")
+    assert code == 0 and "training would use 3 CPU thread(s)" in out
+    code, _, err = _run(capsys, "start", "--data", str(tiny_data), "--check-only", "--threads", "0")
+    assert code == 2 and "--threads 0" in err and len(err.strip().splitlines()) == 1

@@ -18,9 +18,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from remdr.config import ExperimentConfig, Rule, apply_overrides, flat_keys, kebab
+from remdr.config import ExperimentConfig, apply_overrides, flat_keys
 from remdr.errors import ConfigError
 from remdr.federation.run_config import FedConfig, fed_keys, split_run_config
+from remdr.settings import Rule, kebab
 
 FAST = settings(max_examples=12, deadline=None)
 

@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from remdr.bench import measure_speed
-from remdr.config import apply_overrides, apply_preset
+from remdr.config import apply_overrides
 from remdr.experiment import load_splits, train_and_test
+from remdr.presets import apply_preset
 from remdr.runtime import autocast_for, prepare_model
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

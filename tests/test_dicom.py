@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from commands import run_in_process
 from conftest import TINY
 
 from remdr.config import DataConfig, ExperimentConfig, apply_overrides
@@ -191,32 +192,24 @@ def test_a_manifest_of_2d_maps_trains_without_choosing_a_view(tiny_data, tmp_pat
         lines.append(f"{r.eye_id},{r.md},{r.eye_id}-map.npy,{r.eye_id}-fundus.npy,{r.patient_id}")
     (tmp_path / "manifest.csv").write_text("\n".join(lines) + "\n")
     run = tmp_path / "run"
-    done = subprocess.run(
-        [BIN / "remdr-train", "--data", str(tmp_path), "--out", str(run), "--quiet"]
-        + [a for k, v in TINY.items() for a in ("--set", f"{k}={v}")],
-        capture_output=True,
-        text=True,
+    done = run_in_process(
+        ["remdr-train", "--data", str(tmp_path), "--out", str(run), "--quiet"]
+        + [a for k, v in TINY.items() for a in ("--set", f"{k}={v}")]
     )
     assert done.returncode == 0, done.stderr
     assert "oct-view: rnflt (the OCT images are 2-D thickness maps)" in done.stderr
     assert '"oct_view": "rnflt"' in (run / "config.json").read_text()
-    bad = subprocess.run(
-        [BIN / "remdr-train", "--data", str(tmp_path), "--oct-view", "bscans", "--quiet"],
-        capture_output=True,
-        text=True,
+    bad = run_in_process(
+        ["remdr-train", "--data", str(tmp_path), "--oct-view", "bscans", "--quiet"]
     )
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     assert "oct-view=bscans expects 3-D B-scan volumes" in bad.stderr
     assert "pass --oct-view rnflt" in bad.stderr
 
 
-def test_remdr_train_runs_on_a_dicom_folder_with_no_other_flag(dicom_folder, tmp_path):
-    done = subprocess.run(
-        [BIN / "remdr-train", "--data", str(dicom_folder), "--quiet"],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-    )
+def test_remdr_train_runs_on_a_dicom_folder_with_no_other_flag(dicom_folder, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    done = run_in_process(["remdr-train", "--data", str(dicom_folder), "--quiet"])
     assert done.returncode == 0, done.stderr
     assert "150 of" in done.stderr and "2 oct-only, 1 fundus-only" in done.stderr
     assert "missing pixel data: 1" in done.stderr

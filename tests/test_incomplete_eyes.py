@@ -13,8 +13,9 @@ from remdr.config import ExperimentConfig, apply_overrides
 from remdr.data import load_dataset
 from remdr.data.dataset import EyeDataset
 from remdr.experiment import SplitData, train_and_test
-from remdr.methods import build_model, create_method, list_methods
+from remdr.methods import build_model, create_method
 from remdr.metrics import metrics_by_kind
+from remdr.registry import list_methods
 
 KINDS = {"complete": ("oct", "fundus"), "oct-only": ("oct",), "fundus-only": ("fundus",)}
 

@@ -57,6 +57,7 @@ def test_training_is_deterministic_on_cpu(tiny_data, tiny_cfg):
     np.testing.assert_array_equal(runs[0], runs[1])
 
 
+@pytest.mark.slow  # 30 DP epochs on 600 eyes; the fast tier's learning check is the one above
 def test_dp_training_still_learns_at_epsilon_8(learn_data, tmp_path):
     """remdr_dp at (8, 1e-5)-DP per patient, with the recipe DP needs: large batches (q ~ 0.5),
     many epochs, a constant learning rate. Its sampling and noise come from OS entropy, so each

@@ -12,7 +12,8 @@ from remdr.config import ExperimentConfig, MethodConfig, apply_overrides
 from remdr.data import load_dataset
 from remdr.data.dataset import EyeDataset
 from remdr.errors import ConfigError
-from remdr.methods import build_model, create_method, get_spec, list_methods
+from remdr.methods import build_model, create_method
+from remdr.registry import get_spec, list_methods
 from remdr.runtime import seed_everything
 from remdr.train import fit, make_loader
 

@@ -72,3 +72,13 @@ def test_config_dict_round_trip():
     assert ExperimentConfig.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(ConfigError, match="unknown config key"):
         ExperimentConfig.from_dict({"data": {"bogus": 1}})
+
+
+def test_the_encoders_remdr_names_itself_are_timm_models():
+    """They are accepted without importing timm (`TimmNames.KNOWN`), so each must be a real one."""
+    import timm
+
+    from remdr.config import ENCODER_NAMES, TimmNames
+
+    assert set(timm.list_models()) >= TimmNames.KNOWN
+    assert "resnet18" in ENCODER_NAMES and "no_such_net" not in ENCODER_NAMES

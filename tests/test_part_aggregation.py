@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import Array, ArrayRecord, Message
-from remdr.server.strategy import BASES, RemdrStrategy, aggregate_part, build_strategy
+from remdr.server.part_aggregation import aggregate_part
+from remdr.server.strategy import BASES, RemdrStrategy, build_strategy
 from replies import train_reply
 
 from remdr.data.dataset import EyeDataset

@@ -9,9 +9,10 @@ import pytest
 
 from remdr.cli import predict as predict_cli
 from remdr.cli import train as train_cli
-from remdr.config import PRESETS, ExperimentConfig, apply_preset
+from remdr.config import ExperimentConfig
 from remdr.errors import ConfigError
 from remdr.federation.run_config import split_run_config
+from remdr.presets import PRESETS, apply_preset
 
 
 def test_paper_preset_trains_and_predicts_with_real_resnet18_encoders(tiny_data, tmp_path):

@@ -53,7 +53,8 @@ def _probe(cfg: ExperimentConfig, n: int = 4) -> dict[str, torch.Tensor]:
     [
         ("test_resnet", "rnflt"),
         ("test_resnet", "bscans"),  # the shared encoder is called once per B-scan
-        ("efficientnet_b0", "rnflt"),  # timm's fused BatchNormAct2d
+        # timm's fused BatchNormAct2d; its real-size check takes ~16 s, so the slow tier runs it
+        pytest.param("efficientnet_b0", "rnflt", marks=pytest.mark.slow),
         ("convnext_atto", "rnflt"),  # downsample convs need contiguous inputs
     ],
 )
@@ -445,6 +446,7 @@ def _race_for_the_last_budget(tiny_data, ledger, ceiling, start, out) -> None:
         out.put(f"declined: {err}")
 
 
+@pytest.mark.slow  # two spawned interpreters that each import torch and train: ~13 s
 def test_two_processes_cannot_both_spend_the_last_of_the_budget(tiny_data, tmp_path):
     """Two sessions at one site start at once with room for one training under the ceiling:
     one trains, the other declines with a one-line PrivacyError, the ledger stays under it."""

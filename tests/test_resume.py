@@ -15,7 +15,7 @@ from flwr.app import ConfigRecord, Context, MessageType, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 from remdr.client.app import app
 from remdr.server.app import resume_point, resumed_strategy
-from remdr.server.strategy import site_level_privacy
+from remdr.server.site_dp import site_level_privacy
 from test_client_app import RUN_CONFIG, _initial, _message
 from test_site_dp import ArrayRecord, _Grid, _reply
 

@@ -15,7 +15,9 @@ from flwr.app import Array, ConfigRecord, Context, Message, MetricRecord, Record
 from flwr.app import ArrayRecord as _ArrayRecord
 from flwr.app import Metadata as FlwrMetadata
 from flwr.supercore.task_identity import TaskIdentity
-from remdr.server.strategy import aggregate_metrics, build_strategy, site_level_privacy
+from remdr.server.reply_metrics import aggregate_metrics
+from remdr.server.site_dp import site_level_privacy
+from remdr.server.strategy import build_strategy
 
 from remdr.federation.run_config import split_run_config
 from remdr.federation.run_directory import RunDirectory

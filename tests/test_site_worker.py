@@ -48,10 +48,12 @@ def _initial() -> dict[str, torch.Tensor]:
     return build_model(cfg).state_dict()
 
 
-@pytest.fixture()
-def worker(tmp_path):
-    """A real worker process, as `remdr-client start` starts it (its parent: this test)."""
-    folder = tmp_path / "worker"
+@pytest.fixture(scope="module")
+def worker(tmp_path_factory):
+    """A real worker process, as `remdr-client start` starts it (its parent: this test run),
+    shared by the tests of this module: a worker serves many messages, and each start costs
+    seconds of torch import."""
+    folder = tmp_path_factory.mktemp("site") / "worker"
     folder.mkdir(mode=0o700)
     (folder / AUTHKEY).write_bytes(secrets.token_bytes(32))
     proc = subprocess.Popen(
@@ -109,10 +111,15 @@ def test_an_error_reply_comes_back_as_an_error(tmp_path, worker):
 
 
 def test_without_a_reachable_worker_the_clientapp_does_the_work(tiny_data, tmp_path, worker):
-    folder, _ = worker
+    folder, proc = worker
+    known = (folder / AUTHKEY).read_bytes()
     (folder / AUTHKEY).write_bytes(secrets.token_bytes(32))  # a key the worker does not know
-    reply = app(_message(MessageType.TRAIN, _initial(), 1), _context(tiny_data, folder))
+    try:
+        reply = app(_message(MessageType.TRAIN, _initial(), 1), _context(tiny_data, folder))
+    finally:
+        (folder / AUTHKEY).write_bytes(known)  # the shared worker serves the next test
     assert not reply.has_error() and reply.content["metrics"]["num-examples"] > 0
+    assert proc.poll() is None  # refusing a wrong key does not end the worker
     gone = app(_message(MessageType.TRAIN, _initial(), 1), _context(tiny_data, tmp_path / "x"))
     assert not gone.has_error()
 

@@ -10,8 +10,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 from remdr.cli.common import (
     Parser,
     add_config_flags,
@@ -26,7 +24,7 @@ from remdr.cli.common import (
 from remdr.config import ExperimentConfig, apply_overrides
 from remdr.data import SyntheticSpec, synthetic_data
 from remdr.errors import ConfigError, Problems
-from remdr.methods import list_methods
+from remdr.registry import list_methods
 
 # The bench measures remdr-train's own defaults (24 epochs): all 8 methods x 3 seeds on the
 # 1,200-eye synthetic set take about 40 minutes on a 2-core CPU; --epochs 4 gives a quick look.
@@ -153,11 +151,13 @@ def _data(args: argparse.Namespace, cfg: ExperimentConfig):
 
 
 def cmd_methods(args: argparse.Namespace) -> int:
+    cfg, methods = check_args(args)  # before torch is imported: a typo is refused in a moment
+    import torch
+
     from remdr.bench import run_labels, run_methods, summarise, write_curves, write_results
     from remdr.experiment import load_splits
     from remdr.plots import bars_per_bin, scatter_pred_vs_true
 
-    cfg, methods = check_args(args)
     assert cfg is not None
     seeds = list(range(args.seeds))
     path, data = _data(args, cfg)

@@ -16,17 +16,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from remdr.config import (
-    PRESETS,
-    ExperimentConfig,
-    Rule,
-    apply_overrides,
-    apply_preset,
-    describe_keys,
-    flat_rules,
-    show,
-)
+from remdr.config import ExperimentConfig, apply_overrides, describe_keys, flat_rules
 from remdr.errors import Problems, RemdrError
+from remdr.presets import PRESETS, apply_preset
+from remdr.settings import Rule, show
 
 
 class Parser(argparse.ArgumentParser):

@@ -19,7 +19,7 @@ from remdr.cli.common import (
 from remdr.config import ExperimentConfig
 from remdr.data import SyntheticSpec, synthetic_data
 from remdr.errors import Problems
-from remdr.methods import get_spec, list_methods
+from remdr.registry import get_spec, list_methods
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,9 +67,9 @@ def main(argv: list[str] | None = None) -> int:
             for name in list_methods():
                 print(f"{name:15s} {get_spec(name).summary}")
             return 0
+        cfg = check_args(args)  # before torch is imported: a typo is refused in a moment
         from remdr.experiment import load_splits, train_and_test, write_run
 
-        cfg = check_args(args)
         private = get_spec(cfg.train.method).private
         if private and not cfg.privacy.dp_ledger:  # the run's own ledger unless one is named
             ledger = str(Path(args.out) / "privacy-ledger.jsonl")

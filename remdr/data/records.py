@@ -9,10 +9,10 @@ from pathlib import Path
 from typing import Any
 
 from remdr.errors import DataError
+from remdr.registry import MODALITIES
 
 MD_RANGE = (-40.0, 10.0)  # dB; outside this an MD value is a data error, not a severe eye
 MIN_IMAGE_SIDE = 8  # pixels
-MODALITIES = ("oct", "fundus")
 KINDS = {("oct", "fundus"): "complete", ("oct",): "oct-only", ("fundus",): "fundus-only"}
 
 

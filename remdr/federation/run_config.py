@@ -10,28 +10,24 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from remdr import __version__
-from remdr.config import (
+from remdr.config import ExperimentConfig, apply_overrides, flat_keys, flat_values
+from remdr.errors import ConfigError, Problems
+from remdr.presets import PRESETS, apply_preset
+from remdr.registry import get_spec
+from remdr.settings import (
     FRACTION,
     NON_NEGATIVE,
     POSITIVE,
-    PRESETS,
     PROBABILITY,
     SHARE,
-    ExperimentConfig,
-    apply_overrides,
-    apply_preset,
     check_fields,
     coerce,
     describe_fields,
-    flat_keys,
-    flat_values,
     setting,
     unknown_key,
 )
-from remdr.errors import ConfigError, Problems
-from remdr.methods import get_spec
 
-# Where federated training's defaults differ from centralized training's (README, "Federated
+# Where federated training's defaults differ from centralized training's (docs/federation.md, "Federated
 # vs centralized", has the sweep): sites take 4x more, smaller steps per pass over their data
 # (FedAvg averages parallel updates, so a round advances only as far as one site's steps go),
 # GroupNorm instead of BatchNorm (running statistics averaged across label-skewed sites misfit

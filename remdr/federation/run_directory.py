@@ -259,7 +259,7 @@ def privacy_summary(rounds: list[dict[str, Any]], site_level: dict | None = None
         "guarantee": ", ".join(guarantees) if guarantees else "none",
         "sample_level": sample,
         "site_level": site_level,
-        "not_covered": "metrics and dataset sizes reported by sites; see README Privacy",
+        "not_covered": 'metrics and dataset sizes reported by sites; see docs/privacy.md, "Not covered"',
     }
 
 

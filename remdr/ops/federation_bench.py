@@ -10,7 +10,6 @@ the model payload the coordinator sends each site per round, relative to the fp3
 from __future__ import annotations
 
 import json
-import os
 import statistics
 import tempfile
 import time
@@ -66,10 +65,6 @@ def measure(
 ) -> FederationCost:
     """Run the loopback federation and return its per-round costs; everything started is
     stopped before returning, also on failure."""
-    # the sites share this machine as they would not in deployment: each gets its share of the
-    # cores, as the simulator's --cpus-per-site does (oversubscribed OpenMP threads spin)
-    threads = str(max(1, (os.cpu_count() or 1) // sites))
-    site_env = {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
     experiment = {
         **EXPERIMENT,
         "num-server-rounds": rounds,
@@ -82,12 +77,14 @@ def measure(
         data = make_sites(root / "data", names, n=eyes_per_site)
         out = root / "coord-run"
         path = write_experiment(root / "experiment.toml", **{**experiment, "out-dir": str(out)})
-        fed = Loopback(root)
+        # the sites share this machine as they would not in deployment: each gets its share of
+        # the cores (remdr-client --threads), as the simulator's --cpus-per-site does
+        fed = Loopback(root, sites_per_machine=sites)
         start = time.perf_counter()
         try:
             fed.start_superlink()
             for name, folder in data.items():
-                fed.start_site(name, folder, env=site_env)
+                fed.start_site(name, folder)
             setup = time.perf_counter() - start
             if fed.run(path, timeout=300 + 300 * rounds) != 0:
                 raise RuntimeError("the benchmark federation failed:\n" + fed.log("run.log"))

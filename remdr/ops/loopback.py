@@ -16,6 +16,7 @@ from remdr.ops.processes import (
     flower_env,
     free_port,
     matching_processes,
+    usable_cores,
     wait_healthy,
 )
 
@@ -58,8 +59,15 @@ def write_experiment(path: Path, **overrides) -> Path:
 
 
 class Loopback:
-    def __init__(self, root: Path, *, certs: Path | None = None) -> None:
+    """A coordinator and its sites on this machine. The sites share its cores: each site's
+    training gets `usable_cores() // sites_per_machine` threads (`remdr-client start
+    --threads`), as separate hospitals' machines would not have to."""
+
+    def __init__(
+        self, root: Path, *, certs: Path | None = None, sites_per_machine: int = 2
+    ) -> None:
         self.root, self.certs = root, certs
+        self.threads = max(1, usable_cores() // max(1, sites_per_machine))
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.node_ports: list[int] = []
@@ -119,7 +127,7 @@ class Loopback:
         cmd = [
             str(BIN / "remdr-client"), "start", "--data", str(data), "--site-id", name,
             "--superlink", self.address, "--port", str(port), *self.tls_args(), *auth,
-            "--ledger", str(self.root / f"ledger-{name}.jsonl"),
+            "--ledger", str(self.root / f"ledger-{name}.jsonl"), "--threads", str(self.threads),
         ]  # fmt: skip
         proc = self.group.start(
             cmd, self.root / f"site-{name}.log", {**flower_env(), **(env or {})}

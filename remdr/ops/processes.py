@@ -38,6 +38,22 @@ def flower_env(flwr_home: str | Path | None = None) -> dict[str, str]:
     return env
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity: a container's or `taskset`'s share),
+    not every core of the machine."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # no affinity on this platform
+        return max(1, os.cpu_count() or 1)
+
+
+def thread_env(threads: int) -> dict[str, str]:
+    """The variables that size torch's OpenMP/MKL thread pool in a site's worker and in every
+    ClientApp process its SuperNode starts: sites sharing a machine would otherwise each start
+    one thread per core and spin against each other."""
+    return {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+
+
 def executable(name: str) -> str:
     """A Flower command from the same environment as this Python, else from PATH."""
     local = Path(sys.executable).parent / name

@@ -88,7 +88,7 @@ class PrivateSession:
         # Opacus' Poisson sampler draws from the plain loader's generator
         plain = DataLoader(rows, batch_size=batch_size, shuffle=True, generator=private_generator())
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # "secure RNG off": see README Privacy
+            warnings.simplefilter("ignore")  # "secure RNG off": see docs/privacy.md, "Not covered"
             self.engine = PrivacyEngine(accountant=ACCOUNTANT)
             self.module, self.optimizer, self.loader = self.engine.make_private(
                 module=model,

@@ -1,0 +1,95 @@
+"""The simulator's models on the global test set: the federation's, and the comparison arms
+trained on pooled data (centralized) or on one site's data alone (local)."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from remdr.config import ExperimentConfig
+
+
+def final_model(cfg: ExperimentConfig, fed_dir: Path, rounds: int):
+    """The federation's model: its best-validation round, else its last round."""
+    from safetensors.torch import load_file
+
+    from remdr.methods import build_model
+
+    model = build_model(cfg)
+    best = fed_dir / "best.safetensors"
+    model.load_state_dict(
+        load_file(str(best if best.is_file() else fed_dir / f"round-{rounds:03d}.safetensors"))
+    )
+    return model
+
+
+def test_metrics(model, test_ds, cfg: ExperimentConfig):
+    """(metrics, predictions) of `model` on the global test set."""
+    from remdr.metrics import scored_metrics
+    from remdr.runtime import resolve_device
+    from remdr.train import make_loader, predict
+
+    device = resolve_device(cfg.train.device)
+    preds = predict(
+        model.to(device), make_loader(test_ds, 64, shuffle=False, seed=0, device=device), device
+    )
+    return scored_metrics(preds), preds
+
+
+test_metrics.__test__ = False  # a helper, not a pytest test
+
+
+def one_image_tests(model, test_records: list, cfg: ExperimentConfig) -> dict:
+    """The global test set with one image withheld from every eye (`test_oct_only`,
+    `test_fundus_only`): what the fused model predicts for an incomplete eye."""
+    from remdr.data.dataset import EyeDataset
+
+    if len(model.modalities) < 2:
+        return {}
+    out = {}
+    for m in model.modalities:
+        eyes = [dataclasses.replace(r, modalities=(m,)) for r in test_records]
+        out[f"test_{m}_only"] = test_metrics(model, EyeDataset(eyes, cfg.data), cfg)[0]
+    return out
+
+
+def train_central(
+    cfg: ExperimentConfig,
+    dataset,
+    train_ds,
+    val_ds,
+    test_ds,
+    *,
+    epochs: int,
+    desc: str,
+    progress: bool,
+) -> dict:
+    """Pooled training on `train_ds` with the sites' settings, tested on the global test set."""
+    from remdr.experiment import SplitData, train_and_test
+
+    # the same passes over the data and the same learning-rate schedule as the federation
+    central_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, epochs=epochs))
+    outcome = train_and_test(
+        central_cfg, SplitData(dataset, train_ds, val_ds, test_ds), progress=progress, desc=desc,
+        test_curve=True,
+    )  # fmt: skip
+    return {
+        "test": outcome.test_metrics,
+        "best_val_mse": outcome.fit.best_val_mse,
+        "wall_seconds": outcome.fit.seconds,
+        "test_curve": outcome.test_curve,
+    }
+
+
+def federated_test_curve(fed_run, model, test_ds, cfg, fed_seconds: float) -> list:
+    """(seconds since the federation started, test MSE) after every round: the wall-clock
+    view beside the centralized one. Whatever is not a round's own time (Flower's start-up,
+    the final evaluation, shutdown) is counted before round 1, against the federation."""
+    records = fed_run.records()
+    elapsed = max(0.0, fed_seconds - sum(float(r.get("seconds", 0.0)) for r in records))
+    curve = []
+    for rec in records:
+        elapsed += float(rec.get("seconds", 0.0))
+        model.load_state_dict(fed_run.load_weights(rec["round"]))
+        curve.append((elapsed, float(test_metrics(model, test_ds, cfg)[0]["mse"])))
+    return curve
