@@ -26,7 +26,12 @@ from remdr import __version__
 from remdr.errors import PrivacyError, RemdrError
 from remdr.federation.run_config import split_run_config, versions_compatible
 from remdr.federation.site_round import SiteData, evaluate_global, load_site, train_round
-from remdr.federation.site_state import SiteState, flatten_optimizer, unflatten_optimizer
+from remdr.federation.site_state import (
+    Carried,
+    SiteState,
+    flatten_optimizer,
+    unflatten_optimizer,
+)
 from remdr.registry import get_spec
 
 log = logging.getLogger(__name__)
@@ -102,25 +107,29 @@ class RunMemory:
     def __init__(self, state: RecordDict) -> None:
         self.state = state
 
-    def load(self, before: int) -> tuple[dict | None, dict | None, dict | None]:
+    def load(self, before: int) -> Carried:
         state = self.state
         if "method" not in state:
-            return None, None, None
+            return Carried()
         method = state["method"]
-        local = state["fedbn"].to_torch_state_dict() if "fedbn" in state else None
+        arrays = {k: state[k].to_torch_state_dict() for k in ("fedbn", "control") if k in state}
         optimizer = (
             unflatten_optimizer(state["optimizer"].to_torch_state_dict(), method["optimizer"])
             if "optimizer" in state
             else None
         )
-        return json.loads(method["json"]), local, optimizer
+        return Carried(
+            json.loads(method["json"]), arrays.get("fedbn"), optimizer, arrays.get("control")
+        )
 
-    def save(self, server_round: int, method_state: dict, local_state, optimizer_state) -> None:
-        method = {"json": json.dumps(method_state)}
-        if local_state:
-            self.state["fedbn"] = ArrayRecord(local_state)
-        if optimizer_state:
-            moments, method["optimizer"] = flatten_optimizer(optimizer_state)
+    def save(self, server_round: int, carried: Carried) -> None:
+        method = {"json": json.dumps(carried.method or {})}
+        if carried.local:
+            self.state["fedbn"] = ArrayRecord(carried.local)
+        if carried.control:
+            self.state["control"] = ArrayRecord(carried.control)
+        if carried.optimizer:
+            moments, method["optimizer"] = flatten_optimizer(carried.optimizer)
             self.state["optimizer"] = ArrayRecord(moments)
         self.state["method"] = ConfigRecord(method)
 
@@ -167,7 +176,10 @@ def train(msg: Message, context: Context) -> Message:
     cfg, fed, site = setup
     server_round = int(msg.content["config"].get("server-round", 1))
     store = _site_state(msg, context, fed)
-    method_state, local, optimizer = store.load(before=server_round)
+    carried = store.load(before=server_round)
+    server_control = (
+        msg.content["control"].to_torch_state_dict() if "control" in msg.content else None
+    )
     try:
         result = train_round(
             cfg,
@@ -175,15 +187,14 @@ def train(msg: Message, context: Context) -> Message:
             msg.content["arrays"].to_torch_state_dict(),
             site,
             server_round=server_round,
-            method_state=method_state,
-            local_state=local,
-            optimizer_state=optimizer,
+            carried=carried,
+            server_control=server_control,
             ledger_label={"run": str(context.run_id), "site": _site_id(context)},
         )
     except RemdrError as err:  # declined by privacy, or a training failure: one line, no traceback
         log.warning("site %s: %s", _site_id(context), err)
         return _site_error(msg, context, err)
-    store.save(server_round, result.method_state, result.local_state, result.optimizer_state)
+    store.save(server_round, result.carried)
     content = RecordDict(
         {
             "arrays": ArrayRecord(result.state),
@@ -191,6 +202,8 @@ def train(msg: Message, context: Context) -> Message:
             "site": _site_record(context),
         }
     )
+    if result.control_delta is not None:  # SCAFFOLD: the change of c_i, screened like weights
+        content["control"] = ArrayRecord(result.control_delta)
     return Message(content=content, reply_to=msg)
 
 
@@ -202,7 +215,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     local = None
     if fed.fedbn:  # the layers this site's latest training left, this round included
         server_round = int(msg.content["config"].get("server-round", 1))
-        local = _site_state(msg, context, fed).load(before=server_round + 1)[1]
+        local = _site_state(msg, context, fed).load(before=server_round + 1).local
     try:
         metrics = evaluate_global(cfg, msg.content["arrays"].to_torch_state_dict(), site, local)
     except RemdrError as err:

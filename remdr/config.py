@@ -38,6 +38,7 @@ from remdr.settings import (
 OCT_VIEWS = ("bscans", "rnflt")
 OCT_VIEW_CHOICES = ("auto", *OCT_VIEWS)  # auto: chosen from the data when it is loaded
 SCHEDULES = ("cosine", "constant")
+OPTIMIZERS = ("adamw", "sgd")
 GRAD_SAMPLE_MODES = ("auto", "hooks", "ew")
 DEVICE_PATTERN = r"auto|cpu|mps|cuda(:[0-9]+)?"
 SEED_MAX = 2**32 - 1  # NumPy's legacy seeding takes 32 bits
@@ -168,6 +169,13 @@ class MethodConfig:
     )
     con_span: float = setting(10.0, "dB; label distance at which the margin saturates", **POSITIVE)
     con_weight_clip: float = setting(5.0, "anchor weights (mean 1) are clipped to this", low=1)
+    con_memory: int = setting(
+        0,
+        "SupCon also contrasts each anchor with the embeddings of this many recent training "
+        "eyes (a cross-batch memory, kept where the training runs): positives for small "
+        "batches; 0 = the batch only",
+        **NON_NEGATIVE,
+    )
     lds_sigma: float = setting(2.0, "dB; kernel of the label-density smoothing (LDS)", **POSITIVE)
     lds_reweight: float = setting(
         0.0,
@@ -211,7 +219,14 @@ class TrainConfig:
     epochs: int = setting(24, "training epochs", low=1)
     batch_size: int = setting(32, "batch size", low=2)
     lr: float = setting(2e-3, "learning rate", **POSITIVE)
-    weight_decay: float = setting(1e-4, "AdamW weight decay", **NON_NEGATIVE)
+    optimizer: str = setting(
+        "adamw",
+        "adamw, or sgd (with momentum): a federated site's SGD steps add up across sites the "
+        "way the pooled gradient does, AdamW's per-site normalised steps do not",
+        choices=OPTIMIZERS,
+    )
+    momentum: float = setting(0.9, "SGD momentum", **FRACTION)
+    weight_decay: float = setting(1e-4, "weight decay (decoupled for AdamW)", **NON_NEGATIVE)
     schedule: str = setting("cosine", "learning-rate schedule", choices=SCHEDULES)
     patience: int = setting(
         0,

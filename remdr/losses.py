@@ -92,10 +92,13 @@ def negative_margins(
     gamma: float,
     span: float,
     weight_clip: float,
+    candidates: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """m_ij = (mu/tau) w_i min(1, (|y_i - y_j| - delta)/span) for negatives, 0 elsewhere. (B, B)."""
+    """m_ij = (mu/tau) w_i min(1, (|y_i - y_j| - delta)/span) for negatives, 0 elsewhere.
+    (B, C): anchors by candidates, the batch itself unless `candidates` labels are given."""
     y = targets.float()
-    dist = (y[:, None] - y[None, :]).abs()
+    keys = y if candidates is None else candidates.float()
+    dist = (y[:, None] - keys[None, :]).abs()
     w = anchor_weights(density, y, gamma, weight_clip)  # (B,)
     margin = (mu / tau) * w[:, None] * ((dist - delta) / span).clamp(0.0, 1.0)
     return margin * (dist > delta)
@@ -112,20 +115,31 @@ def adaptive_margin_supcon(
     gamma: float = 0.5,
     span: float = 10.0,
     weight_clip: float = 5.0,
+    memory: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """embeddings (B, d), targets (B,) in dB -> scalar loss (0 if no anchor has a positive)."""
+    """embeddings (B, d), targets (B,) in dB -> scalar loss (0 if no anchor has a positive).
+
+    `memory` = (unit embeddings (M, d), targets (M,)) of earlier training eyes, detached: extra
+    candidates (positives and negatives) for each anchor, so a small batch still has positives
+    (a cross-batch memory, XBM: Wang et al., CVPR 2020). The anchors are the batch's only."""
     u = F.normalize(embeddings.float(), dim=-1)
     y = targets.float()
     b = u.shape[0]
-    eye = torch.eye(b, dtype=torch.bool, device=u.device)
-    dist = (y[:, None] - y[None, :]).abs()  # (B, B) label distance in dB
-    pos = (dist <= delta) & ~eye
-    neg = ~pos & ~eye
-    sim = u @ u.T / tau  # (B, B)
+    keys, key_y = u, y
+    if memory is not None and len(memory[1]):
+        keys = torch.cat([u, memory[0].to(u)])
+        key_y = torch.cat([y, memory[1].to(y)])
+    self_pair = torch.zeros(b, len(key_y), dtype=torch.bool, device=u.device)
+    self_pair[:, :b] = torch.eye(b, dtype=torch.bool, device=u.device)
+    dist = (y[:, None] - key_y[None, :]).abs()  # (B, C) label distance in dB
+    pos = (dist <= delta) & ~self_pair
+    neg = ~pos & ~self_pair
+    sim = u @ keys.T / tau  # (B, C)
     margin = negative_margins(
-        y, density, delta=delta, tau=tau, mu=mu, gamma=gamma, span=span, weight_clip=weight_clip
-    )
-    logits = (sim + margin * neg).masked_fill(eye, float("-inf"))
+        y, density, delta=delta, tau=tau, mu=mu, gamma=gamma, span=span,
+        weight_clip=weight_clip, candidates=key_y,
+    )  # fmt: skip
+    logits = (sim + margin * neg).masked_fill(self_pair, float("-inf"))
     log_denom = torch.logsumexp(logits, dim=1, keepdim=True)  # (B, 1)
     log_prob = sim - log_denom
     n_pos = pos.sum(1)
@@ -134,6 +148,29 @@ def adaptive_margin_supcon(
         return sim.sum() * 0.0  # keeps the graph; nothing to contrast in this batch
     per_anchor = -(log_prob.masked_fill(~pos, 0.0)).sum(1) / n_pos.clamp_min(1)
     return per_anchor[has_pos].mean()
+
+
+class EmbeddingMemory:
+    """The last `size` (unit embedding, label) pairs a training pushed: SupCon's cross-batch
+    candidates. It holds features of private images, so it lives where the training runs (a
+    site's memory never leaves the site) and is rebuilt by every training."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.u: torch.Tensor | None = None  # (M, d)
+        self.y: torch.Tensor | None = None  # (M,)
+
+    def push(self, embeddings: torch.Tensor, targets: torch.Tensor) -> None:
+        if self.size <= 0 or not len(targets):
+            return
+        u = F.normalize(embeddings.detach().float(), dim=-1)
+        y = targets.detach().float()
+        if self.u is not None:
+            u, y = torch.cat([self.u, u]), torch.cat([self.y, y])
+        self.u, self.y = u[-self.size :], y[-self.size :]
+
+    def get(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        return None if self.u is None else (self.u, self.y)
 
 
 def prototype_bins(width: float) -> torch.Tensor:

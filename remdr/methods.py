@@ -40,6 +40,7 @@ import torch
 from remdr.config import ExperimentConfig, MethodConfig
 from remdr.errors import ConfigError, PrivacyError
 from remdr.losses import (
+    EmbeddingMemory,
     LabelDensity,
     adaptive_margin_supcon,
     lds_loss_weights,
@@ -49,6 +50,7 @@ from remdr.losses import (
 )
 from remdr.model import ReM3Dr, full_precision
 from remdr.optim import (
+    DriftControl,
     ModalityScores,
     branch_signal,
     frozen_buffers,
@@ -105,6 +107,12 @@ class Method:
         self._noise_gen = torch.Generator().manual_seed(0)
         self.centres = prototype_bins(cfg.proto_bin_width)
         self._last_noisy: list[torch.Tensor] | None = None  # DP-SAT's ascent direction
+        # SupCon's cross-batch memory, per modality: features of this training's recent eyes
+        remember = spec.contrastive and cfg.con_memory > 0 and not spec.private
+        self.memory = (
+            {m: EmbeddingMemory(cfg.con_memory) for m in spec.modalities} if remember else {}
+        )
+        self._pending: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @property
     def name(self) -> str:
@@ -186,9 +194,12 @@ class Method:
                     has_m = out[f"present_{m}"]
                     if int(has_m.sum()) < 2:
                         continue
+                    z_m, y_m = out[f"z_{m}"][has_m], batch["md"][has_m]
+                    memory = self.memory.get(m)
                     con = adaptive_margin_supcon(
-                        out[f"z_{m}"][has_m],
-                        batch["md"][has_m],
+                        z_m,
+                        y_m,
+                        memory=memory.get() if memory is not None else None,
                         density=self.density,
                         delta=cfg.con_delta,
                         tau=cfg.con_tau,
@@ -199,6 +210,8 @@ class Method:
                     )
                     total = total + cfg.lambda_con * con
                     parts[f"con_{m}"] = float(con.detach())
+                    if memory is not None:
+                        self._pending[m] = (z_m, y_m)
             if spec.prototypes and cfg.lambda_con > 0:
                 for m in spec.modalities:
                     con = prototype_margin_loss(
@@ -244,13 +257,21 @@ class Method:
         epoch: int,
         autocast: Callable[[], AbstractContextManager] = nullcontext,
         regulariser: Callable[[ReM3Dr], torch.Tensor] | None = None,
+        control: DriftControl | None = None,
     ) -> dict[str, float]:
         """One optimisation step on `batch`; returns the first pass's loss parts.
 
-        `regulariser(model)` is added to the loss in every pass (FedProx's proximal term).
+        `regulariser(model)` is added to the loss in every pass (FedProx's proximal term);
+        `control` (SCAFFOLD) sees the first pass's raw gradients and corrects the final ones.
         """
         update = self.spec.update
         if self.spec.private:
+            if control is not None:
+                raise PrivacyError(
+                    f"drift control with the private method {self.name}",
+                    "its control variates would be mean gradients outside the DP guarantee",
+                    "drift-control=off",
+                )
             return self._private_step(model, optimizer, batch, epoch, autocast, regulariser)
 
         def objective() -> tuple[torch.Tensor, dict[str, float]]:
@@ -263,6 +284,11 @@ class Method:
         optimizer.zero_grad(set_to_none=True)
         loss, parts = objective()
         loss.backward()
+        for m, (z, y) in self._pending.items():  # this batch joins the memory after its loss
+            self.memory[m].push(z, y)
+        self._pending = {}
+        if control is not None:
+            control.observe()
         self.scores.update({m: parts.get(f"mse_{m}", float("nan")) for m in self.spec.modalities})
         self._step_count += 1
         ascent_step = (self._step_count - 1) % self.cfg.sam_every == 0
@@ -271,6 +297,7 @@ class Method:
             with sam_perturbation(params, self.cfg.sam_rho), frozen_buffers(model):
                 optimizer.zero_grad(set_to_none=True)
                 objective()[0].backward()
+            self._pending = {}  # the ascent pass's features are not remembered
         if update in ("modulate", "sagm") and self.modulation_active(epoch):
             self.last_k = self.scores.coefficients(self.cfg.mod_alpha)
             noise = self.spec.ogm_noise or self.cfg.ogm_noise
@@ -279,6 +306,8 @@ class Method:
                     scale_gradients(
                         model.encoder_parameters(m), k, noise=noise, gen=self._noise_gen
                     )
+        if control is not None:
+            control.correct()
         optimizer.step()
         for m, k in self.last_k.items():
             parts[f"k_{m}"] = k

@@ -1,4 +1,5 @@
-"""Update rules shared by the methods: gradient modulation (OGM-GE style) and SAM's two passes.
+"""Update rules shared by the methods: gradient modulation (OGM-GE style), SAM's two passes, and
+the federated site's corrections (FedProx's proximal term, SCAFFOLD's control variates).
 
 Sharpness-aware gradient modulation (SAGM) is this project's reconstruction of Re-M3Dr's idea:
 1. backward the full loss -> g;
@@ -152,3 +153,51 @@ def proximal_term(model: nn.Module, anchor: dict[str, torch.Tensor], mu: float):
         return 0.5 * mu * total
 
     return term
+
+
+class DriftControl:
+    """SCAFFOLD's control variates at one site (Karimireddy et al., ICML 2020), for an AdamW
+    site optimiser.
+
+    Under label skew each site's gradient pulls the shared model towards its own label mix (a
+    severe-heavy clinic pushes every output down), and averaging those pulls cancels the
+    learning it was meant to add. SCAFFOLD adds `c - c_i` to every local gradient before the
+    optimiser step: the site's own mean gradient c_i out, the federation's c in, so a site
+    steps as if it saw everyone's data. Adapted here: c_i is the mean of the site's raw
+    (first-pass, uncorrected) minibatch gradients over its local steps of the round, instead
+    of SCAFFOLD's (x - y)/(K lr), which presumes plain SGD steps. Per parameter: a parameter no
+    step reached (an absent modality's branch) keeps its c_i.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        server: dict[str, torch.Tensor] | None,
+        local: dict[str, torch.Tensor] | None,
+    ) -> None:
+        self.params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        zeros = {n: torch.zeros_like(p, memory_format=torch.contiguous_format) for n, p in self.params.items()}  # fmt: skip
+        self.server = {n: (server or {}).get(n, z).to(z) for n, z in zeros.items()}
+        self.local = {n: (local or {}).get(n, z).to(z) for n, z in zeros.items()}
+        self._sums = {n: torch.zeros_like(z) for n, z in zeros.items()}
+        self._counts = dict.fromkeys(zeros, 0)
+
+    def observe(self) -> None:
+        """Add this step's raw gradients (before any correction) to the round's mean."""
+        for n, p in self.params.items():
+            if p.grad is not None:
+                self._sums[n].add_(p.grad.detach().float())
+                self._counts[n] += 1
+
+    def correct(self) -> None:
+        """g <- g + c - c_i on every parameter this step has a gradient for."""
+        for n, p in self.params.items():
+            if p.grad is not None:
+                p.grad.add_((self.server[n] - self.local[n]).to(p.grad.dtype))
+
+    def updated_local(self) -> dict[str, torch.Tensor]:
+        """c_i after this round: the mean raw gradient, or the old c_i where none was seen."""
+        return {
+            n: (self._sums[n] / self._counts[n] if self._counts[n] else self.local[n]).cpu()
+            for n in self.params
+        }

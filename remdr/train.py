@@ -19,10 +19,11 @@ from tqdm.auto import tqdm
 from remdr.config import PrivacyConfig, TrainConfig
 from remdr.data.dataset import EyeDataset
 from remdr.data.transforms import augment_image
+from remdr.errors import ConfigError
 from remdr.methods import Method, presence
 from remdr.metrics import scored_metrics
 from remdr.model import ReM3Dr
-from remdr.optim import proximal_term
+from remdr.optim import DriftControl, proximal_term
 from remdr.registry import MODALITIES
 from remdr.runtime import autocast_for, to_device
 
@@ -52,9 +53,12 @@ def make_loader(
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay
-    )
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(
+            params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+        )
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
 def lr_at(
@@ -161,8 +165,12 @@ def fit(
     schedule_window: tuple[float, float] = (0.0, 1.0),
     optimizer_state: dict | None = None,
     on_epoch: Callable[[int, float], None] | None = None,
+    steps: int = 0,
+    control: DriftControl | None = None,
 ) -> FitResult:
-    """Train `model` in place with `method` for `epochs` (default `cfg.epochs`).
+    """Train `model` in place with `method` for `epochs` (default `cfg.epochs`), or for exactly
+    `steps` optimiser steps when `steps` > 0 (as many passes over the data as that takes: a
+    federated site's fixed local work per round, whatever its size).
 
     With a validation set, the weights of the epoch with the lowest validation MSE are kept
     (`keep_best`); without one, the last weights are kept. `proximal=(mu, anchor)` adds
@@ -171,6 +179,7 @@ def fit(
     moments from an earlier training (a site's previous round) and the result carries the new
     ones (not for a private method, whose optimiser is Opacus'). `on_epoch(epoch, seconds)` is
     called after each epoch with the training seconds so far (its own time is not counted).
+    `control` corrects every step for a federated site's drift (SCAFFOLD, `DriftControl`).
 
     A private method trains under DP-SGD with `privacy` (one Poisson-sampled row per patient)
     and keeps the last weights: picking an epoch on private validation data is not covered by
@@ -180,6 +189,12 @@ def fit(
     trainings never repeat each other, while plain training is reproducible from `cfg.seed`.
     """
     epochs = epochs or cfg.epochs
+    if steps and method.spec.private:
+        raise ConfigError(
+            f"local-steps={steps} with the private method {method.name}",
+            "DP-SGD's accounting counts whole Poisson-sampled epochs",
+            "use local-epochs with a private method (local-steps=0)",
+        )
     optimizer = make_optimizer(model, cfg)
     if optimizer_state and not method.spec.private:
         optimizer.load_state_dict(optimizer_state)
@@ -222,7 +237,7 @@ def fit(
                 model, train_model, method, loader, optimizer, val_ds, cfg, device,
                 epochs=epochs, augment=augment, keep_best=keep_best, progress=progress,
                 desc=desc, proximal=proximal, aug_gen=aug_gen, window=schedule_window,
-                on_epoch=on_epoch,
+                on_epoch=on_epoch, steps=steps, control=control,
             )  # fmt: skip
     except BaseException:
         if session is not None:
@@ -254,6 +269,8 @@ def _train_epochs(
     aug_gen: torch.Generator,
     window: tuple[float, float],
     on_epoch: Callable[[int, float], None] | None = None,
+    steps: int = 0,
+    control: DriftControl | None = None,
 ) -> FitResult:
     val_loader = (
         make_loader(
@@ -269,7 +286,9 @@ def _train_epochs(
     )
     autocast = autocast_for(device)
     regulariser = proximal_term(model, proximal[1], proximal[0]) if proximal else None
-    total = epochs * len(loader)
+    if steps:  # exactly `steps` steps, over as many passes as they take
+        epochs = math.ceil(steps / max(1, len(loader)))
+    total = steps or epochs * len(loader)
     result, best_state = FitResult(), None
     start, step = time.perf_counter(), 0
     interactive = progress and sys.stderr.isatty()  # a bar on a terminal, a line per epoch in logs
@@ -279,13 +298,17 @@ def _train_epochs(
         sums: dict[str, float] = {}
         n_batches = 0
         for batch in loader:
+            if step == total:
+                break
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, total, cfg, window)
             batch = to_device(batch, device)
             if augment and len(batch["md"]):
                 for m in model.modalities:
                     batch[m] = augment_image(batch[m], aug_gen, float(augment))
-            parts = method.step(train_model, optimizer, batch, epoch, autocast, regulariser)
+            parts = method.step(
+                train_model, optimizer, batch, epoch, autocast, regulariser, control=control
+            )
             step += 1
             bar.update(1)
             if "loss" not in parts:  # a noise-only step on an empty Poisson batch

@@ -63,10 +63,23 @@ def resume_point(run: RunDirectory, run_config: dict) -> int:
     return done
 
 
-def resumed_strategy(fed: FedConfig, run: RunDirectory, done: int) -> RemdrStrategy:
+def trainable_shapes(cfg) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every trainable parameter of the model `cfg` trains (what SCAFFOLD's
+    control variates cover: not buffers such as BatchNorm's running statistics)."""
+    model = build_model(cfg, create_method(cfg.train.method, cfg.method))
+    return {n: tuple(p.shape) for n, p in model.named_parameters() if p.requires_grad}
+
+
+def resumed_strategy(
+    fed: FedConfig,
+    run: RunDirectory,
+    done: int,
+    parameters: dict[str, tuple[int, ...]] | None = None,
+) -> RemdrStrategy:
     """The strategy, continuing after round `done` with the state saved with it, journalling
-    every site-level DP release in the run directory."""
-    strategy = build_strategy(fed)
+    every site-level DP release in the run directory. `parameters` (name -> shape) are what
+    SCAFFOLD's control variates cover."""
+    strategy = build_strategy(fed, parameters)
     strategy.round_offset = done
     if done:
         strategy.load_state_dict(*run.load_strategy_state(done))
@@ -108,7 +121,8 @@ def main(grid: Grid, context: Context) -> None:
         log.info("resuming from %s after round %d of %d", run.dir, done, fed.num_server_rounds)
     else:
         state = initial_state(context)
-    strategy = resumed_strategy(fed, run, done)
+    parameters = trainable_shapes(cfg) if fed.drift_control == "scaffold" else None
+    strategy = resumed_strategy(fed, run, done, parameters)
     strategy.grid = RetryingGrid(grid)
     to_sites = ConfigRecord({"remdr-version": __version__, "remdr-run": run.run_key()})
     start = time.time()
@@ -130,7 +144,10 @@ def main(grid: Grid, context: Context) -> None:
             scored -= 1
             run.add_evaluation(scored, *received)
         _log_round(server_round + done, fed.num_server_rounds, record, scored, received)
-        run.write_report({"status": "running", "config": dict(context.run_config)})
+        run.write_report(
+            {"status": "running", "config": dict(context.run_config)},
+            plot=(server_round + done) % 10 == 0,  # a plot costs about a second; the end draws it
+        )
         return None
 
     remaining = fed.num_server_rounds - done

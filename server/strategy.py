@@ -27,6 +27,7 @@ from flwr.serverapp.strategy import (
     Strategy,
 )
 from flwr.serverapp.strategy.fedopt import FedOpt
+from remdr.server.drift_control import ServerControl
 from remdr.server.grid import RetryingGrid
 from remdr.server.part_aggregation import aggregate_parts
 from remdr.server.reply_metrics import aggregate_metrics, drop_site_only_keys, metrics_of
@@ -56,8 +57,16 @@ class RemdrStrategy(Strategy):
     shifts round numbers by `round_offset` when a run resumes.
     """
 
-    def __init__(self, inner: Strategy, fed: FedConfig) -> None:
+    def __init__(
+        self,
+        inner: Strategy,
+        fed: FedConfig,
+        parameters: dict[str, tuple[int, ...]] | None = None,
+    ) -> None:
         self.inner, self.fed = inner, fed
+        # SCAFFOLD's c over the model's trainable `parameters` (name -> shape)
+        self.control = ServerControl(parameters or {}) if fed.drift_control == "scaffold" else None
+        self._deltas: dict[str, dict[str, np.ndarray] | None] = {}
         self.round_offset = 0
         self.grid: RetryingGrid | None = None
         self.site_of_node: dict[int, str] = {}
@@ -84,6 +93,8 @@ class RemdrStrategy(Strategy):
         for name in ("m_t", "v_t"):
             for k, v in (getattr(base, name, None) or {}).items():
                 arrays[f"{name}/{k}"] = np.asarray(v)
+        if self.control is not None:
+            arrays.update(self.control.state_dict())
         scalars = {}
         if isinstance(self.inner, DifferentialPrivacyServerSideAdaptiveClipping):
             scalars["clipping_norm"] = float(self.inner.clipping_norm)
@@ -97,6 +108,8 @@ class RemdrStrategy(Strategy):
                 setattr(base, name, part)
         if "clipping_norm" in scalars:
             self.inner.clipping_norm = float(scalars["clipping_norm"])
+        if self.control is not None:
+            self.control.load_state_dict(arrays)
 
     def _node(self, msg: Message) -> int:
         """The site a reply is about; an error made by the SuperLink names the request's node."""
@@ -153,7 +166,9 @@ class RemdrStrategy(Strategy):
     def _screen(self, replies: list[Message]) -> list[Message]:
         """Drop updates that cannot be aggregated; name the site in the log and report."""
         kept = []
+        self._deltas = {}
         for msg in replies:
+            delta = ServerControl.take(msg) if self.control is not None else None
             update = {
                 k: v.numpy() for rec in msg.content.array_records.values() for k, v in rec.items()
             }
@@ -162,7 +177,13 @@ class RemdrStrategy(Strategy):
                 update_problem(update, self._global, self.fed.max_update_norm)
                 or counts_problem(metrics)
                 or untrained_part_problem(update, self._global, trained_counts(metrics))
+                or (
+                    self.control.problem(delta, self.fed.max_update_norm)
+                    if self.control is not None
+                    else None
+                )
             )
+            self._deltas[msg.metadata.message_id] = delta
             if problem:
                 site = self._site(msg)
                 self.current.setdefault("rejected", []).append(site)
@@ -230,6 +251,8 @@ class RemdrStrategy(Strategy):
             self.inner.configure_train(server_round + self.round_offset, arrays, config, grid)
         )
         self._sampled["train"] = [m.metadata.dst_node_id for m in msgs]
+        if self.control is not None:
+            self.control.attach(msgs)
         return msgs
 
     def aggregate_train(self, server_round, replies: Iterable[Message]):  # noqa: D102
@@ -251,6 +274,10 @@ class RemdrStrategy(Strategy):
                 arrays[key] = Array(np.asarray(value, order="C"))
         self.current["train"] = dict(metrics) if metrics is not None else {}
         self.current["aggregated"] = sorted(self._site(m) for m in good)
+        if self.control is not None and arrays is not None:
+            self.control.update(
+                [self._deltas[m.metadata.message_id] for m in good], [metrics_of(m) for m in good]
+            )
         if private and arrays is not None:
             arrays = self._release(arrays, len(good), clip)
         return arrays, metrics
@@ -314,7 +341,9 @@ BASES = {
 }
 
 
-def build_strategy(fed: FedConfig) -> RemdrStrategy:
+def build_strategy(
+    fed: FedConfig, parameters: dict[str, tuple[int, ...]] | None = None
+) -> RemdrStrategy:
     """The configured Flower strategy with a fixed cohort of `min-nodes` sites per round,
     wrapped in Flower's site-level DP when asked, inside remdr's recording/screening layer."""
     base = BASES[fed.strategy]
@@ -340,4 +369,4 @@ def build_strategy(fed: FedConfig) -> RemdrStrategy:
         )
     elif fed.strategy == "fedtrimmedavg":
         kwargs["beta"] = fed.trim_beta
-    return RemdrStrategy(wrap(base(**kwargs), fed), fed)
+    return RemdrStrategy(wrap(base(**kwargs), fed), fed, parameters)

@@ -8,6 +8,7 @@ sites' data (--compare-centralized) and on each site alone (--compare-local).
 
 This module is the command line only: flags, their checks and the DP recipe. The study itself is
 `remdr.sim.simulation.run_simulation`, which another program can call with a `Simulation`.
+`remdr-sim suite` runs the federation-quality suite (`remdr.sim.suite_cli`).
 """
 
 from __future__ import annotations
@@ -63,7 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--out", default="runs/sim", help="run directory (replaced if it exists)")
     ap.add_argument("--sites", type=int, default=4)
     ap.add_argument(
-        "--partition", default="dirichlet", choices=["dirichlet", "iid", "quantity", "predefined"]
+        "--partition",
+        default="dirichlet",
+        choices=["dirichlet", "iid", "quantity", "screening", "predefined"],
+        help="dirichlet: label skew (--alpha); quantity: exponential site sizes; screening: one "
+        "large, mostly normal screening clinic and small specialist clinics holding the severe "
+        "eyes; predefined: the dataset's own site field",
     )
     ap.add_argument(
         "--alpha",
@@ -173,7 +179,7 @@ def check_sim_flags(args: argparse.Namespace) -> tuple[ExperimentConfig, int, di
     if args.compare_complete_only and args.partition == "predefined":
         p.add("--compare-complete-only with --partition predefined", "not supported",
               "use dirichlet, iid or quantity")  # fmt: skip
-    fed = _fed_overrides(args.fed, p)
+    fed = fed_overrides(args.fed, p)
     resolved = p.call(resolve_config, args)
     # the run config as far as it is known before the data (the cohort comes from the
     # partition); flags refused above are left out of it, so nothing is said twice
@@ -223,7 +229,7 @@ def dp_batch_size(site_patients: list[int], val_fraction: float) -> int:
     return math.ceil(train / 2)
 
 
-def _fed_overrides(items: list[str], problems: Problems | None = None) -> dict[str, str]:
+def fed_overrides(items: list[str], problems: Problems | None = None) -> dict[str, str]:
     """The valid --fed KEY=VALUE items; every malformed item or unknown key is raised at once,
     or added to `problems`."""
     from remdr.config import flat_keys
@@ -249,9 +255,18 @@ def _fed_overrides(items: list[str], problems: Problems | None = None) -> dict[s
 
 
 def main(argv: list[str] | None = None) -> int:
+    """`remdr-sim [flags]` simulates one study; `remdr-sim suite [flags]` runs the suite."""
     import signal
 
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["suite"]:
+        from remdr.sim import suite_cli
+
+        args = suite_cli.build_parser().parse_args(argv[1:])
+        run = suite_cli.suite
+    else:
+        args = build_parser().parse_args(argv)
+        run = simulate
 
     def on_term(signum, frame):  # `kill` cleans up like Ctrl-C: the runner's finally stops Flower
         raise KeyboardInterrupt
@@ -259,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, on_term)
     # Ctrl-C / kill -INT clean up even when started as a background job (SIGINT inherited ignored)
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    return run_cli("remdr-sim", lambda: simulate(args))
+    return run_cli("remdr-sim", lambda: run(args))
 
 
 def simulation_of(args: argparse.Namespace) -> Simulation:
@@ -294,7 +309,7 @@ def simulation_of(args: argparse.Namespace) -> Simulation:
         local_epochs=local_epochs,
         strategy=args.strategy,
         fedbn=args.fedbn,
-        fed=_fed_overrides(args.fed),
+        fed=fed_overrides(args.fed),
         resources=SimResources(args.cpus_per_site, args.gpus_per_site),
         compare_centralized=args.compare_centralized,
         compare_local=args.compare_local,

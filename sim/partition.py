@@ -25,7 +25,13 @@ from remdr.data.splits import split_records
 from remdr.errors import ConfigError, DataError
 from remdr.metrics import BINS, severity_bin
 
-SCHEMES = ("dirichlet", "iid", "quantity", "predefined")
+SCHEMES = ("dirichlet", "iid", "quantity", "screening", "predefined")
+
+# The `screening` scheme: the share of each severity bin's patients that the large screening
+# clinic (site-0) sees; the rest go to the small specialist clinics (glaucoma services, where
+# the advanced eyes are), which differ in size by a Dirichlet(1) draw. A network like this has
+# quantity and label skew at once: one big, mostly normal site and small, severe-heavy ones.
+SCREENING_SHARE = {"normal": 0.85, "early": 0.6, "moderate": 0.25, "severe": 0.05}
 
 
 @dataclass
@@ -104,6 +110,8 @@ def assign_sites(records: list[EyeRecord], spec: PartitionSpec) -> dict[str, lis
             self_balancing=False,
             seed=spec.seed,
         )
+    elif spec.scheme == "screening":
+        return _screening_sites(by_patient, table["bin"], spec)
     elif spec.scheme == "quantity":
         part = ExponentialPartitioner(spec.sites)
     elif spec.scheme == "iid":
@@ -123,6 +131,35 @@ def assign_sites(records: list[EyeRecord], spec: PartitionSpec) -> dict[str, lis
         chunk = part.load_partition(k)
         name = f"site-{k}"
         sites[name] = [r for p in chunk["patient"] for r in by_patient[p]]
+    return sites
+
+
+def _screening_sites(
+    by_patient: dict[str, list[EyeRecord]], bins: list[int], spec: PartitionSpec
+) -> dict[str, list[EyeRecord]]:
+    """One screening clinic (site-0) with `SCREENING_SHARE` of each bin's patients, the rest
+    spread over `spec.sites - 1` specialist clinics of different sizes (half evenly, half by a
+    Dirichlet(1) draw, so none is empty); seeded."""
+    if spec.sites < 2:
+        raise ConfigError("the screening partition with 1 site", "needs a screening clinic and "
+                          "at least one specialist clinic", "use --sites 2 or more")  # fmt: skip
+    rng = np.random.default_rng(spec.seed)
+    k = spec.sites - 1  # half the specialists' patients spread evenly, half by a Dirichlet draw
+    specialist_share = 0.5 / k + 0.5 * rng.dirichlet(np.ones(k))
+    sites: dict[str, list[EyeRecord]] = {f"site-{i}": [] for i in range(spec.sites)}
+    for pid, b in zip(by_patient, bins, strict=True):
+        if rng.random() < SCREENING_SHARE[BINS[b]]:
+            i = 0
+        else:
+            i = 1 + int(rng.choice(k, p=specialist_share))
+        sites[f"site-{i}"].extend(by_patient[pid])
+    empty = [name for name, recs in sites.items() if not recs]
+    if empty:
+        raise DataError(
+            f"the screening partition left {', '.join(empty)} without patients",
+            "too few patients for that many specialist clinics",
+            "use fewer --sites or another --seed",
+        )
     return sites
 
 

@@ -9,6 +9,7 @@ comparison arms) on a global test set no site ever sees. `remdr-sim` is a thin C
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import shutil
 import time
@@ -53,6 +54,9 @@ class Simulation:
     compare_complete_only: bool = False  # also federate the sites listed as "both" alone
     batch_from_patients: Callable[[list[int]], int] | None = None  # the DP recipe's batch size
     progress: bool = True
+    # a folder of centralized arms trained before (`remdr-sim suite` keeps one): the arm depends
+    # on the training config, the partition and its epochs only, not on the federation
+    central_cache: Path | None = None
 
 
 def run_simulation(sim: Simulation, say: Callable[[str], None] = print) -> dict:
@@ -98,7 +102,7 @@ def run_simulation(sim: Simulation, say: Callable[[str], None] = print) -> dict:
         "sim-data-root": str(out / "data" / "sites"),
         **sim.fed,
     }
-    split_run_config(run_config)  # fail early on a bad combination
+    _, fed = split_run_config(run_config)  # fail early on a bad combination
     say(
         f"federated: {len(part.sites)} sites x {sim.rounds} rounds x {sim.local_epochs} local "
         f"epoch(s), {cfg.train.method}, {run_config['strategy']}"
@@ -122,9 +126,17 @@ def run_simulation(sim: Simulation, say: Callable[[str], None] = print) -> dict:
             sim, cfg, part, run_config, test_ds, say
         )
 
-    epochs = sim.rounds * sim.local_epochs
-    sites = {name: load_site(part.site_dir(name), cfg, seed=cfg.train.seed) for name in part.sites}
-    if sim.compare_centralized:
+    epochs = central_epochs(fed, part, cfg)
+    cached = _cached_central(sim, cfg, epochs) if sim.compare_centralized else None
+    need_sites = sim.compare_local or (sim.compare_centralized and cached is None)
+    sites = (
+        {name: load_site(part.site_dir(name), cfg, seed=cfg.train.seed) for name in part.sites}
+        if need_sites
+        else {}
+    )
+    if cached is not None:
+        results["centralized"] = cached
+    elif sim.compare_centralized:
         union_train = EyeDataset([r for s in sites.values() for r in s.train.records], cfg.data)
         union_val = EyeDataset([r for s in sites.values() for r in s.val.records], cfg.data)
         results["centralized"] = {
@@ -134,6 +146,7 @@ def run_simulation(sim: Simulation, say: Callable[[str], None] = print) -> dict:
             ),
             "epochs": epochs,
         }  # fmt: skip
+        _cache_central(sim, cfg, epochs, results["centralized"])
     if sim.compare_local:
         results["local"] = {
             name: train_central(
@@ -155,6 +168,48 @@ def run_simulation(sim: Simulation, say: Callable[[str], None] = print) -> dict:
     (out / "report.json").write_text(json.dumps(clean(report), indent=2, default=str))
     report["report_md"] = str(write_sim_report(out, report, fed_preds))
     return report
+
+
+def central_epochs(fed, part, cfg: ExperimentConfig) -> int:
+    """The centralized arm's epochs: the federation's passes over the data. With local epochs
+    that is rounds x local epochs; with `local-steps` K, the sites together train
+    rounds x K x sites batches, which is that many batches of the pooled training eyes."""
+    if not fed.local_steps:
+        return fed.num_server_rounds * fed.local_epochs
+    from remdr.data.splits import split_records
+
+    train = sum(
+        len(split_records(recs, cfg.data.val_fraction, 0.0, cfg.train.seed)["train"])
+        for recs in part.sites.values()
+    )
+    batches = fed.num_server_rounds * fed.local_steps * len(part.sites)
+    return max(1, round(batches * cfg.train.batch_size / max(1, train)))
+
+
+def _central_path(sim: Simulation, cfg: ExperimentConfig, epochs: int) -> Path | None:
+    if sim.central_cache is None:
+        return None
+    what = {
+        "cfg": cfg.to_dict(),
+        "partition": dataclasses.asdict(sim.partition),
+        "data": sim.data,
+        "synthetic_n": sim.synthetic_n,
+        "epochs": epochs,
+    }
+    key = hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()
+    return Path(sim.central_cache) / f"{key[:16]}.json"
+
+
+def _cached_central(sim: Simulation, cfg: ExperimentConfig, epochs: int) -> dict | None:
+    path = _central_path(sim, cfg, epochs)
+    return json.loads(path.read_text()) if path is not None and path.is_file() else None
+
+
+def _cache_central(sim: Simulation, cfg: ExperimentConfig, epochs: int, result: dict) -> None:
+    path = _central_path(sim, cfg, epochs)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, default=str))
 
 
 def _federate(run_config: dict, n_sites: int, sim: Simulation, run_dir: Path, log_name: str):

@@ -17,7 +17,12 @@ from remdr.config import ExperimentConfig, TrainConfig, apply_overrides
 from remdr.federation.run_config import run_config_defaults, split_run_config
 from remdr.federation.run_directory import RunDirectory
 from remdr.federation.site_round import load_site
-from remdr.federation.site_state import SiteState, flatten_optimizer, unflatten_optimizer
+from remdr.federation.site_state import (
+    Carried,
+    SiteState,
+    flatten_optimizer,
+    unflatten_optimizer,
+)
 from remdr.methods import build_model
 from remdr.train import lr_at
 
@@ -96,17 +101,43 @@ def test_a_site_resumes_its_optimiser_moments_only_when_asked(tiny_data, keep):
     assert same is not keep
 
 
-def test_optimiser_moments_survive_the_sites_disk(tmp_path):
+def test_with_local_steps_every_site_takes_that_many_steps_whatever_its_size(tmp_path):
+    """A 12-eye and a 40-eye site (batch 8: 2 and 5 batches a pass) both take exactly 7 steps:
+    the small one over several passes, the large one within two."""
+    from remdr.data.synthetic import SyntheticSpec, generate
+
+    run_config = {**RUN_CONFIG, "local-steps": 7}
+    steps = {}
+    for n in (12, 40):
+        generate(tmp_path / str(n), SyntheticSpec(n=n, size=32, depth=6, n_sites=1, seed=n))
+        reply = app(_message(MessageType.TRAIN, _initial(run_config), 1),
+                    _context(tmp_path / str(n), run_config))  # fmt: skip
+        assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
+        steps[n] = reply.content["metrics"]["train-steps"]
+    assert steps == {12: 7, 40: 7}
+    plain = app(
+        _message(MessageType.TRAIN, _initial(RUN_CONFIG), 1), _context(tmp_path / "40", RUN_CONFIG)
+    )
+    assert plain.content["metrics"]["train-steps"] != 7  # one epoch of the 40-eye site
+
+
+def test_a_sites_carried_state_survives_its_disk(tmp_path):
     model = torch.nn.Linear(3, 2)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     model(torch.randn(4, 3)).sum().backward()
     opt.step()
     state = opt.state_dict()
     store = SiteState(tmp_path, "run-1")
-    store.save(1, {"scores": {}}, {"norm.weight": torch.ones(2)}, state)
-    method, local, back = store.load(before=2)
-    assert method == {"scores": {}} and set(local) == {"norm.weight"}
+    control = {"weight": torch.full((2, 3), 0.5)}
+    store.save(1, Carried({"scores": {}}, {"norm.weight": torch.ones(2)}, state, control))
+    carried = store.load(before=2)
+    assert carried.method == {"scores": {}} and set(carried.local) == {"norm.weight"}
+    assert set(carried.control) == {"weight"} and torch.equal(
+        carried.control["weight"], control["weight"]
+    )
+    back = carried.optimizer
     assert back["param_groups"] == state["param_groups"]
+    assert store.load(before=1) == Carried()  # nothing before the first round
     for idx, per_param in state["state"].items():
         for name, value in per_param.items():
             assert torch.equal(back["state"][idx][name], value)

@@ -76,6 +76,64 @@ def test_margin_raises_the_loss_and_anchors_without_positives_are_skipped():
     assert loss.item() == 0.0 and loss.requires_grad
 
 
+def supcon_with_memory_reference(z, y, mem_z, mem_y, delta, tau):
+    """Plain SupCon with memory candidates, anchor by anchor: the batch's anchors contrast
+    with every other batch row and every memory row."""
+    u = torch.nn.functional.normalize(z, dim=-1)
+    keys = [(u[j], y[j], j) for j in range(len(y))] + [
+        (m, t, None) for m, t in zip(mem_z, mem_y, strict=True)
+    ]
+    losses = []
+    for i in range(len(y)):
+        cands = [(k, t) for k, t, j in keys if j != i]
+        pos = [k for k, t in cands if abs(y[i] - t) <= delta]
+        if not pos:
+            continue
+        denom = sum(torch.exp(u[i] @ k / tau) for k, _ in cands)
+        losses.append(-sum(torch.log(torch.exp(u[i] @ p / tau) / denom) for p in pos) / len(pos))
+    return torch.stack(losses).mean()
+
+
+def test_memory_candidates_give_a_small_batch_positives():
+    from remdr.losses import EmbeddingMemory
+
+    z, y = _labels(16, seed=4)
+    density = LabelDensity.fit(y.numpy(), 2.0)
+    batch, lonely = (z[:4], torch.tensor([0.0, -10.0, -20.0, -30.0]))  # no positive in-batch
+    memory = EmbeddingMemory(size=6)
+    memory.push(z[4:8], torch.tensor([0.3, -10.4, -1.0, -5.0]))
+    memory.push(z[8:12], torch.tensor([-19.6, -2.0, -30.2, -7.0]))  # the oldest two drop out
+    mem_u, mem_y = memory.get()
+    assert len(mem_y) == 6 and torch.equal(
+        mem_y, torch.tensor([-1.0, -5.0, -19.6, -2.0, -30.2, -7.0])
+    )
+    assert adaptive_margin_supcon(batch, lonely, density=density, mu=0.0, **KW).item() == 0.0
+    ours = adaptive_margin_supcon(
+        batch, lonely, density=density, mu=0.0, memory=(mem_u, mem_y), **KW
+    )
+    ref = supcon_with_memory_reference(batch.float(), lonely, mem_u, mem_y, delta=1.0, tau=0.1)
+    assert ours.item() > 0 and ours.item() == pytest.approx(ref.item(), rel=1e-5)
+    empty = (torch.zeros(0, 8), torch.zeros(0))
+    assert adaptive_margin_supcon(
+        z, y, density=density, memory=empty, **KW
+    ).item() == pytest.approx(adaptive_margin_supcon(z, y, density=density, **KW).item())
+
+
+def test_the_memory_is_filled_by_training_and_never_saved(tiny_cfg, tiny_data):
+    cfg = apply_overrides(tiny_cfg, {"method": "remdr", "con-memory": 20})
+    method = create_method("remdr", cfg.method)
+    model = build_model(cfg, method)
+    ds = EyeDataset(load_dataset(tiny_data, cfg.data).records, cfg.data)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    for i, batch in enumerate(make_loader(ds, 8, shuffle=True, seed=0, device=torch.device("cpu"))):
+        method.step(model, opt, batch, epoch=0)
+        held = len(method.memory["oct"].get()[1])
+        assert held == min(20, 8 * (i + 1))  # one push per step: SAM's ascent pass adds none
+        if i == 3:
+            break
+    assert "memory" not in str(method.state_dict())
+
+
 def test_loss_is_invariant_to_batch_order():
     z, y = _labels(24, seed=3)
     density = LabelDensity.fit(y.numpy(), 2.0)

@@ -315,10 +315,10 @@ def test_empty_poisson_batches_still_release_noise_and_training_completes(tiny_d
     empty_steps = 0
     real_step = m.step
 
-    def counting_step(train_model, optimizer, batch, *args):
+    def counting_step(train_model, optimizer, batch, *args, **kwargs):
         nonlocal empty_steps
         before = [p.detach().clone() for p in train_model.parameters()]
-        parts = real_step(train_model, optimizer, batch, *args)
+        parts = real_step(train_model, optimizer, batch, *args, **kwargs)
         if len(batch["md"]) == 0:
             empty_steps += 1
             assert "loss" not in parts

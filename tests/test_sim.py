@@ -88,6 +88,73 @@ def test_alpha_controls_label_skew(sim_data, tmp_path):
     assert skews[0.1] > 2 * skews[100.0], skews
 
 
+def test_screening_sites_are_one_large_normal_clinic_and_small_severe_ones(sim_data, tmp_path):
+    from remdr.sim.partition import bin_counts
+
+    ds = load_dataset(sim_data)
+    for seed in range(3):
+        part = partition(ds, PartitionSpec(sites=4, scheme="screening", seed=seed), tmp_path / "p")
+        screening, *specialists = part.sites.values()
+        assert all(len(screening) > len(s) for s in specialists)
+        pooled = [r for recs in specialists for r in recs]
+        normal = lambda recs: bin_counts(recs)["normal"] / len(recs)  # noqa: E731
+        severe = lambda recs: bin_counts(recs)["severe"] / len(recs)  # noqa: E731
+        assert normal(screening) > 2 * normal(pooled)
+        assert severe(pooled) > 3 * severe(screening)
+    again = partition(ds, PartitionSpec(sites=4, scheme="screening", seed=2), tmp_path / "q")
+    assert {k: _ids(v) for k, v in again.sites.items()} == {
+        k: _ids(v) for k, v in part.sites.items()
+    }
+
+
+def test_the_suite_covers_the_skews_a_study_meets_and_is_reproducible_from_a_seed():
+    from remdr.sim.suite import SUITE
+
+    assert len(SUITE) >= 8
+    alphas = {c.alpha for c in SUITE if c.scheme == "dirichlet"}
+    assert {1.0, 0.3, 0.1} <= alphas and {c.sites for c in SUITE} >= {4, 8}
+    assert {"quantity", "screening"} <= {c.scheme for c in SUITE}
+    assert any(set(c.site_modalities) - {"both"} for c in SUITE)
+    assert all(c.partition(3) == c.partition(3) and c.partition(3).seed == 3 for c in SUITE)
+
+
+def test_the_suite_summary_reports_the_median_and_the_worst_ratio():
+    from remdr.sim.suite import summarise, table
+
+    def row(case, fed_val, cen_val, fed_r2, cen_r2):
+        return {
+            "case": case, "seed": 0, "val_ratio": fed_val / cen_val, "test_ratio": fed_val / cen_val,
+            "federated": {"val_mse": fed_val, "test_mse": fed_val, "test_r2": fed_r2, "wall_seconds": 1},
+            "centralized": {"val_mse": cen_val, "test_mse": cen_val, "test_r2": cen_r2, "wall_seconds": 1},
+        }  # fmt: skip
+
+    rows = [
+        row("a", 3.0, 3.0, 0.9, 0.9),
+        row("b", 6.0, 4.0, 0.6, 0.85),
+        row("c", 4.4, 4.0, 0.8, 0.8),
+    ]
+    s = summarise(rows)
+    assert s["val_ratio_median"] == pytest.approx(1.1) and s["val_ratio_worst"] == pytest.approx(
+        1.5
+    )
+    assert s["r2_failures"] == ["b-s0"]  # centralized good (0.85), federated not (0.6)
+    text = table(rows, s)
+    assert "median 1.10, worst 1.50" in text and text.count("\n| ") == 3  # one row per run
+
+
+def test_suite_flags_are_checked_before_any_training(tmp_path, capsys):
+    out = ["--out", str(tmp_path / "suite")]
+    code = sim_cli.main(["suite", "--cases", "nope", "--seeds", "x", "--reference", "remdr_dp",
+                         "--rounds", "0", *out])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    for text in ("4 problems", "--cases nope", "--seeds x", "--reference remdr_dp", "--rounds 0"):
+        assert text in err
+    assert not (tmp_path / "suite").exists()
+    assert sim_cli.main(["suite", "--list-cases"]) == 0
+    assert "screening-5" in capsys.readouterr().out
+
+
 def test_predefined_sites_follow_the_site_field(sim_data, tmp_path):
     ds = load_dataset(sim_data)
     part = partition(ds, PartitionSpec(scheme="predefined", seed=0), tmp_path / "p")

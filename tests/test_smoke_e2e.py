@@ -18,7 +18,7 @@ pytestmark = pytest.mark.e2e
 
 def test_two_sites_one_round_through_real_flower_processes(tmp_path):
     sites = make_sites(tmp_path / "data", ["A", "B"], n=24)
-    fed = Loopback(tmp_path)
+    fed = Loopback(tmp_path, sites_per_machine=2)
     out = tmp_path / "coord-run"
     experiment = write_experiment(
         tmp_path / "exp.toml", **{"out-dir": str(out), "num-server-rounds": 1}

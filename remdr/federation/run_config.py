@@ -44,6 +44,7 @@ FEDERATED_DEFAULTS = {
 }
 
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg", "krum")
+DRIFT_CONTROLS = ("off", "scaffold")
 SITE_DP = ("off", "fixed", "adaptive")
 ON_MISSING = ("continue", "abort")
 
@@ -59,8 +60,20 @@ class FedConfig:
     )
     num_server_rounds: int = setting(3, "federated rounds", low=1)
     local_epochs: int = setting(1, "epochs each site trains per round", low=1)
+    local_steps: int = setting(
+        0,
+        "> 0: every site takes exactly this many optimiser steps per round, whatever its size "
+        "(instead of local-epochs), so a 30-eye and a 600-eye site do comparable work",
+        **NON_NEGATIVE,
+    )
     strategy: str = setting("fedavg", "how the coordinator aggregates", choices=STRATEGIES)
     proximal_mu: float = setting(0.01, "FedProx proximal term", **NON_NEGATIVE)
+    drift_control: str = setting(
+        "off",
+        "scaffold: every site step is corrected by the federation's mean gradient minus the "
+        "site's own (SCAFFOLD control variates; c_i stays at the site, its change is sent)",
+        choices=DRIFT_CONTROLS,
+    )
     server_lr: float = setting(0.05, "FedAdam server learning rate (eta)", **POSITIVE)
     server_beta_1: float = setting(0.9, "FedAdam first-moment decay", **FRACTION)
     server_beta_2: float = setting(0.99, "FedAdam second-moment decay", **FRACTION)
@@ -145,6 +158,19 @@ def split_run_config(
         )
     if fed.site_dp != "off" and not bad:
         _check_site_dp(fed, cfg, p, check_cohort)
+    if fed.drift_control != "off" and not bad:
+        if fed.site_dp != "off" or (cfg is not None and get_spec(cfg.train.method).private):
+            p.add(
+                f"drift-control={fed.drift_control} with differential privacy",
+                "a site's control variate is its mean gradient, released outside the DP accounting",
+                "drift-control=off with site-dp or a private method",
+            )
+        if fed.strategy in ("fedmedian", "fedtrimmedavg", "krum"):
+            p.add(
+                f"drift-control={fed.drift_control} with strategy={fed.strategy}",
+                "the control variates are a mean over the sites; a robust rule's aggregate is not",
+                "use fedavg, fedprox or fedadam",
+            )
     p.raise_if_any(ConfigError)
     assert cfg is not None  # no problem means apply_overrides returned
     return cfg, fed

@@ -153,8 +153,9 @@ class RunDirectory:
         best = self.dir / "best.json"
         return json.loads(best.read_text())["val-mse"] if best.is_file() else float("inf")
 
-    def write_report(self, extra: dict[str, Any]) -> dict[str, Any]:
-        """report.json from every round record, plus learning curves of validation MSE."""
+    def write_report(self, extra: dict[str, Any], *, plot: bool = True) -> dict[str, Any]:
+        """report.json from every round record, plus learning curves of validation MSE (not
+        drawn with `plot=False`: a running federation redraws them every 10th round)."""
         from remdr.plots import learning_curves
 
         rounds = self.records()
@@ -178,6 +179,8 @@ class RunDirectory:
         _atomic_write(
             self.dir / "report.json", json.dumps(clean(report), indent=2, default=_jsonable)
         )
+        if not plot:
+            return report
         series = {
             "global (weighted)": [
                 (r["round"], r.get("evaluate", {}).get("val-mse")) for r in rounds

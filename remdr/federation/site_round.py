@@ -28,9 +28,11 @@ from remdr.data.splits import split_records
 from remdr.errors import RemdrError, TrainingError
 from remdr.federation.run_config import FedConfig
 from remdr.federation.screening import PART_COUNTS
+from remdr.federation.site_state import Carried
 from remdr.methods import build_model, create_method
 from remdr.metrics import BINS, regression_metrics
 from remdr.model import model_part
+from remdr.optim import DriftControl
 from remdr.runtime import prepare_model, resolve_device, seed_everything
 from remdr.train import evaluate, fit, make_loader
 
@@ -125,11 +127,14 @@ def restore_untrained(
 
 @dataclass
 class RoundResult:
-    state: dict[str, torch.Tensor]
-    metrics: dict[str, float]
-    method_state: dict
-    local_state: dict[str, torch.Tensor] = field(default_factory=dict)
-    optimizer_state: dict | None = None  # the site's AdamW moments: kept at the site, never sent
+    state: dict[str, torch.Tensor]  # the trained weights: sent
+    metrics: dict[str, float]  # sent
+    carried: Carried = field(default_factory=Carried)  # kept at the site for its next round
+    control_delta: dict[str, torch.Tensor] | None = None  # SCAFFOLD: the change of c_i, sent
+
+    @property
+    def method_state(self) -> dict:
+        return self.carried.method or {}
 
 
 def _metrics_record(prefix: str, m: dict[str, float]) -> dict[str, float]:
@@ -171,12 +176,12 @@ def train_round(
     site: SiteData,
     *,
     server_round: int = 1,
-    method_state: dict | None = None,
-    local_state: dict[str, torch.Tensor] | None = None,
-    optimizer_state: dict | None = None,
+    carried: Carried | None = None,
+    server_control: dict[str, torch.Tensor] | None = None,
     ledger_label: dict | None = None,
 ) -> RoundResult:
-    """Train the global model on this site for `fed.local_epochs`; return weights and metrics.
+    """Train the global model on this site for `fed.local_epochs` (or exactly `fed.local_steps`
+    steps); return weights and metrics.
 
     Unless `fed.separate_evaluate`, the received model is first validated on the site's
     held-out patients (`received-*` metrics: the previous round's global model), so a round
@@ -187,7 +192,12 @@ def train_round(
     The round's seed (`seed + 1000 * round`, the same at every site) drives only non-private
     training: a private method's sampling and noise come from this site's OS entropy, and it
     sends no statistic of its labels in `method_state`. Every failure is one `RemdrError` line.
+
+    `carried` is what the site's previous round of this run left (EMA scores, FedBN layers,
+    AdamW moments, SCAFFOLD's c_i); with `fed.drift_control == "scaffold"` every step is
+    corrected by `server_control` - c_i and the reply carries the change of c_i.
     """
+    carried = carried or Carried()
     device = resolve_device(cfg.train.device)
     seed = cfg.train.seed + 1000 * server_round
     seed_everything(seed, device)
@@ -196,12 +206,12 @@ def train_round(
     window = ((server_round - 1) / rounds, server_round / rounds)  # one schedule for the run
     method = create_method(cfg.train.method, cfg.method)
     method.setup(site.train.targets(), seed=seed)
-    if method_state:
-        method.scores.load_state_dict(method_state["scores"])
+    if carried.method:
+        method.scores.load_state_dict(carried.method["scores"])
     model = build_model(cfg, method)
     model.load_state_dict(global_state)
-    if fed.fedbn and local_state:
-        model.load_state_dict(local_state, strict=False)
+    if fed.fedbn and carried.local:
+        model.load_state_dict(carried.local, strict=False)
     model = prepare_model(model, device)
     received = {}
     if not fed.separate_evaluate:
@@ -210,6 +220,11 @@ def train_round(
         model.train()  # evaluation left it in eval mode; Opacus wraps only a training model
     anchor = {k: v.detach().clone().to(device) for k, v in model.named_parameters()}
     mu = fed.proximal_mu if fed.strategy == "fedprox" else 0.0
+    control = (
+        DriftControl(model, server_control, carried.control)
+        if fed.drift_control == "scaffold"
+        else None
+    )
     start = time.perf_counter()
     result = fit(
         model,
@@ -218,6 +233,7 @@ def train_round(
         cfg=train_cfg,
         device=device,
         epochs=fed.local_epochs,
+        steps=fed.local_steps,
         augment=cfg.data.augment_scale,
         keep_best=False,
         progress=False,
@@ -226,7 +242,8 @@ def train_round(
         planned_rounds=fed.num_server_rounds,
         ledger_label={"round": server_round, **(ledger_label or {})},
         schedule_window=window,
-        optimizer_state=optimizer_state if fed.keep_site_optimizer else None,
+        optimizer_state=carried.optimizer if fed.keep_site_optimizer else None,
+        control=control,
     )
     seconds = time.perf_counter() - start
     # Parts without data here go back as received. AdamW's moments are left alone: such a
@@ -241,6 +258,7 @@ def train_round(
         "skipped-records": site.dataset.report.n_bad,  # corrupt or invalid files, not used
         "train-loss": float(result.history[-1].get("train_loss", float("nan"))),
         "train-seconds": seconds,
+        "train-steps": result.n_steps,
     }
     if result.privacy:
         p = result.privacy
@@ -258,9 +276,15 @@ def train_round(
     metrics.update(received)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     state.update(restored)  # the received values and dtypes, exactly
-    local = {k: state[k] for k in norm_state_keys(model)} if fed.fedbn else {}
+    local = {k: state[k] for k in norm_state_keys(model)} if fed.fedbn else None
     kept = result.optimizer_state if fed.keep_site_optimizer else None
-    return RoundResult(state, metrics, method.state_dict(), local, kept)
+    new_control, delta = None, None
+    if control is not None:
+        new_control = control.updated_local()
+        delta = {k: (v - control.local[k].cpu()).contiguous() for k, v in new_control.items()}
+    return RoundResult(
+        state, metrics, Carried(method.state_dict(), local, kept, new_control), delta
+    )
 
 
 def evaluate_site(

@@ -6,7 +6,8 @@ start empty after a coordinator restart; so would the site's AdamW moments. The 
 beside its privacy ledger instead, in a folder per coordinator run (the run's `run-key`: its run
 directory's name and a token), one file per round, so a round the coordinator redoes after a
 restart starts from the state the previous round left, exactly as in an uninterrupted run. The
-state never leaves the site.
+state never leaves the site. With drift control (SCAFFOLD) it also holds the site's control
+variate c_i: only its change of a round is sent, screened like an update.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -22,6 +24,17 @@ from safetensors.torch import load_file, save_file
 
 ROUND_RE = re.compile(r"round-(\d+)\.safetensors$")
 OPTIMIZER = "optimizer/"  # tensor-name prefix of the optimiser's state; the rest are local layers
+CONTROL = "control/"  # tensor-name prefix of the SCAFFOLD control variate c_i
+
+
+@dataclass
+class Carried:
+    """What a site carries from one round to the next of a run (never sent as it is)."""
+
+    method: dict | None = None  # the method's state (EMA modality scores, label density)
+    local: dict[str, torch.Tensor] | None = None  # FedBN: the site's own normalisation layers
+    optimizer: dict | None = None  # the site's AdamW moments
+    control: dict[str, torch.Tensor] | None = None  # SCAFFOLD: the site's control variate c_i
 
 
 def flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], str]:
@@ -64,38 +77,42 @@ class SiteState:
             return []
         return sorted(int(m.group(1)) for p in self.dir.iterdir() if (m := ROUND_RE.search(p.name)))
 
-    def load(self, before: int) -> tuple[dict | None, dict[str, torch.Tensor] | None, dict | None]:
-        """(method state, local layers, optimiser state) after the latest round earlier than
-        `before`; Nones when there is none (the first round of this run at this site)."""
+    def load(self, before: int) -> Carried:
+        """What the latest round earlier than `before` left; empty when there is none (the
+        first round of this run at this site)."""
         earlier = [r for r in self._rounds() if r < before]
         if not earlier:
-            return None, None, None
+            return Carried()
         path = self.dir / f"round-{earlier[-1]:06d}.safetensors"
         with safe_open(str(path), "pt") as f:
             meta = f.metadata() or {}
         tensors = load_file(str(path))
-        local = {k: v for k, v in tensors.items() if not k.startswith(OPTIMIZER)}
         moments = {k: v for k, v in tensors.items() if k.startswith(OPTIMIZER)}
-        method = json.loads(meta["method"]) if meta.get("method") else None
-        optimizer = (
-            unflatten_optimizer(moments, meta["optimizer"]) if meta.get("optimizer") else None
+        control = {k[len(CONTROL) :]: v for k, v in tensors.items() if k.startswith(CONTROL)}
+        local = {k: v for k, v in tensors.items() if not k.startswith((OPTIMIZER, CONTROL))}
+        return Carried(
+            method=json.loads(meta["method"]) if meta.get("method") else None,
+            local=local or None,
+            optimizer=(
+                unflatten_optimizer(moments, meta["optimizer"]) if meta.get("optimizer") else None
+            ),
+            control=control or None,
         )
-        return method, (local or None), optimizer
 
-    def save(
-        self,
-        server_round: int,
-        method_state: dict,
-        local_state: dict[str, torch.Tensor],
-        optimizer_state: dict | None = None,
-    ) -> None:
+    def save(self, server_round: int, carried: Carried) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
         path = self.dir / f"round-{server_round:06d}.safetensors"
         tmp = path.with_suffix(".tmp")
-        tensors = {k: v.detach().cpu().contiguous() for k, v in local_state.items()}
-        meta = {"method": json.dumps(method_state)}
-        if optimizer_state:
-            moments, meta["optimizer"] = flatten_optimizer(optimizer_state)
+        tensors = {k: v.detach().cpu().contiguous() for k, v in (carried.local or {}).items()}
+        tensors.update(
+            {
+                f"{CONTROL}{k}": v.detach().cpu().contiguous()
+                for k, v in (carried.control or {}).items()
+            }
+        )
+        meta = {"method": json.dumps(carried.method or {})}
+        if carried.optimizer:
+            moments, meta["optimizer"] = flatten_optimizer(carried.optimizer)
             tensors.update(moments)
         save_file(tensors, str(tmp), metadata=meta)
         os.replace(tmp, path)

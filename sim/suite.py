@@ -1,0 +1,257 @@
+"""The federation-quality suite: federated against centralized training over the partitions a
+multi-site study meets, each at several seeds, with the median and the worst ratio.
+
+    remdr-sim suite --seeds 0,1                     # every case, federated vs centralized
+    remdr-sim suite --cases screening-5 --reference concat --fed strategy=fedprox
+
+Each case is a partition of the synthetic default (or `--data`): Dirichlet label skew at
+alpha 1, 0.3 and 0.1 over 4-8 sites, quantity skew, a screening network (one large, mostly
+normal clinic and small specialist clinics holding the severe eyes) and an incomplete-modality
+mix. A seed fixes the partition, the patients' split and the training. Every number a default
+is chosen on is a validation number (the sites' validation patients, which the federated and the
+centralized model are both scored on); test numbers are reported only.
+
+The centralized arm does not depend on the federation's settings, so it is trained once per
+case, seed and training config and kept in `<out>/central/` for later suite runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from remdr.sim.partition import PartitionSpec
+from remdr.sim.simulation import Simulation, run_simulation
+
+from remdr.config import ExperimentConfig
+
+R2_GOOD, R2_FLOOR = 0.8, 0.7  # where centralized reaches R2_GOOD, federated must reach R2_FLOOR
+
+
+@dataclass(frozen=True)
+class Case:
+    """One partition of the suite (by patient; the global test set is kept apart first)."""
+
+    name: str
+    about: str
+    sites: int
+    scheme: str = "dirichlet"
+    alpha: float = 1.0
+    site_modalities: tuple[str, ...] = ()
+
+    def partition(self, seed: int, test_fraction: float = 0.2) -> PartitionSpec:
+        return PartitionSpec(
+            sites=self.sites,
+            scheme=self.scheme,
+            alpha=self.alpha,
+            test_fraction=test_fraction,
+            seed=seed,
+            site_modalities=self.site_modalities,
+        )
+
+
+SUITE = (
+    Case("dirichlet-a1-4", "mild label skew, 4 sites (the `make sim` split)", 4, alpha=1.0),
+    Case("dirichlet-a0.3-5", "strong label skew, 5 sites", 5, alpha=0.3),
+    Case("dirichlet-a0.3-8", "strong label skew, 8 smaller sites", 8, alpha=0.3),
+    Case("dirichlet-a0.1-4", "extreme label skew, 4 sites", 4, alpha=0.1),
+    Case("dirichlet-a0.1-6", "extreme label skew, 6 sites", 6, alpha=0.1),
+    Case("quantity-6", "quantity skew: exponential site sizes, 6 sites", 6, scheme="quantity"),
+    Case(
+        "screening-5",
+        "a screening clinic with most normal eyes, 4 specialist clinics with the severe ones",
+        5,
+        scheme="screening",
+    ),
+    Case(
+        "incomplete-a1-4",
+        "two complete and two OCT-only sites, mild label skew",
+        4,
+        alpha=1.0,
+        site_modalities=("both", "oct", "both", "oct"),
+    ),
+)
+CASES = {c.name: c for c in SUITE}
+
+
+@dataclass
+class SuiteRun:
+    """What the suite trains: one training config for every case (`cfg`, whose seed the suite
+    replaces), the federation's settings, and optionally a reference method federated too."""
+
+    cfg: ExperimentConfig
+    out: Path
+    cases: tuple[Case, ...] = SUITE
+    seeds: tuple[int, ...] = (0, 1)
+    data: str = ""
+    rounds: int = 8
+    local_epochs: int = 1
+    strategy: str = "fedavg"
+    fed: dict[str, Any] = dataclasses.field(default_factory=dict)
+    reference: str = ""  # e.g. "concat": federated too, on the same partitions
+    cpus_per_site: float = 1.0
+    progress: bool = False
+    central_cache: Path | None = None  # default: <out>/central
+
+
+def _with_seed(cfg: ExperimentConfig, seed: int, method: str | None = None) -> ExperimentConfig:
+    train = dataclasses.replace(cfg.train, seed=seed, method=method or cfg.train.method)
+    return dataclasses.replace(cfg, train=train)
+
+
+def _federated(report: dict) -> dict:
+    fed = report["results"]["federated"]
+    best = report["federation"].get("best") or {}
+    return {
+        "val_mse": float(best.get("val-mse", float("nan"))),
+        "test_mse": fed["test"]["mse"],
+        "test_r2": fed["test"]["r2"],
+        "test_mae_severe": fed["test"].get("mae_severe", float("nan")),
+        "wall_seconds": fed["wall_seconds"],
+        **{f"{k}_mse": fed[k]["mse"] for k in ("test_oct_only", "test_fundus_only") if k in fed},
+    }
+
+
+def run_case(run: SuiteRun, case: Case, seed: int, say=print) -> dict:
+    """One case at one seed: the federation, its centralized arm (cached), the reference."""
+    folder = run.out / f"{case.name}-s{seed}"
+    sim = Simulation(
+        _with_seed(run.cfg, seed),
+        out=folder,
+        partition=case.partition(seed),
+        data=run.data,
+        rounds=run.rounds,
+        local_epochs=run.local_epochs,
+        strategy=run.strategy,
+        fed=dict(run.fed),
+        compare_centralized=True,
+        progress=run.progress,
+    )
+    sim.resources.cpus_per_site = run.cpus_per_site
+    sim.central_cache = run.central_cache or run.out / "central"
+    quiet = (lambda _line: None) if not run.progress else say
+    report = run_simulation(sim, say=quiet)
+    central = report["results"]["centralized"]
+    row: dict[str, Any] = {
+        "case": case.name,
+        "seed": seed,
+        "method": sim.cfg.train.method,
+        "test_var": report["results"]["federated"]["test"]["md_var"],
+        "federated": _federated(report),
+        "centralized": {
+            "val_mse": central["best_val_mse"],
+            "test_mse": central["test"]["mse"],
+            "test_r2": central["test"]["r2"],
+            "test_mae_severe": central["test"].get("mae_severe", float("nan")),
+            "wall_seconds": central["wall_seconds"],
+        },
+        "sites": {n: s["eyes"] for n, s in report["partition"]["sites"].items()},
+    }
+    if run.reference:
+        ref_sim = dataclasses.replace(
+            sim,
+            cfg=_with_seed(run.cfg, seed, run.reference),
+            out=run.out / f"{case.name}-s{seed}-{run.reference}",
+            compare_centralized=False,
+        )
+        row["reference"] = {"method": run.reference, **_federated(run_simulation(ref_sim, quiet))}
+    f, c = row["federated"], row["centralized"]
+    row["val_ratio"] = f["val_mse"] / c["val_mse"]
+    row["test_ratio"] = f["test_mse"] / c["test_mse"]
+    return row
+
+
+def summarise(rows: list[dict]) -> dict:
+    """Median and worst ratios (validation: what defaults are chosen on; test: reported), and
+    the cases where centralized training is good but the federation is not."""
+    val = [r["val_ratio"] for r in rows]
+    test = [r["test_ratio"] for r in rows]
+    out = {
+        "cases": len(rows),
+        "val_ratio_median": statistics.median(val),
+        "val_ratio_worst": max(val),
+        "test_ratio_median": statistics.median(test),
+        "test_ratio_worst": max(test),
+        "r2_failures": [
+            f"{r['case']}-s{r['seed']}"
+            for r in rows
+            if r["centralized"]["test_r2"] >= R2_GOOD and r["federated"]["test_r2"] < R2_FLOOR
+        ],
+    }
+    refs = [r for r in rows if "reference" in r]
+    if refs:
+        out["reference"] = refs[0]["reference"]["method"]
+        out["reference_val_median"] = statistics.median(r["reference"]["val_mse"] for r in refs)
+        out["federated_val_median"] = statistics.median(r["federated"]["val_mse"] for r in refs)
+        out["reference_test_median"] = statistics.median(r["reference"]["test_mse"] for r in refs)
+        out["federated_test_median"] = statistics.median(r["federated"]["test_mse"] for r in refs)
+    return out
+
+
+def table(rows: list[dict], summary: dict) -> str:
+    """The suite as a markdown table, then its summary lines."""
+    ref = summary.get("reference")
+    head = (
+        "| case | seed | fed val | cen val | val ratio | fed test | fed R² | cen test | cen R² "
+        "| test ratio | fed s | cen s |" + (f" {ref} test | {ref} R² |" if ref else "")
+    )
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        f, c = r["federated"], r["centralized"]
+        cells = [
+            r["case"], str(r["seed"]), f"{f['val_mse']:.2f}", f"{c['val_mse']:.2f}",
+            f"{r['val_ratio']:.2f}", f"{f['test_mse']:.2f}", f"{f['test_r2']:.2f}",
+            f"{c['test_mse']:.2f}", f"{c['test_r2']:.2f}", f"{r['test_ratio']:.2f}",
+            f"{f['wall_seconds']:.0f}", f"{c['wall_seconds']:.0f}",
+        ]  # fmt: skip
+        if ref:
+            cells += [f"{r['reference']['test_mse']:.2f}", f"{r['reference']['test_r2']:.2f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    s = summary
+    lines += [
+        "",
+        f"validation ratio federated/centralized: median {s['val_ratio_median']:.2f}, "
+        f"worst {s['val_ratio_worst']:.2f} over {s['cases']} runs",
+        f"test ratio: median {s['test_ratio_median']:.2f}, worst {s['test_ratio_worst']:.2f}",
+        "federated R² below "
+        f"{R2_FLOOR} where centralized reaches {R2_GOOD}: {', '.join(s['r2_failures']) or 'none'}",
+    ]
+    if ref:
+        lines.append(
+            f"median validation MSE: federated {s['federated_val_median']:.2f}, federated "
+            f"{ref} {s['reference_val_median']:.2f}; median test MSE "
+            f"{s['federated_test_median']:.2f} vs {s['reference_test_median']:.2f}"
+        )
+    return "\n".join(lines)
+
+
+def run_suite(run: SuiteRun, say=print) -> dict:
+    """Every case at every seed; writes `suite.json` and `suite.md` in `run.out` after each
+    case, so an interrupted suite keeps what it measured."""
+    run.out.mkdir(parents=True, exist_ok=True)
+    rows: list[dict] = []
+    for case in run.cases:
+        for seed in run.seeds:
+            row = run_case(run, case, seed, say)
+            rows.append(row)
+            f, c = row["federated"], row["centralized"]
+            say(
+                f"{case.name} seed {seed}: val {f['val_mse']:.2f} vs {c['val_mse']:.2f} "
+                f"({row['val_ratio']:.2f}x), test {f['test_mse']:.2f} vs {c['test_mse']:.2f} "
+                f"({row['test_ratio']:.2f}x), R² {f['test_r2']:.2f} vs {c['test_r2']:.2f}"
+                + (
+                    f"; {run.reference} test {row['reference']['test_mse']:.2f}"
+                    if "reference" in row
+                    else ""
+                )
+            )
+            summary = summarise(rows)
+            result = {"config": run.cfg.to_dict(), "fed": run.fed, "rows": rows,
+                      "summary": summary}  # fmt: skip
+            (run.out / "suite.json").write_text(json.dumps(result, indent=2, default=str))
+            (run.out / "suite.md").write_text(table(rows, summary) + "\n")
+    return result
