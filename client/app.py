@@ -8,27 +8,39 @@ over a local socket that only the site's own user can open (`remdr.client.worker
 run in this process: slower, never different.
 
 Node config (set by `remdr-client` or the simulator): `data-path` (the site's data folder),
-`site-id`, `worker` (the worker's private folder), and the site's privacy policy: `ledger` (its
-append-only privacy ledger), `epsilon-max` (its ceiling; the coordinator can only lower it) and
-`require-dp` (refuse methods that do not train under DP-SGD). The coordinator's run config can
-never move the ledger or raise the ceiling.
+`site-id`, `worker` (the worker's private folder), `ledger` (the site's append-only privacy
+ledger) and the rest of the site's policy (`remdr.client.site_policy`: its ceiling, delta,
+metrics, `require-dp`, the fault-drill opt-in). The coordinator's run config can never move the
+ledger or loosen the policy. Before anything else, the ClientApp checks the app bundle it was
+loaded from (`remdr.client.bundle_check`) and refuses one this site does not run.
 """
 
 from __future__ import annotations
 
-from flwr.app import Context, Message
+import sys
+
+from flwr.app import Context, Error, Message
 from flwr.clientapp import ClientApp
-from remdr.client.worker_link import ask_worker
+from remdr.client.bundle_check import bundle_problem
+from remdr.client.worker_link import WorkerFailed, ask_worker
 
 app = ClientApp()
 
 VERSION_MISMATCH = 1001
 SITE_ERROR = 1002
 PRIVACY_DECLINED = 1003
+BUNDLE_REFUSED = 1004
 
 
 def _handle(kind: str, msg: Message, context: Context) -> Message:
-    reply = ask_worker(kind, msg, context)
+    site = context.node_config.get("site-id", f"node-{context.node_id}")
+    problem = bundle_problem(context.node_config, sys.path)
+    if problem is not None:
+        return Message(Error(code=BUNDLE_REFUSED, reason=f"site {site}: {problem}"), reply_to=msg)
+    try:
+        reply = ask_worker(kind, msg, context)
+    except WorkerFailed as err:  # it may have trained: never a second time in this process
+        return Message(Error(code=SITE_ERROR, reason=f"site {site}: {err}"), reply_to=msg)
     if reply is not None:
         return reply
     from remdr.client import site_handlers  # torch and the site's data, loaded for this message

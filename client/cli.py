@@ -3,11 +3,14 @@
     remdr-client start --data /data/eyes --site-id hospA --superlink coord:8000 \\
         --root-cert ca.crt --key keys/hospA          # TLS + node authentication
     remdr-client start --data DIR --site-id A --superlink 127.0.0.1:8000 --insecure
-    remdr-client start --data DIR --check-only         # only the data check
+    remdr-client start --data DIR --check-only         # only the data and policy check
     remdr-client privacy-report --site-id hospA        # the site's privacy ledger, for the officer
 
 The data check prints the number of eyes, the MD histogram by severity bin and the skipped
-records by reason; images never leave the site, only weights and aggregate metrics do.
+records by reason, then the site's privacy policy: its epsilon ceiling (default 10), its delta
+(default min(1e-5, 1/(10 x patients))) and the metrics it shares; the coordinator's run config
+can lower the ceiling and delta, never raise them (`remdr.client.site_policy`). Images never
+leave the site, only weights and the metrics the policy shares do.
 """
 
 from __future__ import annotations
@@ -18,20 +21,37 @@ import re
 import sys
 from pathlib import Path
 
+from remdr.client.site_policy import METRIC_LEVELS, MIN_BIN_PATIENTS, SITE_EPSILON_MAX, SitePolicy
+
 from remdr.cli.common import Parser, check_address, check_flag, check_input_path, run_cli
 from remdr.config import OCT_VIEW_CHOICES, DataConfig
 from remdr.errors import ConfigError, Problems
 from remdr.settings import POSITIVE, PROBABILITY
 
+DRILL_ENV = "REMDR_ALLOW_FAULT_DRILL"  # "1": the default of --allow-fault-drill (drill harnesses)
 
-def check_data(data: str, oct_view: str) -> str:
+
+def check_data(data: str, oct_view: str) -> tuple[str, int]:
     """Validate the site's data and describe it (eyes, kinds, MD bins, skips by reason, the
-    OCT view); raise DataError if it cannot be used."""
+    OCT view); raise DataError if it cannot be used. Returns (description, patients)."""
     from remdr.data import load_dataset
     from remdr.data.loading import describe
 
     ds = load_dataset(data, DataConfig(oct_view=oct_view), quiet=True)
-    return f"{describe(ds.records, ds.format, ds.report)}; oct-view {ds.oct_view}"
+    patients = len({r.patient_id for r in ds.records})
+    return f"{describe(ds.records, ds.format, ds.report)}; oct-view {ds.oct_view}", patients
+
+
+def site_policy(args: argparse.Namespace) -> SitePolicy:
+    """The site's policy from its flags; a flag not given keeps the site default."""
+    return SitePolicy(
+        epsilon_max=SITE_EPSILON_MAX if args.epsilon_max is None else args.epsilon_max,
+        delta=args.delta or 0.0,
+        require_dp=args.require_dp,
+        share_metrics=args.share_metrics or "",
+        min_bin_patients=args.min_bin_patients,
+        allow_fault_drill=args.allow_fault_drill,
+    )
 
 
 DEFAULT_STATE = "~/.local/state/remdr"
@@ -51,42 +71,44 @@ def ledger_path(args: argparse.Namespace) -> Path:
     return Path(DEFAULT_STATE).expanduser() / site / "privacy-ledger.jsonl"
 
 
-def node_config(
-    data: str,
-    site_id: str,
-    ledger: Path | None = None,
-    epsilon_max: float | None = None,
-    require_dp: bool = False,
-    worker: Path | None = None,
-) -> str:
-    """`--node-config` value: TOML literals, so strings are quoted."""
-
-    def q(s: str) -> str:
-        return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-    out = f"data-path={q(str(Path(data).resolve()))} site-id={q(site_id)}"
-    if ledger is not None:
-        out += f" ledger={q(str(ledger))}"
-    if epsilon_max is not None:
-        out += f" epsilon-max={float(epsilon_max)!r}"
-    if require_dp:
-        out += ' require-dp="true"'
+def node_config_values(
+    data: str, site_id: str, ledger: Path, policy: SitePolicy, worker: Path | None = None
+) -> dict[str, str | float | int]:
+    """What the SuperNode's node config holds: the site's data, name, ledger and policy."""
+    out: dict[str, str | float | int] = {
+        "data-path": str(Path(data).resolve()),
+        "site-id": site_id,
+        "ledger": str(ledger),
+        **policy.node_config(),
+    }
     if worker is not None:
         from remdr.client.worker_link import WORKER_KEY
 
-        out += f" {WORKER_KEY}={q(str(worker))}"
+        out[WORKER_KEY] = str(worker)
     return out
+
+
+def node_config(values: dict[str, str | float | int]) -> str:
+    """`--node-config` value: TOML literals, so strings are quoted."""
+
+    def literal(v: str | float | int) -> str:
+        if isinstance(v, str):
+            return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        return repr(v)
+
+    return " ".join(f"{k}={literal(v)}" for k, v in values.items())
 
 
 def supernode_command(args: argparse.Namespace, worker: Path | None = None) -> list[str]:
     from remdr.ops.processes import executable
 
+    values = node_config_values(
+        args.data, args.site_id, ledger_path(args), site_policy(args), worker
+    )
     cmd = [
         executable("flower-supernode"),
         "--superlink", args.superlink,
-        "--node-config", node_config(
-            args.data, args.site_id, ledger_path(args), args.epsilon_max, args.require_dp, worker
-        ),
+        "--node-config", node_config(values),
         "--port", str(args.port),
     ]  # fmt: skip
     if args.insecure:
@@ -124,7 +146,9 @@ def check_args(args: argparse.Namespace) -> None:
         return
     check_input_path(p, "--data", args.data)
     check_flag(p, "--oct-view", args.oct_view, "bscans", choices=OCT_VIEW_CHOICES)
-    check_flag(p, "--epsilon-max", args.epsilon_max, 10.0, **POSITIVE)
+    check_flag(p, "--epsilon-max", args.epsilon_max, 8.0, **POSITIVE)
+    check_flag(p, "--delta", args.delta, 1e-6, **PROBABILITY)
+    check_flag(p, "--min-bin-patients", args.min_bin_patients, MIN_BIN_PATIENTS, low=1)
     check_flag(p, "--threads", args.threads, 1, low=1)
     if not args.check_only:
         check_flag(p, "--port", args.port, 9094, low=1, high=65535)
@@ -142,7 +166,12 @@ def check_args(args: argparse.Namespace) -> None:
 
 def cmd_start(args: argparse.Namespace) -> int:
     check_args(args)  # flags, site id and TLS files before the data is read
-    print(f"remdr-client: {check_data(args.data, args.oct_view)}", flush=True)
+    described, patients = check_data(args.data, args.oct_view)
+    print(f"remdr-client: {described}", flush=True)
+    policy = site_policy(args)
+    check_delta(policy, patients)
+    explicit = {"--epsilon-max"} if args.epsilon_max is not None else set()
+    print(f"remdr-client: {policy.describe(patients, explicit)}", flush=True)
     from remdr.ops.processes import flower_env, thread_env, usable_cores
 
     threads = args.threads or usable_cores()
@@ -150,8 +179,10 @@ def cmd_start(args: argparse.Namespace) -> int:
         print(f"remdr-client: training would use {threads} CPU thread(s)", flush=True)
         return 0
 
+    # the worker sizes torch's pools itself; the SuperNode's ClientApp processes (and the
+    # worker's OpenMP/MKL) read these variables, so every process of the site keeps its share
     env = {**flower_env(), **thread_env(threads)}
-    worker = None if args.no_worker else start_worker(args, env)
+    worker = None if args.no_worker else start_worker(args, env, threads)
     cmd = supernode_command(args, worker)
     print(
         f"remdr-client: connecting site {args.site_id} to {args.superlink} "
@@ -162,21 +193,38 @@ def cmd_start(args: argparse.Namespace) -> int:
     return 0  # not reached
 
 
-def start_worker(args: argparse.Namespace, env: dict[str, str]) -> Path:
+def check_delta(policy: SitePolicy, patients: int) -> None:
+    """A site's own --delta must be at most 1 / its patients, as DP-SGD's accounting needs."""
+    if policy.delta > 1.0 / max(1, patients):
+        raise ConfigError(
+            f"--delta {policy.delta:g}",
+            f"must be at most 1/{patients} (one over this site's patients)",
+            "leave it out: the default is min(1e-5, 1/(10 x patients))",
+        )
+
+
+def start_worker(args: argparse.Namespace, env: dict[str, str], threads: int = 0) -> Path:
     """Start the site worker (`remdr.client.worker`) in a fresh private folder (0700) with a
-    random key (0600); it exits when this process, about to become the SuperNode, is gone."""
+    random key (0600) and the site's node config (0600), which the worker applies to every
+    message whatever the ClientApp sends; it exits when this process, about to become the
+    SuperNode, is gone."""
+    import json
     import secrets
     import subprocess
     import tempfile
 
-    from remdr.client.worker_link import AUTHKEY
+    from remdr.client.worker_link import AUTHKEY, NODE_CONFIG
 
     folder = Path(tempfile.mkdtemp(prefix="remdr-site-worker-"))
     key = folder / AUTHKEY
     key.touch(mode=0o600)
     key.write_bytes(secrets.token_bytes(32))
+    values = node_config_values(args.data, args.site_id, ledger_path(args), site_policy(args))
+    (folder / NODE_CONFIG).touch(mode=0o600)
+    (folder / NODE_CONFIG).write_text(json.dumps(values))
     label = f"site {args.site_id} 127.0.0.1:{args.port}"  # names it in process lists
     cmd = [sys.executable, "-m", "remdr.client.worker", "--folder", str(folder)]
+    cmd += ["--threads", str(threads)] if threads else []
     subprocess.Popen([*cmd, "--parent", str(os.getpid()), "--label", label], env=env)
     return folder
 
@@ -227,10 +275,38 @@ def build_parser() -> argparse.ArgumentParser:
         "--epsilon-max",
         type=float,
         default=None,
-        help="this site's epsilon ceiling; the coordinator's run config can only lower it",
+        help=f"this site's epsilon ceiling (default {SITE_EPSILON_MAX:g}); the coordinator's run "
+        "config can only lower it",
+    )
+    s.add_argument(
+        "--delta",
+        type=float,
+        default=None,
+        help="this site's delta (default min(1e-5, 1/(10 x patients))); the run config can only "
+        "lower it",
     )
     s.add_argument(
         "--require-dp", action="store_true", help="refuse methods that do not train under DP-SGD"
+    )
+    s.add_argument(
+        "--share-metrics",
+        choices=METRIC_LEVELS,
+        default=None,
+        help="the metrics this site sends: minimal (counts, validation MSE, its privacy spend), "
+        "standard (+ losses and MAE), full (+ per-severity-bin errors); default minimal with "
+        "--require-dp, else full",
+    )
+    s.add_argument(
+        "--min-bin-patients",
+        type=int,
+        default=MIN_BIN_PATIENTS,
+        help="a severity bin's error is sent only over at least this many patients",
+    )
+    s.add_argument(
+        "--allow-fault-drill",
+        action="store_true",
+        default=os.environ.get(DRILL_ENV, "") == "1",
+        help=f"run the fault-drill ClientApp when a run's bundle names it (default: {DRILL_ENV}=1)",
     )
     s.add_argument(
         "--threads",

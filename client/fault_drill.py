@@ -2,7 +2,9 @@
 
 For drills only (`deploy/chaos --bad-site`, tests/test_faults_e2e.py). SuperNodes load the
 ClientApp the app bundle names, so a drill selects this one for the whole run with
-`remdr-server run --fault-drill`. Every site then trains as in production; one whose SuperNode was
+`remdr-server run --fault-drill`; a site runs it only if it opted in (`remdr-client start
+--allow-fault-drill`: `remdr.client.bundle_check` refuses the drill's bundle otherwise). Every
+site then trains as in production; one whose SuperNode was
 started with `REMDR_FAULT_UPDATE=nan,norm` corrupts its train reply (round r sends the r-th kind,
 cycled), and the coordinator must name and refuse it. The production ClientApp
 (`remdr.client.app`) never reads the variable and never imports this module.

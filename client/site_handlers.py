@@ -17,14 +17,22 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
+import secrets
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from remdr.client.app import PRIVACY_DECLINED, SITE_ERROR, VERSION_MISMATCH
+from remdr.client.metrics_policy import REQUEST_KEY, agreed_level, bin_patients, share_metrics
+from remdr.client.site_policy import SitePolicy
 
 from remdr import __version__
+from remdr.config import ExperimentConfig
+from remdr.data.splits import site_split_key
 from remdr.errors import PrivacyError, RemdrError
-from remdr.federation.run_config import split_run_config, versions_compatible
+from remdr.federation.run_config import FedConfig, split_run_config, versions_compatible
 from remdr.federation.site_round import SiteData, evaluate_global, load_site, train_round
 from remdr.federation.site_state import (
     Carried,
@@ -60,35 +68,129 @@ def _site_error(msg: Message, context: Context, err: RemdrError) -> Message:
     return Message(Error(code=code, reason=f"site {_site_id(context)}: {err}"), reply_to=msg)
 
 
-def _setup(msg: Message, context: Context):
-    """Check version and config, load the site's data. Returns (cfg, fed, site) or an error reply."""
+@dataclass
+class Setup:
+    """A message's run config under the site's policy, and the site's data."""
+
+    cfg: ExperimentConfig  # privacy: the site's ledger, ceiling and delta
+    fed: FedConfig
+    site: SiteData
+    policy: SitePolicy
+    metrics_level: str  # what this site shares this run (remdr.client.metrics_policy)
+
+    def shared(self, metrics: dict[str, float]) -> dict[str, float]:
+        splits = {"val": self.site.val.records, "test": self.site.test.records}
+        return share_metrics(
+            metrics, self.metrics_level, bin_patients(splits), self.policy.min_bin_patients
+        )
+
+
+def _setup(msg: Message, context: Context) -> Setup | Message:
+    """Check version, config and the site's policy, load the site's data; or an error reply.
+    The policy's refusals come before the data is read."""
     config = msg.content["config"] if "config" in msg.content else ConfigRecord()
     server_version = str(config.get("remdr-version", __version__))
     if not versions_compatible(server_version):
         reason = f"site {_site_id(context)} runs remdr {__version__}, the server {server_version}: install a matching version"
         return Message(Error(code=VERSION_MISMATCH, reason=reason), reply_to=msg)
     try:
-        cfg, fed = split_run_config(dict(context.run_config))
-        cfg = _site_privacy(cfg, fed, context)
-        site = _load_site(_data_path(context, fed.sim_data_root), cfg, context)
+        policy = SitePolicy.from_node_config(dict(context.node_config))
+        run_config = dict(context.run_config)
+        # the site reads the coordinator's metrics request itself (FedConfig need not know it)
+        level = agreed_level(policy.metrics_level, str(run_config.pop(REQUEST_KEY, "auto")))
+        cfg, fed = split_run_config(run_config)
+        if policy.require_dp and not get_spec(cfg.train.method).private:
+            raise PrivacyError(
+                f"method {cfg.train.method} declined",
+                "this site only trains under DP-SGD (require-dp)",
+                "ask the coordinator for a private method such as remdr_dp",
+            )
+        data_path = _data_path(context, fed.sim_data_root)
+        site = _load_site(data_path, cfg, context, split_key(context.node_config))
+        patients = len({r.patient_id for r in site.dataset.records})
+        cfg = _site_privacy(cfg, fed, context, policy, patients)
     except RemdrError as err:
         return _site_error(msg, context, err)
-    return cfg, fed, site
+    return Setup(cfg, fed, site, policy, level)
+
+
+def split_key(node_config) -> bytes:
+    """The site's key for drawing its validation patients (`split_by_key`): a random secret
+    kept beside its ledger (`<ledger>-site-state/split-key`, made once, 0600), so neither the
+    coordinator's seed nor a patient added later changes who trains; a site without a ledger of
+    its own (a simulated one) uses a key derived from its site id (`site_split_key`),
+    reproducible and not secret."""
+    ledger = str(node_config.get("ledger", ""))
+    if not ledger:  # named as `_site_id` names it: a virtual node k is site-k
+        site = node_config.get("site-id") or f"site-{node_config.get('partition-id', '')}"
+        return site_split_key(str(site))
+    path = Path(ledger).expanduser()
+    path = path.parent / f"{path.stem}-site-state" / "split-key"
+    try:
+        if not path.is_file():
+            _make_key(path)
+        key = path.read_bytes()
+    except OSError as err:
+        raise PrivacyError(
+            f"the site's split key {path} cannot be made or read",
+            err.strerror or type(err).__name__,
+            "let remdr-client's user write beside the ledger",
+        ) from None
+    if len(key) != 32:
+        raise PrivacyError(
+            f"the site's split key {path} is damaged",
+            "it decides which patients train",
+            "restore it from backup (deleting it reshuffles who trains)",
+        )
+    return key
+
+
+def _make_key(path: Path) -> None:
+    """32 random bytes at `path` (0600), written whole before anyone can read them; of two
+    sites' processes making it at once, the first wins and both use its key."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"split-key.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(secrets.token_bytes(32))
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        pass
+    finally:
+        tmp.unlink()
 
 
 # Simulation workers (Ray actors) run many messages in one process: a virtual site's data is
 # loaded once per worker. Deployment starts a process per message, so there the site's disk
-# cache of decoded tensors (`load_site(cache=True)`) is what saves the work.
+# cache of decoded tensors (`load_site(cache=True)`) is what saves the work. A virtual site keeps
+# that cache beside its data (`<sim-data-root>/cache`), where any Ray node that serves it next
+# finds it, not under the serving node's own REMDR_CACHE.
 _SIM_SITES: dict[tuple, SiteData] = {}
 
 
-def _load_site(data_path: str, cfg, context: Context) -> SiteData:
+def _load_site(data_path: str, cfg, context: Context, key: bytes) -> SiteData:
     if "partition-id" not in context.node_config:
-        return load_site(data_path, cfg, seed=cfg.train.seed, cache=True)
-    key = (data_path, cfg.train.seed, json.dumps(dataclasses.asdict(cfg.data), sort_keys=True))
-    if key not in _SIM_SITES:
-        _SIM_SITES[key] = load_site(data_path, cfg, seed=cfg.train.seed, cache=True)
-    return _SIM_SITES[key]
+        return load_site(data_path, cfg, seed=cfg.train.seed, cache=True, split_key=key)
+    memo = (data_path, key, json.dumps(dataclasses.asdict(cfg.data), sort_keys=True))
+    if memo not in _SIM_SITES:
+        from remdr.data.preprocessed import warm
+
+        site = load_site(data_path, cfg, seed=cfg.train.seed, split_key=key)
+        name, root = str(Path(data_path).resolve()), Path(data_path).parent / "cache"
+        warm([site.train, site.val, site.test], cfg.data, name=name, root=root)
+        _SIM_SITES[memo] = site
+    return _SIM_SITES[memo]
+
+
+def _placement(context: Context) -> dict[str, list[int]]:
+    """Simulation only: the Ray node and process that ran this message (`sim-ray-node`: the
+    node id's first 8 hex digits as an integer, and the pid), so a run on a Ray cluster shows
+    where each site trained. A list, so the coordinator records it per site, never averages it."""
+    ray = sys.modules.get("ray")  # loaded by the Ray worker that runs this ClientApp
+    if "partition-id" not in context.node_config or ray is None or not ray.is_initialized():
+        return {}
+    return {"sim-ray-node": [int(ray.get_runtime_context().get_node_id()[:8], 16), os.getpid()]}
 
 
 def _ledger(context: Context, fed) -> str:
@@ -122,6 +224,10 @@ class RunMemory:
             json.loads(method["json"]), arrays.get("fedbn"), optimizer, arrays.get("control")
         )
 
+    def begin(self, message: str) -> None:
+        """No journal: a site without a ledger trains no private method, so a message handled
+        twice spends no privacy budget."""
+
     def save(self, server_round: int, carried: Carried) -> None:
         method = {"json": json.dumps(carried.method or {})}
         if carried.local:
@@ -145,23 +251,18 @@ def _site_state(msg: Message, context: Context, fed) -> SiteState | RunMemory:
     return SiteState(Path(ledger).parent / f"{Path(ledger).stem}-site-state", key)
 
 
-def _site_privacy(cfg, fed, context: Context):
-    """The site's own privacy policy overrides the run config: its ledger, its ceiling."""
-    node = context.node_config
+def _site_privacy(cfg, fed, context: Context, policy: SitePolicy, patients: int):
+    """The site's own privacy policy over the run config: its ledger; a ceiling and a delta
+    the run config can lower, never raise."""
     ledger = _ledger(context, fed)
-    ceiling = min(
-        float(node.get("epsilon-max", cfg.privacy.dp_epsilon_max)), cfg.privacy.dp_epsilon_max
-    )
-    private = get_spec(cfg.train.method).private
-    if str(node.get("require-dp", "false")).lower() == "true" and not private:
-        raise PrivacyError(
-            f"method {cfg.train.method} declined",
-            "this site only trains under DP-SGD (require-dp)",
-            "ask the coordinator for a private method such as remdr_dp",
-        )
-    if private and not ledger:
+    if get_spec(cfg.train.method).private and not ledger:
         raise PrivacyError("no privacy ledger configured", "", "start remdr-client with --ledger")
-    privacy = dataclasses.replace(cfg.privacy, dp_ledger=ledger, dp_epsilon_max=ceiling)
+    privacy = dataclasses.replace(
+        cfg.privacy,
+        dp_ledger=ledger,
+        dp_epsilon_max=min(policy.epsilon_max, cfg.privacy.dp_epsilon_max),
+        dp_delta=min(policy.site_delta(patients), cfg.privacy.dp_delta),
+    )
     return dataclasses.replace(cfg, privacy=privacy)
 
 
@@ -173,21 +274,20 @@ def train(msg: Message, context: Context) -> Message:
     setup = _setup(msg, context)
     if isinstance(setup, Message):
         return setup
-    cfg, fed, site = setup
     server_round = int(msg.content["config"].get("server-round", 1))
-    store = _site_state(msg, context, fed)
-    carried = store.load(before=server_round)
     server_control = (
         msg.content["control"].to_torch_state_dict() if "control" in msg.content else None
     )
     try:
+        store = _site_state(msg, context, setup.fed)
+        store.begin(f"{context.run_id}/{msg.metadata.message_id}")  # never trained twice
         result = train_round(
-            cfg,
-            fed,
+            setup.cfg,
+            setup.fed,
             msg.content["arrays"].to_torch_state_dict(),
-            site,
+            setup.site,
             server_round=server_round,
-            carried=carried,
+            carried=store.load(before=server_round),
             server_control=server_control,
             ledger_label={"run": str(context.run_id), "site": _site_id(context)},
         )
@@ -198,7 +298,7 @@ def train(msg: Message, context: Context) -> Message:
     content = RecordDict(
         {
             "arrays": ArrayRecord(result.state),
-            "metrics": MetricRecord(result.metrics),
+            "metrics": MetricRecord({**setup.shared(result.metrics), **_placement(context)}),
             "site": _site_record(context),
         }
     )
@@ -211,17 +311,18 @@ def evaluate(msg: Message, context: Context) -> Message:
     setup = _setup(msg, context)
     if isinstance(setup, Message):
         return setup
-    cfg, fed, site = setup
-    local = None
-    if fed.fedbn:  # the layers this site's latest training left, this round included
-        server_round = int(msg.content["config"].get("server-round", 1))
-        local = _site_state(msg, context, fed).load(before=server_round + 1).local
     try:
-        metrics = evaluate_global(cfg, msg.content["arrays"].to_torch_state_dict(), site, local)
+        local = None
+        if setup.fed.fedbn:  # the layers this site's latest training left, this round included
+            server_round = int(msg.content["config"].get("server-round", 1))
+            local = _site_state(msg, context, setup.fed).load(before=server_round + 1).local
+        global_state = msg.content["arrays"].to_torch_state_dict()
+        metrics = evaluate_global(setup.cfg, global_state, setup.site, local)
     except RemdrError as err:
         log.warning("site %s: %s", _site_id(context), err)
         return _site_error(msg, context, err)
     metrics["num-examples"] = metrics["num-val"]
     metrics["unit-weight"] = 1.0
-    content = RecordDict({"metrics": MetricRecord(metrics), "site": _site_record(context)})
+    shared = MetricRecord(setup.shared(metrics))
+    content = RecordDict({"metrics": shared, "site": _site_record(context)})
     return Message(content=content, reply_to=msg)

@@ -46,6 +46,19 @@ def initial_state(context: Context):
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
+def in_model_dtypes(state: dict, model: dict) -> dict:
+    """Saved weights in the dtypes of the `model`'s state (integer counters rounded): a run
+    saved before the coordinator kept them (FedAvg made counters float64) resumes with a
+    global model the sites' updates match (screening requires the global's dtypes)."""
+    out = {}
+    for key, value in state.items():
+        want = model[key].dtype if key in model else value.dtype
+        if value.dtype != want and not want.is_floating_point and value.is_floating_point():
+            value = value.round()
+        out[key] = value.to(want)
+    return out
+
+
 def resume_point(run: RunDirectory, run_config: dict) -> int:
     """The last complete round of `run` (0 for a new run), after checking that `run_config`
     may continue it: a changed training key is refused in one line that names it."""
@@ -117,7 +130,7 @@ def main(grid: Grid, context: Context) -> None:
     run = RunDirectory(fed.out_dir)
     done = resume_point(run, dict(context.run_config))
     if done:
-        state = run.load_weights(done)
+        state = in_model_dtypes(run.load_weights(done), initial_state(context))
         log.info("resuming from %s after round %d of %d", run.dir, done, fed.num_server_rounds)
     else:
         state = initial_state(context)

@@ -1,7 +1,7 @@
 """remdr-server: run the coordinator's SuperLink, register sites, submit experiments.
 
     remdr-server start --out runs/coord [--insecure | --certs deploy/certs]
-    remdr-server register keys/site_a.pub --federation 127.0.0.1:8000 [--root-cert ca.crt]
+    remdr-server register keys/hospA.pub --federation 127.0.0.1:8000 [--root-cert ca.crt] [--name hospA]
     remdr-server run --federation 127.0.0.1:8000 --config exp.toml [--root-cert ca.crt]
     remdr-server run ... --fault-drill    # sites run remdr.client.fault_drill (deploy/chaos)
     remdr-server certs --out deploy/certs --san coord.example.org --sites hospA,hospB
@@ -180,16 +180,34 @@ def check_outcome(overrides: dict) -> None:
     print(f"remdr-server: run completed; report: {report}")
 
 
+def site_name(args: argparse.Namespace) -> str:
+    """The site a key is registered for: --name, else the key file's name (keys/hospA.pub)."""
+    return args.name or Path(args.public_key).name.removesuffix(".pub")
+
+
+def register_command(args: argparse.Namespace, conn: str) -> list[str]:
+    """`flwr supernode register` with the site's name: the coordinator's report names the
+    node by it, and refuses a reply from that node that claims another site."""
+    key = str(Path(args.public_key).resolve())
+    return ["supernode", "register", key, conn, "--name", site_name(args)]
+
+
 def cmd_register(args: argparse.Namespace) -> int:
     p = Problems()
     if not Path(args.public_key).is_file():
         p.add(f"public key {args.public_key} not found", "", "make keys with deploy/make-certs.sh")
+    if not re.fullmatch(SITE_ID, site_name(args)):
+        p.add(
+            f"site name '{site_name(args)}'",
+            "may hold only letters, digits, '.', '_', '-' (it must equal the site's --site-id)",
+            "name the key after the site (keys/hospA.pub) or pass --name hospA",
+        )
     check_connection_flags(p, args)
     p.raise_if_any()
     with tempfile.TemporaryDirectory(prefix="remdr-reg-") as tmp:
         home = Path(tmp) / "flwr-home"
         conn = _connection(args, home)
-        return _flwr(["supernode", "register", str(Path(args.public_key).resolve()), conn], home)
+        return _flwr(register_command(args, conn), home)
 
 
 def cmd_certs(args: argparse.Namespace) -> int:
@@ -263,6 +281,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_connection_flags(r)
     g = sub.add_parser("register", help="register a site's public key (node authentication)")
     g.add_argument("public_key")
+    g.add_argument(
+        "--name",
+        default="",
+        help="the site's --site-id (default: the key file's name, hospA for keys/hospA.pub); "
+        "a node reporting another site is refused",
+    )
     _add_connection_flags(g)
     c = sub.add_parser("certs", help="make a CA, the SuperLink certificate and site key pairs")
     c.add_argument("--out", default="deploy/certs")

@@ -68,17 +68,22 @@ class ServerControl:
 
     def update(self, deltas: list[dict[str, np.ndarray]], metrics: list) -> None:
         """c += the mean of the sites' changes, each part weighted by the eyes that trained it
-        and over the sites that trained it."""
+        and over the sites that trained it. A c that would not be finite (changes within
+        max-update-norm 0, i.e. no limit, can still sum past float32) is kept as it was."""
         if not deltas:
             return
         counts = [trained_counts(m) for m in metrics]
+        new = dict(self.c)
         for key in self.c:
             part = model_part(key)
             weights = np.array([c[part] for c in counts])
             if weights.sum() <= 0:
                 continue
             mean = sum(w * d[key].astype(np.float64) for w, d in zip(weights, deltas, strict=True))
-            self.c[key] = (self.c[key] + mean / weights.sum()).astype(np.float32)
+            with np.errstate(over="ignore", invalid="ignore"):
+                new[key] = (self.c[key] + mean / weights.sum()).astype(np.float32)
+        if all(np.isfinite(v).all() for v in new.values()):
+            self.c = new
 
     def state_dict(self) -> dict[str, np.ndarray]:
         return {f"{STATE_PREFIX}{k}": v for k, v in self.c.items()}

@@ -122,3 +122,54 @@ def aggregate_parts(
         out.update(aggregate)
         record[part] = sorted(site_of(m) for m, _ in trainers)
     return out, record
+
+
+def untrained_keys(replies: list[Message], global_state: dict[str, np.ndarray]) -> list[str]:
+    """The keys of the parts of the model no reply trained this round (no eye behind them)."""
+    counts = [trained_counts(metrics_of(m)) for m in replies]
+    parts = {p for p in PART_COUNTS if counts and all(c[p] == 0 for c in counts)}
+    return [k for k in global_state if model_part(k) in parts]
+
+
+class ServerMoments:
+    """A server optimiser's moments (FedAdam's m_t and v_t) as they were before its step.
+
+    FedAdam moves every array by its first moment, so a part no site trained this round (zero
+    change) would still move, and its moments decay as if it had been trained: `keep` puts
+    those parts' moments back (their weights stay global); `undo` puts all of them back when
+    the step is not released."""
+
+    NAMES = ("m_t", "v_t")
+
+    def __init__(self, base: Strategy) -> None:
+        self.base = base
+        self.saved = {n: dict(getattr(base, n, None) or {}) for n in self.NAMES}
+
+    def keep(self, keys: list[str]) -> None:
+        for name, old in self.saved.items():
+            new = getattr(self.base, name, None)
+            for key in keys if new else []:
+                if key in new:
+                    new[key] = old[key] if key in old else np.zeros_like(new[key])
+
+    @classmethod
+    def state_of(cls, base: Strategy) -> dict[str, np.ndarray]:
+        """The moments as checkpoint arrays (`m_t/<key>`, `v_t/<key>`)."""
+        return {
+            f"{name}/{k}": np.asarray(v)
+            for name in cls.NAMES
+            for k, v in (getattr(base, name, None) or {}).items()
+        }
+
+    @classmethod
+    def load(cls, base: Strategy, arrays: dict[str, np.ndarray]) -> None:
+        """Restore the moments `state_of` saved (a resumed FedAdam continues exactly)."""
+        for name in cls.NAMES:
+            part = {k[len(name) + 1 :]: v for k, v in arrays.items() if k.startswith(f"{name}/")}
+            if part:
+                setattr(base, name, part)
+
+    def undo(self) -> None:
+        for name, old in self.saved.items():
+            if getattr(self.base, name, None):
+                setattr(self.base, name, old or None)

@@ -60,3 +60,15 @@ def drop_site_only_keys(msg: Message) -> None:
     for record in msg.content.metric_records.values():
         for key in [k for k in record if k.startswith(MAY_DIFFER)]:
             del record[key]
+
+
+def received_scores(received: dict[str, dict]) -> tuple[dict, dict[str, dict]]:
+    """(aggregate, per-site `eval-*` metrics) of the sites' validation of the model they
+    received, by site; the aggregate weighs each site by its validation eyes (`num-val`, which
+    screening bounds: this aggregate selects the best model)."""
+    per_site = {s: {f"eval-{k}": v for k, v in m.items()} for s, m in received.items()}
+    records = [
+        RecordDict({"metrics": MetricRecord({**m, "num-examples": m.get("num-val", 0)})})
+        for m in received.values()
+    ]
+    return dict(aggregate_metrics(records, "num-examples")), per_site

@@ -73,7 +73,7 @@ def over_cohort(
     scaled = {}
     for key, array in arrays.items():
         a, g = array.numpy(), global_state[key].astype(np.float64)
-        scaled[key] = Array((g + (a.astype(np.float64) - g) * (k / m)).astype(a.dtype))
+        scaled[key] = Array(np.asarray((g + (a.astype(np.float64) - g) * (k / m)).astype(a.dtype)))
     return ArrayRecord(scaled)
 
 

@@ -3,9 +3,11 @@
 `build_strategy` turns the run's federation settings into FedAvg, FedProx, FedAdam or a robust
 aggregator with a fixed cohort, maybe inside Flower's site-level DP wrapper (`site_dp`), and
 wraps it in `RemdrStrategy`, which records what every site did each round, refuses malformed
-updates before anything aggregates them (`remdr.federation.screening`), aggregates each part of
-the model over the sites that trained it (`part_aggregation`) and applies the missing-site
-policy. The metrics of the replies are combined by `reply_metrics`.
+replies (`reply_screening`), names that belong to another node (`site_names`) and bad updates
+(`remdr.federation.screening`) before anything aggregates them, aggregates each part of the
+model over the sites that trained it (`part_aggregation`), releases only a finite global model
+in the model's own dtypes (`global_model`) and applies the missing-site policy. The metrics of
+the replies are combined by `reply_metrics`.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import time
 from collections.abc import Callable, Iterable
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, Message
 from flwr.serverapp.strategy import (
     DifferentialPrivacyServerSideAdaptiveClipping,
     FedAdam,
@@ -28,10 +30,18 @@ from flwr.serverapp.strategy import (
 )
 from flwr.serverapp.strategy.fedopt import FedOpt
 from remdr.server.drift_control import ServerControl
+from remdr.server.global_model import released
 from remdr.server.grid import RetryingGrid
-from remdr.server.part_aggregation import aggregate_parts
-from remdr.server.reply_metrics import aggregate_metrics, drop_site_only_keys, metrics_of
+from remdr.server.part_aggregation import ServerMoments, aggregate_parts, arrays_of, untrained_keys
+from remdr.server.reply_metrics import (
+    aggregate_metrics,
+    drop_site_only_keys,
+    metrics_of,
+    received_scores,
+)
+from remdr.server.reply_screening import SiteCounts, consistent_metrics, shape_problem, site_id
 from remdr.server.site_dp import DP_WRAPPERS, over_cohort, release_record, wrap
+from remdr.server.site_names import SiteNames
 
 from remdr.federation.run_config import FedConfig
 from remdr.federation.screening import (
@@ -52,9 +62,9 @@ class RoundAborted(RuntimeError):
 class RemdrStrategy(Strategy):
     """The outermost layer around a Flower strategy (itself maybe DP-wrapped).
 
-    It records what every site did each round (metrics, errors, missing sites), rejects
-    malformed updates before anything aggregates them, applies the missing-site policy, and
-    shifts round numbers by `round_offset` when a run resumes.
+    It records what every site did each round (metrics, errors, missing sites), refuses
+    malformed replies, borrowed names and bad updates before anything aggregates them, applies
+    the missing-site policy, and shifts round numbers by `round_offset` when a run resumes.
     """
 
     def __init__(
@@ -69,7 +79,9 @@ class RemdrStrategy(Strategy):
         self._deltas: dict[str, dict[str, np.ndarray] | None] = {}
         self.round_offset = 0
         self.grid: RetryingGrid | None = None
-        self.site_of_node: dict[int, str] = {}
+        self.names = SiteNames()  # which node speaks for which site
+        weight = "unit-weight" if fed.site_dp != "off" else "num-examples"
+        self.counts = SiteCounts(fed.max_site_examples, weight_key=weight)
         self.current: dict = {}
         # each site's validation of the model it was sent this round (the previous round's
         # model), from the train replies: the ServerApp files it under that round
@@ -87,27 +99,23 @@ class RemdrStrategy(Strategy):
 
     def state_dict(self) -> tuple[dict[str, np.ndarray], dict]:
         """(arrays, scalars) that continue this strategy exactly after a restart: a server
-        optimiser's moments (FedAdam's m_t, v_t) and the adaptive clipping norm."""
-        base = getattr(self.inner, "strategy", self.inner)
-        arrays: dict[str, np.ndarray] = {}
-        for name in ("m_t", "v_t"):
-            for k, v in (getattr(base, name, None) or {}).items():
-                arrays[f"{name}/{k}"] = np.asarray(v)
+        optimiser's moments (FedAdam's m_t, v_t), the adaptive clipping norm, which node speaks
+        for which site and the counts each site first reported (they bound its later ones)."""
+        arrays = ServerMoments.state_of(getattr(self.inner, "strategy", self.inner))
         if self.control is not None:
             arrays.update(self.control.state_dict())
-        scalars = {}
+        scalars: dict = {"site-nodes": self.names.state_dict()}
+        scalars["site-counts"] = self.counts.state_dict()
         if isinstance(self.inner, DifferentialPrivacyServerSideAdaptiveClipping):
             scalars["clipping_norm"] = float(self.inner.clipping_norm)
         return arrays, scalars
 
     def load_state_dict(self, arrays: dict[str, np.ndarray], scalars: dict) -> None:
-        base = getattr(self.inner, "strategy", self.inner)
-        for name in ("m_t", "v_t"):
-            part = {k[len(name) + 1 :]: v for k, v in arrays.items() if k.startswith(f"{name}/")}
-            if part:
-                setattr(base, name, part)
+        ServerMoments.load(getattr(self.inner, "strategy", self.inner), arrays)
         if "clipping_norm" in scalars:
             self.inner.clipping_norm = float(scalars["clipping_norm"])
+        self.names.load_state_dict(scalars.get("site-nodes", {}))
+        self.counts.load_state_dict(scalars.get("site-counts", {}))
         if self.control is not None:
             self.control.load_state_dict(arrays)
 
@@ -117,15 +125,26 @@ class RemdrStrategy(Strategy):
         return dst if dst is not None else msg.metadata.src_node_id
 
     def _site(self, msg: Message) -> str:
-        node = self._node(msg)
-        if msg.has_content() and "site" in msg.content:
-            self.site_of_node[node] = str(msg.content["site"]["site-id"])
-        return self.site_of_node.get(node, f"node-{node}")
+        """The site a reply speaks for (its node's bound name), or `node-<id>`."""
+        return self.names.label(self._node(msg))
 
-    def _error(self, site: str, phase: str, reason: str) -> None:
-        self.current.setdefault("errors", []).append(
-            {"site": site, "phase": phase, "reason": reason}
-        )
+    def _refuse(self, msg: Message, phase: str) -> str | None:
+        """Why a reply is refused before anything reads it (`reply_screening`): its shape, the
+        site it claims (`site_names`), its counts and metrics; None if it may be read."""
+        problem = shape_problem(msg, phase, control=phase == "train" and self.control is not None)
+        if problem:
+            return problem
+        problem, moved = self.names.claim(self._node(msg), site_id(msg))
+        if moved:
+            self.current.setdefault("rebound", {})[site_id(msg)] = list(moved)
+        return problem or self.counts.problem(self._site(msg), metrics_of(msg), phase)
+
+    def _error(self, site: str, phase: str, reason: str, *, rejected: bool = False) -> None:
+        """Name a failed or (`rejected`) refused site in the round record and the log."""
+        if rejected:
+            self.current.setdefault("rejected", []).append(site)
+        error = {"site": site, "phase": phase, "reason": reason}
+        self.current.setdefault("errors", []).append(error)
         log.warning("site %s failed in %s: %s", site, phase, reason)
 
     def _note(self, phase: str, replies: list[Message]) -> list[Message]:
@@ -134,9 +153,13 @@ class RemdrStrategy(Strategy):
         rec = self.current.setdefault("sites", {})
         good = []
         for msg in replies:
-            site = self._site(msg)
             if msg.has_error():
-                self._error(site, phase, msg.error.reason)
+                self._error(self._site(msg), phase, msg.error.reason)
+                continue
+            problem = self._refuse(msg, phase)
+            site = self._site(msg)
+            if problem:
+                self._error(site, phase, f"reply rejected: {problem}", rejected=True)
                 continue
             metrics = dict(metrics_of(msg))
             scored = {
@@ -148,8 +171,7 @@ class RemdrStrategy(Strategy):
             rec.setdefault(site, {}).update({f"{prefix}{k}": v for k, v in metrics.items()})
             drop_site_only_keys(msg)
             good.append(msg)
-        sampled = self._sampled.get(phase, [])
-        missing = [self.site_of_node.get(n, f"node-{n}") for n in sampled if n not in replied]
+        missing = [self.names.label(n) for n in self._sampled.get(phase, []) if n not in replied]
         if missing:
             self.current.setdefault("missing", {})[phase] = missing
             log.warning(
@@ -169,26 +191,21 @@ class RemdrStrategy(Strategy):
         self._deltas = {}
         for msg in replies:
             delta = ServerControl.take(msg) if self.control is not None else None
-            update = {
-                k: v.numpy() for rec in msg.content.array_records.values() for k, v in rec.items()
-            }
+            update = {k: v.numpy() for k, v in arrays_of(msg).items()}  # its one ArrayRecord
             metrics = metrics_of(msg)
+            limit = self.fed.max_update_norm
             problem = (
-                update_problem(update, self._global, self.fed.max_update_norm)
+                update_problem(update, self._global, limit)
                 or counts_problem(metrics)
                 or untrained_part_problem(update, self._global, trained_counts(metrics))
-                or (
-                    self.control.problem(delta, self.fed.max_update_norm)
-                    if self.control is not None
-                    else None
-                )
+                or (self.control.problem(delta, limit) if self.control is not None else None)
             )
             self._deltas[msg.metadata.message_id] = delta
             if problem:
-                site = self._site(msg)
-                self.current.setdefault("rejected", []).append(site)
-                self._error(site, "train", f"update rejected: {problem}")
+                self._error(self._site(msg), "train", f"update rejected: {problem}", rejected=True)
+                self.received.pop(self._site(msg), None)  # nothing of it counts
             else:
+                self.counts.commit(self._site(msg), metrics, "train")
                 kept.append(msg)
         return kept
 
@@ -199,10 +216,13 @@ class RemdrStrategy(Strategy):
         deadline = time.monotonic() + self.fed.node_wait
         while len(nodes := list(grid.get_node_ids())) < want and time.monotonic() < deadline:
             time.sleep(1.0)
+        self.names.learn(grid)
         have = max(1, min(want, len(nodes)))
         if have < want:
             connected = set(nodes)
-            gone = sorted(site for node, site in self.site_of_node.items() if node not in connected)
+            gone = sorted(
+                site for node, site in self.names.of_node.items() if node not in connected
+            )
             self.current.setdefault("missing", {})["connect"] = gone or [f"{want - have} site(s)"]
             note = f"{len(nodes)} of {want} sites connected after {self.fed.node_wait:.0f}s"
             if self.fed.on_missing == "abort":
@@ -216,16 +236,10 @@ class RemdrStrategy(Strategy):
 
     def take_received(self) -> tuple[dict, dict[str, dict]] | None:
         """(aggregate, per-site `eval-*` metrics) of the previous round's model as the sites
-        scored it before training this round; None when no site sent them. Clears them."""
-        if not self.received:
-            return None
-        per_site = {s: {f"eval-{k}": v for k, v in m.items()} for s, m in self.received.items()}
-        records = [
-            RecordDict({"metrics": MetricRecord({**m, "num-examples": m.get("num-val", 0)})})
-            for m in self.received.values()
-        ]
-        self.received = {}
-        return dict(aggregate_metrics(records, "num-examples")), per_site
+        scored it before training this round (`reply_metrics.received_scores`); None when no
+        site sent them. Clears them."""
+        received, self.received = self.received, {}
+        return received_scores(received) if received else None
 
     def final_evaluation(self, arrays: ArrayRecord, config, server_round: int):
         """One evaluate message per site for the last round's model (in one-message rounds no
@@ -262,11 +276,16 @@ class RemdrStrategy(Strategy):
             self.current["train"] = {}
             return None, None
         own = self._aggregate_parts(good)
+        sent = consistent_metrics(good)  # after the parts: an older site's eye counts are filled
+        base = getattr(self.inner, "strategy", self.inner)
+        frozen = untrained_keys(good, self._global) if isinstance(base, FedOpt) else []
+        moments = ServerMoments(base)
         private = isinstance(self.inner, DP_WRAPPERS)
         if private:  # the wrapper's noise z*C/k on the mean of the k updates it gets
             self.inner.num_sampled_clients = len(good)
             clip = float(self.inner.clipping_norm)
-        arrays, metrics = self.inner.aggregate_train(server_round + self.round_offset, good)
+        arrays, _ = self.inner.aggregate_train(server_round + self.round_offset, good)
+        metrics = aggregate_metrics(sent, self.counts.weight_key)  # each over its senders
         if own and arrays is not None and not isinstance(self.inner, FedOpt):
             # the inner rule over equal arrays gives them up to rounding: give them exactly
             # (FedAdam instead took its server step towards them)
@@ -274,11 +293,19 @@ class RemdrStrategy(Strategy):
                 arrays[key] = Array(np.asarray(value, order="C"))
         self.current["train"] = dict(metrics) if metrics is not None else {}
         self.current["aggregated"] = sorted(self._site(m) for m in good)
-        if self.control is not None and arrays is not None:
-            self.control.update(
-                [self._deltas[m.metadata.message_id] for m in good], [metrics_of(m) for m in good]
-            )
-        if private and arrays is not None:
+        if arrays is None:
+            return None, metrics
+        moments.keep(frozen)  # no site trained them: FedAdam must not move them
+        arrays, bad = released(arrays, self._global, frozen)
+        if bad:  # nothing is released; the global model and FedAdam's moments stay
+            moments.undo()
+            self.current["refused"] = f"the aggregate has non-finite values (e.g. {bad[0]})"
+            log.error("round %s: %s", self.current.get("round"), self.current["refused"])
+            return None, metrics
+        if self.control is not None:
+            deltas = [self._deltas[m.metadata.message_id] for m in good]
+            self.control.update(deltas, [metrics_of(m) for m in good])
+        if private:
             arrays = self._release(arrays, len(good), clip)
         return arrays, metrics
 
@@ -291,11 +318,8 @@ class RemdrStrategy(Strategy):
         if record is not None:
             self.current["part-aggregation"] = record
         if record and "refused" in record:
-            log.error(
-                "round %s: per-part aggregation refused: %s",
-                self.current.get("round"),
-                record["refused"],
-            )
+            log.error("round %s: per-part aggregation refused: %s", self.current.get("round"),
+                      record["refused"])  # fmt: skip
         return own
 
     def _release(self, arrays, k: int, clip: float):
@@ -324,9 +348,12 @@ class RemdrStrategy(Strategy):
 
     def aggregate_evaluate(self, server_round, replies: Iterable[Message]):  # noqa: D102
         good = self._note("evaluate", list(replies))
-        metrics = (
-            self.inner.aggregate_evaluate(server_round + self.round_offset, good) if good else None
-        )
+        for msg in good:
+            self.counts.commit(self._site(msg), metrics_of(msg), "evaluate")
+        sent = consistent_metrics(good)  # Flower's rule sees consistent replies
+        metrics = None
+        if good and self.inner.aggregate_evaluate(server_round + self.round_offset, good):
+            metrics = aggregate_metrics(sent, self.counts.weight_key)  # each over its senders
         self.current["evaluate"] = dict(metrics) if metrics is not None else {}
         return metrics
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 import tomllib
+import uuid
 from pathlib import Path
 
 import pytest
@@ -25,10 +26,11 @@ RUN_CONFIG = {**run_config_defaults(), **TINY, "local-epochs": 1}
 
 
 def _message(kind: str, arrays: dict, config: dict) -> Message:
+    """A message as Flower delivers it: its id is unique (a site trains each message once)."""
     content = RecordDict({"arrays": ArrayRecord(arrays), "config": ConfigRecord(config)})
     meta = Metadata(
         run_id=1,
-        message_id="m1",
+        message_id=uuid.uuid4().hex,
         src_node_id=0,
         dst_node_id=7,
         reply_to_message_id="",
@@ -67,7 +69,8 @@ def test_train_reply_has_weights_metrics_and_keeps_state(tiny_data):
     assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
     metrics = reply.content["metrics"]
     assert metrics["num-examples"] > 0 and metrics["train-seconds"] > 0
-    for key in ("train-loss", "val-mse", "val-mae", "val-mae-severe", "val-mae-bin-avg"):
+    received = ("val-mse", "val-mae", "val-mae-severe", "val-mae-bin-avg")
+    for key in ("train-loss", *(f"received-{k}" for k in received)):
         assert key in metrics
     # every tiny eye has both images: each part of the model trained on all of them
     n = metrics["num-examples"]

@@ -126,3 +126,21 @@ def test_server_control_ignores_state_of_unknown_parameters():
     control.load_state_dict({"control/w": np.ones(2), "control/gone": np.ones(3), "m_t/w": 5})
     np.testing.assert_array_equal(control.c["w"], np.ones(2))
     assert set(control.c) == {"w"}
+
+
+def test_c_stays_finite_whatever_changes_the_sites_send(_in_a_run):  # noqa: F811
+    """Without a norm limit (max-update-norm 0) finite changes can still sum past float32:
+    c then stays as it was, so no site is sent an infinite correction."""
+    run = {"drift-control": "scaffold", "min-nodes": 2, "node-wait": 0.0, "max-update-norm": 0.0}
+    strategy = build_strategy(split_run_config(run)[1], {"w": (4,)})
+    g = {"w": np.zeros(4, np.float32)}
+    for r in (1, 2):
+        strategy.configure_train(r, ArrayRecord(g), ConfigRecord(), _Grid([1, 2]))
+        replies = []
+        for node in (1, 2):
+            reply = train_reply(node, ArrayRecord(g), f"s{node}", {"num-examples": 5})
+            reply.content[CONTROL] = ArrayRecord({"w": np.full(4, 3e38, np.float32)})
+            replies.append(reply)
+        strategy.aggregate_train(r, replies)
+    assert np.isfinite(strategy.control.c["w"]).all()
+    np.testing.assert_array_equal(strategy.control.c["w"], np.full(4, 3e38, np.float32))

@@ -50,12 +50,14 @@ def test_every_drill_fault_is_refused_with_a_reason(kind):
     assert reason is not None and expected in reason
 
 
-def test_a_normal_update_passes_also_after_fedavg_made_counters_float():
+def test_a_normal_update_passes_and_one_of_another_dtype_does_not():
     ref = _state()
     moved = {k: (v + 0.01 if v.is_floating_point() else v + 7) for k, v in ref.items()}
     assert update_problem(_np(moved), _np(ref), max_norm=1.0) is None
-    aggregated = {**_np(ref), "steps": np.float64(5.0) * np.ones(())}  # FedAvg's global
-    assert update_problem(_np(moved), aggregated, max_norm=1.0) is None
+    # the coordinator keeps the global model in the model's dtypes (counters stay integers),
+    # so an honest site always matches it; an array of another dtype is refused
+    floated = {**_np(moved), "steps": np.float64(12.0) * np.ones(())}
+    assert "wrong dtype for steps" in update_problem(floated, _np(ref), max_norm=1.0)
     text = {**_np(moved), "w": np.array([["x"] * 3] * 4)}
     assert "wrong dtype" in update_problem(text, _np(ref), max_norm=1.0)
 
@@ -100,7 +102,7 @@ def _reply(node: int, state: dict, site: str) -> Message:
 
 
 def _strategy(**fed) -> RemdrStrategy:
-    _, cfg = split_run_config({"min-nodes": 3, **fed})
+    _, cfg = split_run_config({"min-nodes": 3, "drift-control": "off", **fed})
     s = build_strategy(cfg)
     s.current = {"round": 1}
     s._global = _np(_state())
@@ -150,7 +152,7 @@ class _Grid:
 
 def test_a_round_goes_on_with_the_connected_sites_after_node_wait():
     s = _strategy(**{"node-wait": 0.0})
-    s.site_of_node = {1: "A", 2: "B", 3: "C"}
+    s.names.of_node = {1: "A", 2: "B", 3: "C"}
     s._cohort(_Grid([1, 2]))
     assert s.inner.min_train_nodes == s.inner.min_available_nodes == 2
     assert s.current["missing"]["connect"] == ["C"]

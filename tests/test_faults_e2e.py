@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 from e2e_helpers import wait_for
+from remdr.client.cli import DRILL_ENV
 from remdr.client.fault_drill import FAULT_ENV
 
 from remdr.federation.run_directory import RunDirectory
@@ -31,7 +32,9 @@ def test_a_hostile_round_a_bad_update_and_a_site_that_dies(tmp_path):
     try:
         fed.start_superlink()
         for name, data in sites.items():
-            fed.start_site(name, data, env={FAULT_ENV: "nan,norm"} if name == "M" else None)
+            # every site opts in to the drill's ClientApp; M sends bad updates
+            drill = {DRILL_ENV: "1", **({FAULT_ENV: "nan,norm"} if name == "M" else {})}
+            fed.start_site(name, data, env=drill)
         run = fed.run(experiment, background=True, fault_drill=True)
         wait_for(lambda: RunDirectory(out).last_round() >= 1, 300, "round 1 checkpoint")
         fed.kill_site("C")

@@ -90,7 +90,12 @@ def test_a_round_through_the_worker_is_the_round_the_clientapp_would_run(tiny_da
     # same seed, same data: the same round (to float tolerance across two processes)
     assert all(torch.allclose(a[k].double(), b[k].double(), atol=1e-6) for k in a)
     got, want = dict(via_worker.content["metrics"]), dict(local.content["metrics"])
-    assert set(got) == set(want) and got["val-mse"] == pytest.approx(want["val-mse"])
+    # the received model's validation score and the training loss (no post-training score
+    # unless the run asks for local-validation)
+    assert set(got) == set(want) and got["received-val-mse"] == pytest.approx(
+        want["received-val-mse"]
+    )
+    assert got["train-loss"] == pytest.approx(want["train-loss"], rel=1e-5)
     assert via_worker.content["site"]["site-id"] == "hospA"
     # the worker keeps the run's state between messages (the site's AdamW moments): round 2
     # from the same weights differs from a fresh site's round 2

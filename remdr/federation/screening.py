@@ -10,11 +10,16 @@ A site with one modality (an OCT-only hospital) trains only some parts of the mo
 `eyes-complete` count its training eyes with each image. It sends a part no eye of it trained
 back exactly as received, so an update that changed such a part, or counts that cannot be true,
 are rejected too: the coordinator aggregates each part over the sites that trained it only.
+
+A site's counts weigh it in every mean (`num-examples` its update, `num-val` its validation, which
+selects the best model), so each must be a whole, finite number within the coordinator's bounds
+(`count_problem`); every other metric must be a number of plausible size (`metric_problem`).
 """
 
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -32,8 +37,10 @@ def update_problem(
     update: dict[str, np.ndarray], reference: dict[str, np.ndarray], max_norm: float
 ) -> str | None:
     """Why `update` (a site's weights) cannot be aggregated with the global `reference`; None if
-    it can. The norm is of the change, update - reference, over the update's floating-point
-    arrays (integer counters are not weights)."""
+    it can. Every array must have the reference's shape and dtype (an integer array would pass
+    the finite check whatever its values; the coordinator keeps the global model in the
+    model's own dtypes, so an honest site always matches). The norm is of the change, update -
+    reference, over the floating-point arrays (integer counters are not weights)."""
     missing = sorted(set(reference) - set(update))
     extra = sorted(set(update) - set(reference))
     if missing or extra:
@@ -48,10 +55,8 @@ def update_problem(
         arr = np.asarray(update[key])
         if arr.shape != ref.shape:
             return f"wrong shape for {key}: {arr.shape}, expected {ref.shape}"
-        # FedAvg hands back integer buffers (BatchNorm's counters) as floats, so only a
-        # non-numeric array is a dtype error.
-        if not np.issubdtype(arr.dtype, np.number):
-            return f"wrong dtype for {key}: {arr.dtype}, expected numbers like {ref.dtype}"
+        if arr.dtype != ref.dtype:
+            return f"wrong dtype for {key}: {arr.dtype}, expected {ref.dtype}"
         if np.issubdtype(arr.dtype, np.floating):
             if not np.isfinite(arr).all():
                 return f"non-finite values (NaN/Inf) in {key}"
@@ -116,4 +121,64 @@ def untrained_part_problem(
                 f"changed the {part} part ({len(changed)} arrays, e.g. {changed[0]}) but "
                 f"trained no {_EYES[part]} eyes"
             )
+    return None
+
+
+# -- the counts and metrics of a reply ------------------------------------------------------------
+
+# The largest magnitude any metric may have (a count, a loss, seconds): beyond it a value is
+# absurd, and a weighted mean of such values could overflow.
+METRIC_LIMIT = 1e12
+MAX_METRICS = 256  # metric keys one reply may carry
+METRIC_KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+_NON_NEGATIVE = {"mse", "rmse", "mae", "num", "eyes", "seconds", "steps", "records"}
+
+
+def _number(value: Any) -> float | None:
+    """`value` as a float if it is an int or float (not a bool, not a list), else None."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    try:
+        return float(value)
+    except OverflowError:  # an int beyond float's range
+        return math.inf
+
+
+def count_problem(key: str, value: Any, *, positive: bool, cap: float) -> str | None:
+    """Why `value` cannot be a count of eyes that weighs a site (at most `cap`); None if it
+    can. A training count (`positive`) must be at least 1: zero weight for every site leaves
+    nothing to average."""
+    x = _number(value)
+    if x is None:
+        return f"{key} is not a number: {value!r}"
+    if not math.isfinite(x):
+        return f"{key} is not finite: {value!r}"
+    if not x.is_integer():
+        return f"{key} is not a whole number of eyes: {value!r}"
+    if x < (1 if positive else 0):
+        return f"{key} is not positive: {value!r}" if positive else f"{key} is negative: {x:g}"
+    if x > cap:
+        return f"{key} {x:g} exceeds max-site-examples {cap:g}"
+    return None
+
+
+def metric_problem(metrics: Mapping[str, Any]) -> str | None:
+    """Why a reply's metrics cannot be recorded and averaged; None if they can: at most
+    `MAX_METRICS` plain names, each value a number (or list of numbers) that is NaN or within
+    `METRIC_LIMIT`, errors and counts never negative."""
+    if len(metrics) > MAX_METRICS:
+        return f"{len(metrics)} metrics (at most {MAX_METRICS})"
+    for key, value in metrics.items():
+        if not isinstance(key, str) or not METRIC_KEY.fullmatch(key):
+            return f"metric name {str(key)[:40]!r} is not a plain name"
+        for item in value if isinstance(value, list) else [value]:
+            x = _number(item)
+            if x is None:
+                return f"metric {key} is not a number: {str(item)[:40]!r}"
+            if math.isnan(x):
+                continue
+            if not abs(x) <= METRIC_LIMIT:
+                return f"metric {key} is absurd: {x:g}"
+            if x < 0 and _NON_NEGATIVE & set(key.split("-")):
+                return f"metric {key} is negative: {x:g}"
     return None

@@ -8,10 +8,17 @@ directory's name and a token), one file per round, so a round the coordinator re
 restart starts from the state the previous round left, exactly as in an uninterrupted run. The
 state never leaves the site. With drift control (SCAFFOLD) it also holds the site's control
 variate c_i: only its change of a round is sent, screened like an update.
+
+The run key comes from the coordinator, so it must be a plain name (letters, digits, '.', '_',
+'-', starting with a letter or digit): a key such as ".." would have the site write and prune
+files outside its state folder. The folder also journals each training message the site has
+started (`begin`), so a message handled twice (a site worker that failed mid-round, then the
+ClientApp's fallback) is refused instead of spending the round's privacy budget a second time.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -22,6 +29,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from remdr.errors import ConfigError, PrivacyError
+
+PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
 ROUND_RE = re.compile(r"round-(\d+)\.safetensors$")
 OPTIMIZER = "optimizer/"  # tensor-name prefix of the optimiser's state; the rest are local layers
 CONTROL = "control/"  # tensor-name prefix of the SCAFFOLD control variate c_i
@@ -64,13 +74,41 @@ def unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: str) -> dict:
     return {"state": per_param, "param_groups": groups}
 
 
+def plain_run_key(run_key: str) -> str:
+    """The coordinator's run key if it is a plain name (it names a folder at the site), else
+    a one-line ConfigError."""
+    if PLAIN_NAME.fullmatch(run_key):
+        return run_key
+    raise ConfigError(
+        f"remdr-run {run_key[:60]!r} is not a plain name",
+        "the site names a folder by it: letters, digits, '.', '_', '-', starting with a letter "
+        "or digit",
+        "the coordinator names its out-dir plainly, e.g. runs/study-a",
+    )
+
+
 class SiteState:
     """`<root>/<run key>/round-NNN.safetensors`: the local layers and optimiser moments after
     round NNN, with the method's state as JSON metadata. Keeps the last two rounds."""
 
     def __init__(self, root: str | Path, run_key: str) -> None:
-        safe = re.sub(r"[^A-Za-z0-9._-]", "_", run_key) or "run"
-        self.dir = Path(root) / safe
+        self.dir = Path(root) / plain_run_key(run_key)
+
+    def begin(self, message: str) -> None:
+        """Journal that this site started training `message` (Flower's run and message id),
+        or refuse (PrivacyError) if it already did: a message is trained at most once."""
+        started = self.dir / "started"
+        started.mkdir(parents=True, exist_ok=True)
+        name = hashlib.sha256(message.encode()).hexdigest()[:32]
+        try:
+            os.close(os.open(started / name, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+        except FileExistsError:
+            raise PrivacyError(
+                "this round was already started at this site",
+                "a message is trained at most once, so a failed attempt never spends the "
+                "round's privacy budget twice",
+                "the coordinator's next round trains again",
+            ) from None
 
     def _rounds(self) -> list[int]:
         if not self.dir.is_dir():
