@@ -37,7 +37,33 @@ TABLE_COLUMNS = (
     ("pearson", "Pearson", max),
     *((f"mae_{b}", f"MAE {b}", min) for b in BINS),
     ("mae_bin_avg", "bin-avg MAE", min),
+    *((f"mae_{r}_shot", f"MAE {r}-shot", min) for r in ("many", "medium", "few")),
 )
+# The DIR protocol's regions (Yang et al., ICML 2021): a test eye is many-, medium- or few-shot
+# by how many training eyes share its 1 dB label bin; the limits are AgeDB-DIR's (100 / 20 per
+# bin) scaled to ~850 training eyes, so on the synthetic default normal and early eyes are
+# many-shot and most severe eyes few-shot.
+SHOT_BIN_DB = 1.0
+SHOT_LIMITS = (20, 5)  # many: >= 20 training eyes in the bin; few: < 5; medium: between
+
+
+def shot_metrics(train_md: np.ndarray, md: np.ndarray, pred: np.ndarray) -> dict[str, float]:
+    """MAE over the test eyes of each DIR region (NaN for an empty region) and their counts."""
+    edges = np.arange(-40.0, 10.0 + SHOT_BIN_DB, SHOT_BIN_DB)
+    counts, _ = np.histogram(np.clip(train_md, -40, 10), bins=edges)
+    known = np.isfinite(pred)
+    md, pred = np.asarray(md)[known], np.asarray(pred)[known]
+    per_eye = counts[np.clip(np.digitize(md, edges) - 1, 0, len(counts) - 1)]
+    many, few = SHOT_LIMITS
+    regions = {"many": per_eye >= many, "few": per_eye < few}
+    regions["medium"] = ~regions["many"] & ~regions["few"]
+    out: dict[str, float] = {}
+    for name, rows in regions.items():
+        out[f"n_{name}_shot"] = int(rows.sum())
+        out[f"mae_{name}_shot"] = (
+            float(np.abs(pred[rows] - md[rows]).mean()) if rows.any() else float("nan")
+        )
+    return out
 
 
 def run_methods(
@@ -81,7 +107,7 @@ def run_methods(
                     run_cfg, data_for(run_cfg), progress=progress, desc=f"{label} s{seed}",
                     test_curve=curves is not None,
                 )  # fmt: skip
-                row = _record(label, seed, out, curves)
+                row = _record(label, seed, out, curves, data_for(run_cfg).train.targets())
                 rows.append(row)
                 preds.setdefault(
                     label, {"md": out.test_preds["md"], "pred": out.test_preds["pred"]}
@@ -102,7 +128,7 @@ def run_labels(methods: list[str], variants: list[dict[str, str]] | None) -> lis
     return [run_label(n, v) for n in methods for v in (variants or [{}])]
 
 
-def _record(label: str, seed: int, out, curves: list[dict] | None) -> dict:
+def _record(label: str, seed: int, out, curves: list[dict] | None, train_md=()) -> dict:
     """One run's result row (and its learning curve appended to `curves`)."""
     if curves is not None:
         for record, (_, test_mse) in zip(out.fit.history, out.test_curve, strict=False):
@@ -123,6 +149,7 @@ def _record(label: str, seed: int, out, curves: list[dict] | None) -> dict:
         "best_epoch": out.fit.best_epoch,
         "epochs_run": len(out.fit.history),
         **out.test_metrics,
+        **shot_metrics(np.asarray(train_md), out.test_preds["md"], out.test_preds["pred"]),
     }
 
 

@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from remdr.errors import ConfigError, Problems
+from remdr.method_config import ENSEMBLE_INVERSE_MSE, MethodConfig
 from remdr.registry import list_methods
 from remdr.settings import (
     FRACTION,
@@ -42,6 +43,7 @@ OPTIMIZERS = ("adamw", "sgd")
 GRAD_SAMPLE_MODES = ("auto", "hooks", "ew")
 DEVICE_PATTERN = r"auto|cpu|mps|cuda(:[0-9]+)?"
 SEED_MAX = 2**32 - 1  # NumPy's legacy seeding takes 32 bits
+SYNTHETIC_REGIMES = ("default", "conflict")  # remdr.data.synthetic.REGIMES, by name
 
 
 class TimmNames(Collection[str]):
@@ -114,6 +116,12 @@ class DataConfig:
         "DICOM: a visual field pairs with OCT/fundus at most this many days apart",
         **NON_NEGATIVE,
     )
+    synthetic_regime: str = setting(
+        "default",
+        "the embedded synthetic data, when no --data is given: default, or conflict (naive "
+        "fusion loses to one modality; docs/method.md)",
+        choices=SYNTHETIC_REGIMES,
+    )
 
     @property
     def augment_scale(self) -> float:
@@ -152,60 +160,6 @@ class ModelConfig:
 
 
 @dataclass
-class MethodConfig:
-    """Hyperparameters of every registered method; each method reads the ones it needs."""
-
-    lambda_uni: float = setting(
-        0.5, "weight of the unimodal head losses (remdr family)", **NON_NEGATIVE
-    )
-    lambda_con: float = setting(0.1, "weight of the adaptive-margin SupCon loss", **NON_NEGATIVE)
-    con_delta: float = setting(
-        1.0, "dB; |y_i - y_j| <= delta makes a positive pair", **NON_NEGATIVE
-    )
-    con_tau: float = setting(0.1, "SupCon temperature", **POSITIVE)
-    con_mu: float = setting(0.5, "margin strength; 0 gives plain SupCon", **NON_NEGATIVE)
-    con_gamma: float = setting(
-        0.5, "rarity exponent of the anchor weight p(y)^-gamma", **NON_NEGATIVE
-    )
-    con_span: float = setting(10.0, "dB; label distance at which the margin saturates", **POSITIVE)
-    con_weight_clip: float = setting(5.0, "anchor weights (mean 1) are clipped to this", low=1)
-    con_memory: int = setting(
-        0,
-        "SupCon also contrasts each anchor with the embeddings of this many recent training "
-        "eyes (a cross-batch memory, kept where the training runs): positives for small "
-        "batches; 0 = the batch only",
-        **NON_NEGATIVE,
-    )
-    lds_sigma: float = setting(2.0, "dB; kernel of the label-density smoothing (LDS)", **POSITIVE)
-    lds_reweight: float = setting(
-        0.0,
-        "weight each eye's squared errors by p(y)^-power from the LDS-smoothed training label "
-        "density (rare, severe eyes count more); 0 = plain MSE, 0.5 = inverse square root",
-        low=0,
-        high=2,
-    )
-    lds_weight_clip: float = setting(
-        10.0, "LDS loss weights (training-set mean 1) are clipped to this", low=1
-    )
-    sam_rho: float = setting(0.05, "SAM neighbourhood radius", **NON_NEGATIVE)
-    # 4: remdr's validation MSE 2.10 vs 2.12 with exact SAGM, at 0.68x the training time
-    sam_every: int = setting(
-        4,
-        "SAM/SAGM ascent every k-th step (the others take the plain, still modulated, "
-        "gradient): k = 1 is exact SAM at 2 passes a step, k = 4 costs 1.25 passes",
-        low=1,
-    )
-    mod_alpha: float = setting(
-        0.5, "modulation strength: k = 1 - tanh(alpha (r - 1))", **NON_NEGATIVE
-    )
-    mod_ema: float = setting(0.9, "EMA decay of the unimodal MSE scores", **FRACTION)
-    mod_start_epoch: int = setting(0, "modulation runs for start <= epoch < end", **NON_NEGATIVE)
-    mod_end_epoch: int = setting(-1, "end of the modulation; -1: until the last epoch", low=-1)
-    ogm_noise: bool = setting(False, "add OGM-GE Gaussian noise to the modulated gradients")
-    proto_bin_width: float = setting(2.0, "dB; MD bins of the learnable prototypes", **POSITIVE)
-
-
-@dataclass
 class TrainConfig:
     # remdr: the lowest validation MSE of every method at 24 epochs (docs/method.md)
     method: str = setting(
@@ -221,8 +175,8 @@ class TrainConfig:
     lr: float = setting(2e-3, "learning rate", **POSITIVE)
     optimizer: str = setting(
         "adamw",
-        "adamw, or sgd (with momentum): a federated site's SGD steps add up across sites the "
-        "way the pooled gradient does, AdamW's per-site normalised steps do not",
+        "adamw, or sgd (with momentum; SCAFFOLD's drift control assumes it, but on the "
+        "federation suite SGD did not learn within 32 rounds: docs/federation.md)",
         choices=OPTIMIZERS,
     )
     momentum: float = setting(0.9, "SGD momentum", **FRACTION)
@@ -386,6 +340,13 @@ def validate(
             f"mod-end-epoch={mc.mod_end_epoch} with mod-start-epoch={mc.mod_start_epoch}",
             "the modulation window start <= epoch < end is empty",
             "an end above the start, or -1 for until the last epoch",
+        )
+    w = mc.ensemble_oct_weight
+    if "ensemble-oct-weight" not in bad and w != ENSEMBLE_INVERSE_MSE and w < 0:
+        p.add(
+            f"ensemble-oct-weight={w:g}",
+            "a weight is in [0, 1], and -1 asks for inverse-MSE weights",
+            "e.g. ensemble-oct-weight=0.5, or -1",
         )
     if problems is None:
         p.raise_if_any(ConfigError)

@@ -9,6 +9,13 @@
 | remdr           | both       | MSE(fused) + l_u MSE(uni) + l_c SupCon-AM   | SAGM            |
 | remdr_no_con    | both       | MSE(fused) + l_u MSE(uni)                   | SAGM            |
 | remdr_no_sagm   | both       | MSE(fused) + l_u MSE(uni) + l_c SupCon-AM   | plain           |
+| multitask       | both       | MSE(fused) + l_u MSE(uni)                   | plain           |
+| ume             | both       | MSE(oct head) + MSE(fundus head); predicts  | plain           |
+|                 |            | their weighted mean                         |                 |
+| mmpareto        | both       | MSE(fused) + MSE(uni)                       | Pareto          |
+| masam           | both       | MSE(fused) + MSE(uni)                       | MASAM           |
+| mla             | both       | MSE(head) per modality, one shared head     | alternate       |
+| agm             | both       | MSE(Shapley-modulated fused) (+ probes)     | plain           |
 | concat_dp       | both       | MSE(fused) (+ probe heads)                  | DP-SGD          |
 | remdr_dp        | both       | MSE(fused) + l_u MSE(uni) + l_c Proto-AM    | DP-SAT + noisy  |
 |                 |            |                                             | modulation      |
@@ -16,6 +23,12 @@
 "Probe heads" are the unimodal heads trained on detached features: they measure each
 modality's strength (the OGM-GE scores) without changing what the encoders learn.
 OGM-GE is adapted to regression: its scores are the probes' EMA MSE instead of class softmax.
+The update rules themselves are in `remdr.update_rules`; the sources and regression
+adaptations of the baselines are in their docstrings there and in docs/method.md.
+
+Every fused method takes the severe-eye options of `MethodConfig` (all off by default): a
+balanced fused loss (`fused-loss=bmc`), ConR or RankSim on the fused embedding, a gate over the
+fused and unimodal heads (`head-gate`), LDS re-weighting (`lds-reweight`).
 
 Private methods (`*_dp`) train only under DP-SGD (`remdr.privacy`), one row per patient, and
 touch nothing that couples rows: in-batch SupCon becomes a per-example margin loss against
@@ -38,26 +51,22 @@ import numpy as np
 import torch
 
 from remdr.config import ExperimentConfig, MethodConfig
-from remdr.errors import ConfigError, PrivacyError
+from remdr.errors import ConfigError
 from remdr.losses import (
     EmbeddingMemory,
     LabelDensity,
     adaptive_margin_supcon,
+    anchor_weights,
     lds_loss_weights,
     lds_norm,
     prototype_bins,
     prototype_margin_loss,
 )
 from remdr.model import ReM3Dr, full_precision
-from remdr.optim import (
-    DriftControl,
-    ModalityScores,
-    branch_signal,
-    frozen_buffers,
-    sam_perturbation,
-    scale_gradients,
-)
+from remdr.optim import DriftControl, HeadProjector, LossDecay, ModalityScores, ShapleyScores
 from remdr.registry import MODALITIES, MethodSpec, get_spec
+from remdr.regression_losses import bmc_loss, conr_loss, ranksim_loss
+from remdr.update_rules import Terms, run_step, shapley_prediction, total, unwrapped
 
 
 def create_method(name: str, cfg: MethodConfig | None = None) -> Method:
@@ -83,25 +92,39 @@ def _squared_error(pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return (full_precision(pred) - y) ** 2
 
 
-def unwrapped(model: torch.nn.Module) -> ReM3Dr:
-    """The ReM3Dr inside an Opacus grad-sample wrapper (or the model itself)."""
-    return getattr(model, "_module", model)
+def _check_options(spec: MethodSpec, cfg: MethodConfig) -> None:
+    """Options a method cannot take, refused in one line each."""
+    coupled = {
+        "lds-reweight": cfg.lds_reweight > 0,
+        "fused-loss=bmc": cfg.fused_loss == "bmc",
+        "conr-weight": cfg.conr_weight > 0,
+        "ranksim-weight": cfg.ranksim_weight > 0,
+    }
+    for key, on in coupled.items():
+        if spec.private and on:
+            raise ConfigError(
+                f"{key} with the private method {spec.name}",
+                "it reads a histogram of the private labels or couples the rows of a batch, "
+                "outside DP-SGD's per-patient bound",
+                f"leave {key.split('=')[0]} at its default",
+            )
+    if cfg.head_gate and spec.update == "agm":
+        raise ConfigError(
+            "head-gate with agm", "AGM's Shapley responses are of the fusion head alone",
+            "head-gate=false",
+        )  # fmt: skip
 
 
 class Method:
     """Holds a method's state (label density, modality scores) and runs one training step."""
 
     def __init__(self, spec: MethodSpec, cfg: MethodConfig) -> None:
-        if spec.private and cfg.lds_reweight > 0:
-            raise ConfigError(
-                f"lds-reweight={cfg.lds_reweight:g} with the private method {spec.name}",
-                "its weights would come from a histogram of the private labels, outside DP-SGD",
-                "lds-reweight=0",
-            )
+        _check_options(spec, cfg)
         self.spec, self.cfg = spec, cfg
         self._step_count = 0  # SAM every k-th step
         self.lds_norm = 1.0  # mean LDS loss weight of the training labels before scaling
         self.density = LabelDensity.uniform()
+        self.target_var = 64.0  # dB^2: variance of the training labels (AGM's score scale)
         self.scores = ModalityScores(spec.modalities, cfg.mod_ema)
         self.last_k: dict[str, float] = {m: 1.0 for m in spec.modalities}
         self._noise_gen = torch.Generator().manual_seed(0)
@@ -113,6 +136,9 @@ class Method:
             {m: EmbeddingMemory(cfg.con_memory) for m in spec.modalities} if remember else {}
         )
         self._pending: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.decay = LossDecay(spec.modalities, cfg.mod_ema) if spec.update == "masam" else None
+        self.shapley = ShapleyScores(spec.modalities) if spec.update == "agm" else None
+        self.projector: HeadProjector | None = None  # MLA's, sized when the model is built
 
     @property
     def name(self) -> str:
@@ -129,18 +155,23 @@ class Method:
             self._noise_gen.manual_seed(entropy_seed())
             return
         if len(train_targets):
-            self.density = LabelDensity.fit(
-                np.asarray(train_targets, dtype=np.float64), self.cfg.lds_sigma
-            )
+            targets = np.asarray(train_targets, dtype=np.float64)
+            self.density = LabelDensity.fit(targets, self.cfg.lds_sigma)
             self.lds_norm = lds_norm(self.density, train_targets, self.cfg.lds_reweight)
+            self.target_var = float(max(targets.var(), 1e-6))
         self._noise_gen.manual_seed(seed)
 
     def build_model(self, model_cfg, data_cfg, *, group_norm: bool = False) -> ReM3Dr:
         """The method's network; private methods (and `group_norm`) get a DP-ready one."""
         uses_prototypes = self.spec.prototypes and self.cfg.lambda_con > 0
         n_proto = len(self.centres) if uses_prototypes else 0  # unused layers break DP-SGD
-        model = ReM3Dr(model_cfg, data_cfg, self.spec.modalities, n_prototypes=n_proto)
+        model = ReM3Dr(
+            model_cfg, data_cfg, self.spec.modalities, n_prototypes=n_proto,
+            fusion=self.spec.fusion, shared_head=self.spec.shared_head, gate=self.cfg.head_gate,
+        )  # fmt: skip
         model.always_run_branches = self.spec.private
+        if self.spec.update == "alternate":
+            self.projector = HeadProjector(model_cfg.embed_dim)
         if self.spec.private:  # its random draws come from OS entropy, not the seeded torch RNG
             model.modality_dropout = 0.0
         if self.spec.private or group_norm:
@@ -153,6 +184,16 @@ class Method:
     def loss(self, model: ReM3Dr, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
         """The method's objective on a batch that may hold incomplete eyes: a term of an absent
         modality is left out for that row (never computed on the zeros standing in for it)."""
+        terms, parts, _ = self.terms(model, batch)
+        return total(terms), parts
+
+    def terms(
+        self, model: ReM3Dr, batch: Batch
+    ) -> tuple[Terms, dict[str, float], dict[str, torch.Tensor]]:
+        """The objective split into "fused" (the fused prediction and what acts on the fused
+        embedding), "uni" (the unimodal heads' losses) and "aux" (per-modality contrastive
+        terms), with the loss parts to report and the model's outputs. MMPareto and MASAM
+        take the gradients of "uni" and of the rest apart."""
         spec, cfg = self.spec, self.cfg
         fused_inputs = len(spec.modalities) > 1
         out = model(
@@ -161,7 +202,8 @@ class Method:
             present=presence(batch),
             detach_heads=fused_inputs and not spec.unimodal_loss,
         )
-        y = unwrapped(model).normalise(batch["md"])
+        net = unwrapped(model)
+        y = net.normalise(batch["md"])
         weights = (
             lds_loss_weights(
                 self.density, batch["md"], cfg.lds_reweight, cfg.lds_weight_clip, self.lds_norm
@@ -176,57 +218,80 @@ class Method:
 
         # a unimodal method learns from the eyes that have its image; fusion from every eye
         rows = None if fused_inputs else out[f"present_{spec.modalities[0]}"]
-        total = self._mean(squared_error(out["pred"]), rows)
-        parts = {"mse": float(total.detach())}
+        mse = self._mean(squared_error(out["pred"]), rows)
+        terms: Terms = {"fused": [out["pred"].sum() * 0.0], "uni": [], "aux": []}
+        parts: dict[str, float] = {"mse": float(mse.detach())}
+        if not fused_inputs:
+            terms["fused"] = [mse]
+        elif spec.fusion == "mlp":  # the ensemble has no fused loss, only its heads'
+            terms["fused"] = [self._fused_loss(net, out, batch, y, mse, squared_error)]
         if fused_inputs:
-            uni_weight = (
-                cfg.lambda_uni if spec.unimodal_loss else 1.0
-            )  # probes: weight is irrelevant
+            uni_weight = spec.uni_weight
+            if uni_weight is None:  # probes: the weight is irrelevant to the encoders
+                uni_weight = cfg.lambda_uni if spec.unimodal_loss else 1.0
             for m in spec.modalities:
                 has_m = out[f"present_{m}"]
                 if not has_m.any():
                     continue
                 mse_m = self._mean(squared_error(out[f"pred_{m}"]), has_m)
-                total = total + uni_weight * mse_m
+                terms["uni"].append(uni_weight * mse_m)
                 parts[f"mse_{m}"] = float(mse_m.detach())
-            if spec.contrastive and cfg.lambda_con > 0:
-                for m in spec.modalities:
-                    has_m = out[f"present_{m}"]
-                    if int(has_m.sum()) < 2:
-                        continue
-                    z_m, y_m = out[f"z_{m}"][has_m], batch["md"][has_m]
-                    memory = self.memory.get(m)
-                    con = adaptive_margin_supcon(
-                        z_m,
-                        y_m,
-                        memory=memory.get() if memory is not None else None,
-                        density=self.density,
-                        delta=cfg.con_delta,
-                        tau=cfg.con_tau,
-                        mu=cfg.con_mu,
-                        gamma=cfg.con_gamma,
-                        span=cfg.con_span,
-                        weight_clip=cfg.con_weight_clip,
-                    )
-                    total = total + cfg.lambda_con * con
-                    parts[f"con_{m}"] = float(con.detach())
-                    if memory is not None:
-                        self._pending[m] = (z_m, y_m)
-            if spec.prototypes and cfg.lambda_con > 0:
-                for m in spec.modalities:
-                    con = prototype_margin_loss(
-                        out[f"proto_{m}"],
-                        batch["md"],
-                        self.centres,
-                        tau=cfg.con_tau,
-                        mu=cfg.con_mu,
-                        span=cfg.con_span,
-                        mask=out[f"present_{m}"],
-                    )
-                    total = total + cfg.lambda_con * con
-                    parts[f"con_{m}"] = float(con.detach())
-        parts["loss"] = float(total.detach())
-        return total, parts
+            terms["aux"] = self._contrastive(out, batch, parts)
+        parts["loss"] = float(total(terms).detach())
+        return terms, parts, out
+
+    def _fused_loss(self, net, out, batch, y, mse, squared_error) -> torch.Tensor:
+        """The fused prediction's loss (`mse`, its (LDS-weighted) MSE, or BMC), plus ConR and
+        RankSim on the fused embedding [z_o; z_f]; AGM modulates the prediction first."""
+        cfg = self.cfg
+        pred, loss = out["pred"], mse
+        if self.shapley is not None:
+            pred = shapley_prediction(self, net, out, y)
+            loss = self._mean(squared_error(pred), None)
+        if cfg.fused_loss == "bmc":
+            loss = bmc_loss(full_precision(pred), y, cfg.bmc_sigma / net.md_scale)
+        if cfg.conr_weight > 0 and len(y) > 1:
+            weights = anchor_weights(self.density, batch["md"], 0.5, cfg.con_weight_clip)
+            preds_db = net.to_db(full_precision(out["pred"]).detach())
+            loss = loss + cfg.conr_weight * conr_loss(
+                out["z"], batch["md"], preds_db, omega=cfg.conr_omega, tau=cfg.conr_tau,
+                anchor_weights=weights,
+            )  # fmt: skip
+        if cfg.ranksim_weight > 0 and len(y) > 1:
+            loss = loss + cfg.ranksim_weight * ranksim_loss(
+                out["z"], batch["md"], cfg.ranksim_lambda
+            )
+        return loss
+
+    def _contrastive(self, out: dict, batch: Batch, parts: dict[str, float]) -> list[torch.Tensor]:
+        """The per-modality contrastive terms (remdr's SupCon, remdr_dp's prototypes)."""
+        spec, cfg = self.spec, self.cfg
+        terms: list[torch.Tensor] = []
+        if cfg.lambda_con <= 0:
+            return terms
+        for m in spec.modalities if spec.contrastive else ():
+            has_m = out[f"present_{m}"]
+            if int(has_m.sum()) < 2:
+                continue
+            z_m, y_m = out[f"z_{m}"][has_m], batch["md"][has_m]
+            memory = self.memory.get(m)
+            con = adaptive_margin_supcon(
+                z_m, y_m, memory=memory.get() if memory is not None else None,
+                density=self.density, delta=cfg.con_delta, tau=cfg.con_tau, mu=cfg.con_mu,
+                gamma=cfg.con_gamma, span=cfg.con_span, weight_clip=cfg.con_weight_clip,
+            )  # fmt: skip
+            terms.append(cfg.lambda_con * con)
+            parts[f"con_{m}"] = float(con.detach())
+            if memory is not None:
+                self._pending[m] = (z_m, y_m)
+        for m in spec.modalities if spec.prototypes else ():
+            con = prototype_margin_loss(
+                out[f"proto_{m}"], batch["md"], self.centres, tau=cfg.con_tau, mu=cfg.con_mu,
+                span=cfg.con_span, mask=out[f"present_{m}"],
+            )  # fmt: skip
+            terms.append(cfg.lambda_con * con)
+            parts[f"con_{m}"] = float(con.detach())
+        return terms
 
     def _mean(self, per_row: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """Mean of a per-row loss over the rows in `mask`. A private method divides by the
@@ -259,121 +324,13 @@ class Method:
         regulariser: Callable[[ReM3Dr], torch.Tensor] | None = None,
         control: DriftControl | None = None,
     ) -> dict[str, float]:
-        """One optimisation step on `batch`; returns the first pass's loss parts.
+        """One optimisation step on `batch` by the method's update rule; returns the first
+        pass's loss parts.
 
         `regulariser(model)` is added to the loss in every pass (FedProx's proximal term);
         `control` (SCAFFOLD) sees the first pass's raw gradients and corrects the final ones.
         """
-        update = self.spec.update
-        if self.spec.private:
-            if control is not None:
-                raise PrivacyError(
-                    f"drift control with the private method {self.name}",
-                    "its control variates would be mean gradients outside the DP guarantee",
-                    "drift-control=off",
-                )
-            return self._private_step(model, optimizer, batch, epoch, autocast, regulariser)
-
-        def objective() -> tuple[torch.Tensor, dict[str, float]]:
-            with autocast():
-                loss, parts = self.loss(model, batch)
-            if regulariser is not None:
-                loss = loss + regulariser(model)
-            return loss, parts
-
-        optimizer.zero_grad(set_to_none=True)
-        loss, parts = objective()
-        loss.backward()
-        for m, (z, y) in self._pending.items():  # this batch joins the memory after its loss
-            self.memory[m].push(z, y)
-        self._pending = {}
-        if control is not None:
-            control.observe()
-        self.scores.update({m: parts.get(f"mse_{m}", float("nan")) for m in self.spec.modalities})
-        self._step_count += 1
-        ascent_step = (self._step_count - 1) % self.cfg.sam_every == 0
-        if update in ("sam", "sagm") and self.cfg.sam_rho > 0 and ascent_step:
-            params = [p for p in model.parameters() if p.requires_grad]
-            with sam_perturbation(params, self.cfg.sam_rho), frozen_buffers(model):
-                optimizer.zero_grad(set_to_none=True)
-                objective()[0].backward()
-            self._pending = {}  # the ascent pass's features are not remembered
-        if update in ("modulate", "sagm") and self.modulation_active(epoch):
-            self.last_k = self.scores.coefficients(self.cfg.mod_alpha)
-            noise = self.spec.ogm_noise or self.cfg.ogm_noise
-            for m, k in self.last_k.items():
-                if k < 1.0:
-                    scale_gradients(
-                        model.encoder_parameters(m), k, noise=noise, gen=self._noise_gen
-                    )
-        if control is not None:
-            control.correct()
-        optimizer.step()
-        for m, k in self.last_k.items():
-            parts[f"k_{m}"] = k
-        return parts
-
-    def _private_step(self, model, optimizer, batch, epoch, autocast, regulariser):
-        """DP-SGD step: per-patient clip + noise (Opacus), then only post-processing.
-
-        DP-SAT: the forward/backward runs at theta + rho u/||u|| where u is the previous step's
-        noised gradient (already released), so the ascent costs no privacy. Modulation scales
-        the noised gradient by coefficients from earlier noised gradients. FedProx's proximal
-        term depends on no data and is added after the noise; its gradient is taken before the
-        noised step, so a failure there releases nothing.
-        """
-        if not hasattr(optimizer, "pre_step"):
-            raise PrivacyError(
-                f"method {self.name} trains only under DP-SGD",
-                "its optimiser is not Opacus' DPOptimizer",
-                "train it with fit(), which wraps the model and optimiser",
-            )
-        params = [p for p in model.parameters() if p.requires_grad]
-        optimizer.zero_grad(set_to_none=True)
-        rho = self.cfg.sam_rho if self.spec.update == "dpsat" else 0.0
-        parts: dict[str, float] = {}
-        if len(batch["md"]) == 0:  # an empty Poisson batch still releases noise: never skip it
-            for p in params:
-                p.grad_sample = p.new_zeros((0, *p.shape))
-        else:
-            with sam_perturbation(params, rho, direction=self._last_noisy):
-                with autocast():
-                    loss, parts = self.loss(model, batch)
-                loss.backward()
-        prox = None
-        if regulariser is not None:  # data-independent: at theta, before anything is released
-            prox = torch.autograd.grad(regulariser(model), params, allow_unused=True)
-        try:
-            stepped = optimizer.pre_step()  # clip per patient, add noise, count the step
-        except ValueError as err:  # Opacus: a trainable parameter got no per-sample gradient
-            raise PrivacyError(
-                "DP-SGD step failed", str(err), "every trainable parameter must be used by the loss"
-            ) from None
-        if not stepped:
-            return parts
-        if self.spec.update == "dpsat":
-            self._last_noisy = [p.grad.detach().clone() for p in params]
-            noise_std = optimizer.noise_multiplier * optimizer.max_grad_norm
-            noise_std /= max(1, optimizer.expected_batch_size)
-            self.scores.update(
-                {
-                    m: 1.0 / branch_signal(unwrapped(model).encoder_parameters(m), noise_std)
-                    for m in self.spec.modalities
-                }
-            )
-            if self.modulation_active(epoch):
-                self.last_k = self.scores.coefficients(self.cfg.mod_alpha)
-                for m, k in self.last_k.items():
-                    if k < 1.0:
-                        scale_gradients(unwrapped(model).encoder_parameters(m), k)
-        if prox is not None:
-            for p, g in zip(params, prox, strict=True):
-                if g is not None:
-                    p.grad.add_(g)
-        optimizer.original_optimizer.step()
-        if parts:  # an empty batch released noise only: there is no loss to report
-            parts.update({f"k_{m}": k for m, k in self.last_k.items()})
-        return parts
+        return run_step(self, model, optimizer, batch, epoch, autocast, regulariser, control)
 
     # -- state -------------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -383,7 +340,11 @@ class Method:
         if not self.spec.private:
             state["density"] = self.density.values.tolist()
             state["lds_norm"] = self.lds_norm
+            state["target_var"] = self.target_var
         state["scores"] = self.scores.state_dict()
+        for key, part in (("loss_decay", self.decay), ("shapley", self.shapley)):
+            if part is not None:
+                state[key] = part.state_dict()
         return state
 
     def load_state_dict(self, state: dict) -> None:
@@ -395,4 +356,8 @@ class Method:
                 raise ValueError("label density has the wrong number of bins")
             self.density = LabelDensity(values=values)
             self.lds_norm = float(state.get("lds_norm", 1.0))
+            self.target_var = float(state.get("target_var", self.target_var))
         self.scores.load_state_dict(state["scores"])
+        for key, part in (("loss_decay", self.decay), ("shapley", self.shapley)):
+            if part is not None and key in state:
+                part.load_state_dict(state[key])

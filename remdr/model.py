@@ -12,6 +12,13 @@ by that modality's unimodal head: in the federation it matches a model of that m
 where the fusion head with the stand-in does not (docs/federation.md, "Incomplete sites").
 `modality_dropout` (off by default: it cost complete eyes 10-30% in the federation) hides one
 image of a complete eye from the fusion head while training.
+
+How the fused prediction is made (`fusion`): "mlp" (the default) is the fusion head on
+[z_o; z_f]; "ensemble" has no fusion head, ``pred`` is the weighted mean of the unimodal heads
+with weights in the buffer ``ensemble_weights`` (UME, MLA: the method sets them). `shared_head`
+makes one head serve both modalities (MLA). `gate` (off by default) adds a per-eye softmax gate
+from [z_o; z_f] over the fusion head and the two unimodal heads, so the fused model can hand an
+eye to the head that reads it best (a severe eye past the OCT floor to the fundus head).
 """
 
 from __future__ import annotations
@@ -101,11 +108,16 @@ class ReM3Dr(nn.Module):
         data_cfg: DataConfig,
         modalities: tuple[str, ...] = MODALITIES,
         n_prototypes: int = 0,
+        *,
+        fusion: str = "mlp",
+        shared_head: bool = False,
+        gate: bool = False,
     ) -> None:
         super().__init__()
         self.modalities = tuple(m for m in MODALITIES if m in modalities)
         self.md_center, self.md_scale = data_cfg.md_center, data_cfg.md_scale
         d, h, p = model_cfg.embed_dim, model_cfg.fusion_hidden, model_cfg.dropout
+        two = len(self.modalities) > 1
         self.branches = nn.ModuleDict()
         self.heads = nn.ModuleDict()
         if "oct" in self.modalities:
@@ -116,9 +128,17 @@ class ReM3Dr(nn.Module):
                 model_cfg.fundus_encoder, data_cfg.fundus_channels, model_cfg.fundus_weights
             )
             self.branches["fundus"] = Branch(enc, d, multi_view=False)
-        for m in self.modalities:
+        for m in ("shared",) if shared_head else self.modalities:
             self.heads[m] = _head(d, h, p)
-        self.fusion = _head(d * len(self.modalities), h, p) if len(self.modalities) > 1 else None
+        self.shared_head = shared_head
+        self.fusion = _head(d * len(self.modalities), h, p) if two and fusion == "mlp" else None
+        if two and fusion == "ensemble":  # (w_oct, w_fundus), summing to 1; the method sets them
+            self.register_buffer("ensemble_weights", torch.full((2,), 0.5))
+        # logits of (fusion head, OCT head, fundus head) per eye, uniform at the start
+        self.gate = nn.Linear(d * 2, 3) if gate and self.fusion is not None else None
+        if self.gate is not None:
+            nn.init.zeros_(self.gate.weight)
+            nn.init.zeros_(self.gate.bias)
         # the fusion input of an absent modality: a Linear on a constant 1, so DP-SGD (Opacus)
         # gets its per-sample gradients like any layer's
         self.absent = (
@@ -170,31 +190,64 @@ class ReM3Dr(nn.Module):
             else:
                 z = torch.zeros(batch, self.embed_dim, device=device)
             out[f"z_{m}"], out[f"present_{m}"] = z, masks[m]
-            out[f"pred_{m}"] = self.heads[m](z.detach() if detach_heads else z).squeeze(-1)
+            out[f"pred_{m}"] = self.head(m)(z.detach() if detach_heads else z).squeeze(-1)
             if self.prototypes is not None:
                 out[f"proto_{m}"] = self.prototypes[m](F.normalize(full_precision(z), dim=-1))
         if self.fusion is not None:
-            seen = self._fusion_masks(masks)
-            dtype = next(iter(self.absent.values())).weight.dtype  # float64 in the DP check
-            one = torch.ones(batch, 1, device=device, dtype=dtype)
-            fused = torch.cat(
-                [
-                    torch.where(
-                        seen[m][:, None], out[f"z_{m}"], self.absent[m](one).to(out[f"z_{m}"].dtype)
-                    )
-                    for m in self.modalities
-                ],
-                dim=-1,
-            )
+            fused = self.fusion_input(out, self._fusion_masks(masks))
+            out["z"] = fused  # (B, 2d): the fused embedding (ConR, RankSim)
             out["pred"] = self.fusion(fused).squeeze(-1)
+            if self.gate is not None:
+                out["pred"] = self._gated(out, fused, masks)
             if not self.training:  # an eye with one image: that modality's own head predicts
                 a, b = self.modalities
                 only_a, only_b = masks[a] & ~masks[b], masks[b] & ~masks[a]
                 pred = torch.where(only_a, out[f"pred_{a}"], out["pred"])
                 out["pred"] = torch.where(only_b, out[f"pred_{b}"], pred)
+        elif len(self.modalities) > 1:  # the ensemble: a weighted mean of the heads it has
+            a, b = self.modalities
+            w = self.ensemble_weights.to(out[f"pred_{a}"].dtype)
+            mean = w[0] * out[f"pred_{a}"] + w[1] * out[f"pred_{b}"]
+            pred = torch.where(masks[a] & ~masks[b], out[f"pred_{a}"], mean)
+            out["pred"] = torch.where(masks[b] & ~masks[a], out[f"pred_{b}"], pred)
         else:
             out["pred"] = out[f"pred_{self.modalities[0]}"]
         return out
+
+    def head(self, modality: str) -> nn.Module:
+        """The unimodal head of `modality` (the one shared head under MLA)."""
+        return self.heads["shared" if self.shared_head else modality]
+
+    def fusion_input(
+        self, out: dict[str, torch.Tensor], seen: dict[str, torch.Tensor]
+    ) -> torch.Tensor:
+        """[z_o; z_f] (B, 2d) with the learned absent-modality embedding where `seen` is false
+        (AGM also asks for the fused prediction with a modality hidden this way)."""
+        batch = out[f"z_{self.modalities[0]}"].shape[0]
+        device = out[f"z_{self.modalities[0]}"].device
+        dtype = next(iter(self.absent.values())).weight.dtype  # float64 in the DP check
+        one = torch.ones(batch, 1, device=device, dtype=dtype)
+        return torch.cat(
+            [
+                torch.where(
+                    seen[m][:, None], out[f"z_{m}"], self.absent[m](one).to(out[f"z_{m}"].dtype)
+                )
+                for m in self.modalities
+            ],
+            dim=-1,
+        )
+
+    def _gated(
+        self, out: dict[str, torch.Tensor], fused: torch.Tensor, masks: dict[str, torch.Tensor]
+    ) -> torch.Tensor:
+        """softmax(gate([z_o; z_f])) . (fused, OCT head, fundus head); a head whose image the eye
+        lacks gets no weight. The gate's weights per eye are ``out["gate"]`` (B, 3)."""
+        preds = torch.stack([out["pred"], *(out[f"pred_{m}"] for m in self.modalities)], -1)
+        logits = self.gate(fused).to(preds.dtype)
+        usable = torch.stack([torch.ones_like(masks[self.modalities[0]]), *masks.values()], -1)
+        weights = torch.softmax(logits.masked_fill(~usable, float("-inf")), dim=-1)
+        out["gate"] = weights
+        return (weights * preds).sum(-1)
 
     def _fusion_masks(self, masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """What the fusion head sees: the present images, less one image of a complete eye with

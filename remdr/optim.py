@@ -201,3 +201,163 @@ class DriftControl:
             n: (self._sums[n] / self._counts[n] if self._counts[n] else self.local[n]).cpu()
             for n in self.params
         }
+
+
+# -- the multimodal baselines' update rules (wired in `remdr.update_rules`) -----------------------
+
+
+def _flat(grads: list[torch.Tensor | None], like: list[nn.Parameter]) -> torch.Tensor:
+    return torch.cat(
+        [(g if g is not None else torch.zeros_like(p)).float().reshape(-1) for g, p in zip(grads, like, strict=True)]
+    )  # fmt: skip
+
+
+def pareto_weights(g_mm: torch.Tensor, g_m: torch.Tensor, eps: float = 1e-3) -> tuple[float, float]:
+    """MMPareto (Wei & Hu, ICML 2024): the weights (a1, a2) of one encoder's fused-loss and
+    unimodal-loss gradients (flattened). Aligned (cosine > 0): (1/2, 1/2). Conflicting: the
+    two-task min-norm (MGDA) point, a1 = ((g_m - g_mm) . g_m) / ||g_mm - g_m||^2 clipped to
+    [eps, 1 - eps], whose combination has a non-negative inner product with both gradients."""
+    denom = float((g_mm - g_m).pow(2).sum())
+    if float(g_mm @ g_m) > 0 or denom <= 0:
+        return 0.5, 0.5
+    a1 = min(max(float((g_m - g_mm) @ g_m) / denom, eps), 1 - eps)
+    return a1, 1.0 - a1
+
+
+def pareto_gradients(
+    params: list[nn.Parameter],
+    g_mm: list[torch.Tensor | None],
+    g_m: list[torch.Tensor | None],
+    gamma: float,
+) -> list[torch.Tensor]:
+    """One encoder's MMPareto gradient, per tensor: 2 (a1 g_mm + a2 g_m), raised to the norm of
+    the plain sum g_mm + g_m where that is larger ("magnitude enhancement"), times gamma."""
+    a1, a2 = pareto_weights(_flat(g_mm, params), _flat(g_m, params))
+    out = []
+    for p, gf, gu in zip(params, g_mm, g_m, strict=True):
+        gf = torch.zeros_like(p) if gf is None else gf
+        gu = torch.zeros_like(p) if gu is None else gu
+        combined = 2 * (a1 * gf + a2 * gu)
+        plain, norm = float((gf + gu).norm()), float(combined.norm())
+        if plain > norm > 0:
+            combined = combined * (plain / norm)
+        out.append(gamma * combined)
+    return out
+
+
+class LossDecay:
+    """MASAM's loss decay per modality: D_m = max(0, l_m(t-1) - EMA(l_m)(t)), how much faster
+    than its average a modality's unimodal loss is falling."""
+
+    def __init__(self, modalities: tuple[str, ...], decay: float) -> None:
+        self.modalities, self.decay = modalities, decay
+        self.ema: dict[str, float] = {}
+        self.last: dict[str, float] = {}
+
+    def update(self, losses: dict[str, float]) -> dict[str, float]:
+        out = {}
+        for m in self.modalities:
+            loss = losses.get(m, float("nan"))
+            if not math.isfinite(loss):
+                out[m] = 0.0
+                continue
+            old = self.ema.get(m)
+            self.ema[m] = loss if old is None else self.decay * old + (1 - self.decay) * loss
+            out[m] = 0.0 if old is None else max(0.0, self.last[m] - self.ema[m])
+            self.last[m] = loss
+        return out
+
+    def state_dict(self) -> dict:
+        return {"ema": dict(self.ema), "last": dict(self.last)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.ema = {m: float(v) for m, v in state.get("ema", {}).items() if m in self.modalities}
+        self.last = {m: float(v) for m, v in state.get("last", {}).items() if m in self.modalities}
+
+
+def tensor_cosines(a: list[torch.Tensor | None], b: list[torch.Tensor | None]) -> float:
+    """Mean over tensors of cos(a_t, b_t) (MASAM's gradient agreement of one encoder)."""
+    cos = [
+        float(torch.nn.functional.cosine_similarity(x.reshape(1, -1).float(), y.reshape(1, -1).float()))
+        for x, y in zip(a, b, strict=True)
+        if x is not None and y is not None and x.norm() > 0 and y.norm() > 0
+    ]  # fmt: skip
+    return sum(cos) / len(cos) if cos else 0.0
+
+
+def masam_direction(
+    g_uni: list[torch.Tensor | None], g_mm: list[torch.Tensor | None]
+) -> list[torch.Tensor | None]:
+    """MASAM's ascent direction for the selected encoder, per tensor: the projection of the
+    unimodal gradient on the fused one where they agree, the fused gradient where they conflict."""
+    out: list[torch.Tensor | None] = []
+    for gu, gf in zip(g_uni, g_mm, strict=True):
+        if gf is None or gu is None or float(gf.norm()) == 0:
+            out.append(gf)
+            continue
+        dot = float((gu.float() * gf.float()).sum())
+        out.append(gf * (dot / float(gf.float().pow(2).sum())) if dot >= 0 else gf)
+    return out
+
+
+class HeadProjector:
+    """MLA's gradient modification (Zhang et al., CVPR 2024, after orthogonal weight
+    modification): a projector P (d, d), from the identity, that each unimodal step shrinks
+    along the batch-mean head input r (P <- P - P r r^T P / (alpha + r^T P r), then scaled to
+    Frobenius norm 1); the shared head's first weight gradient becomes grad_W P^T, so a step for
+    one modality changes the head little along the inputs the other modality gave it.
+    Adapted: alpha is fixed (the code decays it from 0.1 to 0.01 over each epoch)."""
+
+    def __init__(self, dim: int, alpha: float = 0.1) -> None:
+        self.P = torch.eye(dim)
+        self.alpha = alpha
+
+    @torch.no_grad()
+    def project(self, weight_grad: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        """Update P with `features` (B, d) of this step, then return weight_grad (h, d) @ P^T."""
+        p = self.P.to(features.device)
+        r = features.detach().float().mean(0, keepdim=True).T  # (d, 1)
+        k = p @ r
+        p = p - (k @ k.T) / (self.alpha + float(r.T @ k))
+        self.P = p / p.norm()
+        return (weight_grad.float() @ self.P.T).to(weight_grad.dtype)
+
+
+class ShapleyScores:
+    """AGM (Li et al., ICCV 2023) adapted to regression: each modality's Shapley response phi_m
+    scores s_m = MSE(y, phi_0 + phi_m) / Var(y); with r_m = exp(s_other - s_m) now and
+    rbar_m = exp(Sbar_other - Sbar_m) from the running means Sbar of all earlier scores, the
+    gradient through phi_m is scaled by k_m = exp(alpha min(rbar_m - r_m, 10)): a modality
+    learning faster than its history is slowed, a lagging one sped up."""
+
+    def __init__(self, modalities: tuple[str, ...]) -> None:
+        self.modalities = modalities
+        self.means: dict[str, float] = {}
+        self.count = 0
+
+    def coefficients(self, scores: dict[str, float], alpha: float) -> dict[str, float]:
+        """k per modality from this batch's `scores`, then the running means take them in."""
+        a, b = self.modalities
+        k = {a: 1.0, b: 1.0}
+        if self.means:
+            for m, other in ((a, b), (b, a)):
+                ratio = math.exp(scores[other] - scores[m])
+                target = math.exp(self.means[other] - self.means[m])
+                k[m] = math.exp(alpha * min(target - ratio, 10.0))
+        self.count += 1
+        for m in self.modalities:
+            old = self.means.get(m, scores[m])
+            self.means[m] = old + (scores[m] - old) / self.count
+        return k
+
+    def state_dict(self) -> dict:
+        return {"means": dict(self.means), "count": self.count}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.means = {m: float(v) for m, v in state.get("means", {}).items()}
+        self.count = int(state.get("count", 0))
+
+
+def scale_gradient(x: torch.Tensor, k: float) -> torch.Tensor:
+    """x forward, k * grad backward."""
+    return x * k + x.detach() * (1.0 - k)

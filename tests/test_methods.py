@@ -35,6 +35,12 @@ def test_registry_lists_design_methods():
         "remdr",
         "remdr_no_con",
         "remdr_no_sagm",
+        "multitask",
+        "ume",
+        "mmpareto",
+        "masam",
+        "mla",
+        "agm",
     }
     with pytest.raises(ConfigError, match="did you mean remdr"):
         get_spec("remdrr")
@@ -115,6 +121,12 @@ def test_each_method_trains_one_epoch(name, tiny_cfg, tiny_data):
         ("remdr_no_sagm", True, 1, False),
         ("sam", False, 2, False),
         ("concat", False, 1, False),
+        ("multitask", False, 1, False),
+        ("ume", False, 1, False),
+        ("mmpareto", False, 1, False),  # one forward, two backwards
+        ("masam", False, 2, False),  # the first step takes the ascent
+        ("mla", False, 2, False),  # one forward per modality
+        ("agm", False, 1, False),  # the Shapley responses re-run only the fusion head
     ],
 )
 def test_default_config_runs_the_parts_each_method_names(

@@ -44,6 +44,7 @@ COMMON_FLAGS = (
     "n-bscans",
     "oct-encoder",
     "fundus-encoder",
+    "synthetic-regime",
 )
 
 
@@ -214,6 +215,16 @@ def check_address(p: Problems, flag: str, address: str) -> None:
             f"{flag} {address}",
             "expected host:port with a port in 1..65535",
             f"e.g. {flag} 127.0.0.1:8000",
+        )
+
+
+def check_regime(p: Problems, data: str | None, cfg: ExperimentConfig | None) -> None:
+    """--synthetic-regime shapes only the embedded synthetic data: refused beside --data."""
+    if data and cfg is not None and cfg.data.synthetic_regime != "default":
+        p.add(
+            f"--synthetic-regime {cfg.data.synthetic_regime} with --data",
+            "the regime shapes only the embedded synthetic data",
+            "drop --data to use the synthetic set, or the regime",
         )
 
 

@@ -13,6 +13,7 @@ from remdr.cli.common import (
     check_flag,
     check_input_path,
     check_output_dir,
+    check_regime,
     config_from_args,
     run_cli,
 )
@@ -54,6 +55,7 @@ def check_args(args: argparse.Namespace) -> ExperimentConfig:
     check_input_path(p, "--data", args.data)
     check_output_dir(p, "--out", args.out)
     cfg = p.call(config_from_args, args)
+    check_regime(p, args.data, cfg)
     p.raise_if_any()
     assert cfg is not None
     return cfg
@@ -76,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
             cfg = dataclasses.replace(
                 cfg, privacy=dataclasses.replace(cfg.privacy, dp_ledger=ledger)
             )
-        data_path = args.data or str(synthetic_data(SyntheticSpec(n=args.synthetic_n)))
+        spec = SyntheticSpec(n=args.synthetic_n, regime=cfg.data.synthetic_regime)
+        data_path = args.data or str(synthetic_data(spec))
         data = load_splits(data_path, cfg)
         sizes = data.sizes()
         print(f"data: {data.dataset.format}, {data.dataset.report.summary()}; split {sizes}")

@@ -18,6 +18,8 @@ def synthetic_data(spec: SyntheticSpec | None = None) -> Path:
     """The embedded default dataset: generated once per spec into the cache, then reused."""
     spec = spec or SyntheticSpec()
     name = f"synthetic-n{spec.n}-s{spec.size}-d{spec.depth}-sites{spec.n_sites}-seed{spec.seed}"
+    if spec.regime != "default":  # the default's folder name is unchanged (caches depend on it)
+        name += f"-{spec.regime}"
     return ensure(cache_dir() / name, spec)
 
 

@@ -27,6 +27,10 @@ Generative model (all draws from one ``numpy.random.Generator(seed)``):
 * Per-site device shift: each of ``n_sites`` sites (patients assigned uniformly) has its own gain
   and offset for both modalities and its own speckle level.
 
+``regime="conflict"`` (``SyntheticSpec.regime``; the default regime's files are unchanged, bit
+for bit) changes the generator into the coupled imbalance Re-M3Dr diagnoses, where naive fusion
+is worse than the best single modality; `CONFLICT` below lists each change and why.
+
 CLI: ``python -m remdr.data.synthetic --out DIR --n 1200 --size 64 --seed 0``.
 """
 
@@ -43,6 +47,33 @@ import numpy as np
 RACES = ("Asian", "Black", "White")
 
 
+@dataclass(frozen=True)
+class Regime:
+    """How a regime departs from the default generator; the defaults change nothing."""
+
+    severity_beta: tuple[float, float] = (0.5, 3.0)  # patient severity s_p ~ Beta(a, b)
+    oct_floor_rate: float = 4.5  # RNFL T = 45 + 55 exp(-rate s) µm: a higher rate floors sooner
+    wedge_floor: bool = False  # the inferior wedge defect stops deepening at the floor too
+    severe_clinic: float = 0.0  # P(patient is seen at site 0) rises by this times s_p
+    device_bias_um: float = 0.0  # site 0's OCT device reads the RNFL this much thinner (µm)
+    oct_artifact_rate: float = 0.0  # P(the OCT of an eye of severity s looks near-normal) = rate s
+    md_tipping: float = 0.0  # structural damage s below which the visual field stays normal
+    cdr_sd: float = 0.04  # anatomical spread of the cup-to-disc ratio around its severity value
+    fundus_noise: float = 8.0  # pixel noise of the fundus image (grey levels)
+
+
+# The coupled imbalance of Re-M3Dr's diagnosis (docs/method.md, "The conflict regime"):
+CONFLICT = Regime(
+    oct_floor_rate=9.0,  # OCT floors near -8 dB: it sorts normal/early eyes, not severe ones
+    wedge_floor=True,
+    severe_clinic=0.8,  # a tertiary glaucoma clinic sees most severe eyes ...
+    device_bias_um=-8.0,  # ... on a device that reads thinner: a site shortcut to "severe"
+    cdr_sd=0.05,
+    fundus_noise=10.0,  # the fundus keeps informing in severe eyes but is slower to read
+)
+REGIMES = {"default": Regime(), "conflict": CONFLICT}
+
+
 @dataclass
 class SyntheticSpec:
     n: int = 1200  # eyes
@@ -51,6 +82,15 @@ class SyntheticSpec:
     n_sites: int = 4
     noise_sd: float = 1.0  # dB; label noise, the floor of achievable MSE is noise_sd**2
     seed: int = 0
+    regime: str = "default"  # one of REGIMES
+
+    def describe(self) -> dict:
+        """The spec as saved and compared: the default regime is left out, so the default
+        data's metadata (and every cache of it) is what it was before regimes existed."""
+        d = asdict(self)
+        if self.regime == "default":
+            d.pop("regime")
+        return d
 
 
 @dataclass
@@ -75,9 +115,23 @@ def _site_shifts(n_sites: int, rng: np.random.Generator) -> list[_Site]:
     ]
 
 
-def _rnflt_map(s: float, size: int, rng: np.random.Generator) -> np.ndarray:
+def _floor(s: float, regime: Regime) -> float:
+    """How far the wedge defect has deepened, 0..1: s itself, or saturating with the floor."""
+    if not regime.wedge_floor:
+        return s
+    return (1.0 - np.exp(-regime.oct_floor_rate * s)) / (1.0 - np.exp(-regime.oct_floor_rate))
+
+
+def _rnflt_map(
+    s: float,
+    size: int,
+    rng: np.random.Generator,
+    regime: Regime = REGIMES["default"],
+    bias_um: float = 0.0,
+) -> np.ndarray:
     """RNFL thickness map in µm, (S, S) float32."""
-    thickness = (45.0 + 55.0 * np.exp(-4.5 * s)) * (1.0 + rng.normal(0, 0.06))
+    thickness = (45.0 + 55.0 * np.exp(-regime.oct_floor_rate * s)) * (1.0 + rng.normal(0, 0.06))
+    thickness += bias_um
     cx, cy = size / 2 + rng.normal(0, size * 0.03, size=2)
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
     dx, dy = (xx - cx) / size, (yy - cy) / size
@@ -85,7 +139,7 @@ def _rnflt_map(s: float, size: int, rng: np.random.Generator) -> np.ndarray:
     arcuate = 0.55 + 0.45 * np.sin(theta) ** 2  # humps above and below the disc
     radial = np.exp(-(((r - 0.28) / 0.2) ** 2))
     wedge = np.exp(-(((theta - np.pi / 2) / 0.5) ** 2)) * (r > 0.1)  # inferior (image down)
-    rnflt = thickness * arcuate * radial * (1.0 - 0.5 * s * wedge) + 10.0
+    rnflt = thickness * arcuate * radial * (1.0 - 0.5 * _floor(s, regime) * wedge) + 10.0
     return (rnflt + rng.normal(0, 3.0, rnflt.shape)).astype(np.float32)
 
 
@@ -109,9 +163,15 @@ def _bscans(rnflt: np.ndarray, depth: int, site: _Site, rng: np.random.Generator
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
-def _fundus(s: float, size: int, site: _Site, rng: np.random.Generator) -> np.ndarray:
+def _fundus(
+    s: float,
+    size: int,
+    site: _Site,
+    rng: np.random.Generator,
+    regime: Regime = REGIMES["default"],
+) -> np.ndarray:
     """SLO fundus, (S, S) uint8, with a cup-to-disc ratio that grows linearly with severity."""
-    cdr = np.clip(0.25 + 0.6 * s + rng.normal(0, 0.04), 0.1, 0.95)
+    cdr = np.clip(0.25 + 0.6 * s + rng.normal(0, regime.cdr_sd), 0.1, 0.95)
     radius = size * 0.13 * (1.0 + rng.normal(0, 0.08))
     cx, cy = size / 2 + rng.normal(0, size * 0.04, size=2)
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
@@ -127,32 +187,46 @@ def _fundus(s: float, size: int, site: _Site, rng: np.random.Generator) -> np.nd
         vy = cy + t * np.sin(angle + curve * t / size)
         ok = (vx >= 0) & (vx < size) & (vy >= 0) & (vy < size)
         img[vy[ok].astype(int), vx[ok].astype(int)] -= 40.0
-    img = img * site.fundus_gain + site.fundus_offset + rng.normal(0, 8.0, img.shape)
+    img = (
+        img * site.fundus_gain + site.fundus_offset + rng.normal(0, regime.fundus_noise, img.shape)
+    )
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
 def generate(out: Path | str, spec: SyntheticSpec | None = None) -> dict:
     """Write ``spec.n`` eye files plus ``synthetic.json`` into ``out``; return the metadata."""
     spec = spec or SyntheticSpec()
+    if spec.regime not in REGIMES:
+        raise ValueError(f"unknown synthetic regime {spec.regime!r}: one of {', '.join(REGIMES)}")
+    regime = REGIMES[spec.regime]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(spec.seed)
     sites = _site_shifts(spec.n_sites, rng)
     n_patients = (spec.n + 1) // 2
-    patient_s = rng.beta(0.5, 3.0, n_patients)
+    patient_s = rng.beta(*regime.severity_beta, n_patients)
     patient_site = rng.integers(0, spec.n_sites, n_patients)
+    if regime.severe_clinic > 0:  # drawn only in that regime: the default's draws are unchanged
+        referred = rng.random(n_patients) < regime.severe_clinic * patient_s
+        patient_site = np.where(referred, 0, patient_site)
     mds = []
     for i in range(spec.n):
         p = i // 2
         s = float(np.clip(patient_s[p] + rng.normal(0, 0.05), 0.0, 1.0))
         site = sites[patient_site[p]]
         md_true = 1.0 - 31.0 * s
+        if regime.md_tipping > 0:  # structure is lost before function (a "tipping point")
+            md_true = 1.0 - 31.0 * max(0.0, s - regime.md_tipping) / (1.0 - regime.md_tipping)
         md = md_true + rng.normal(0, spec.noise_sd)
-        rnflt = _rnflt_map(s, spec.size, rng)
+        bias = regime.device_bias_um if patient_site[p] == 0 else 0.0
+        s_oct = s  # the severity the OCT image shows
+        if regime.oct_artifact_rate > 0 and rng.random() < regime.oct_artifact_rate * s:
+            s_oct = float(rng.uniform(0.0, 0.1))  # an artifact band that reads near-normal
+        rnflt = _rnflt_map(s_oct, spec.size, rng, regime, bias)
         np.savez_compressed(
             out / f"data_{i + 1:05d}.npz",
             oct_bscans=_bscans(rnflt, spec.depth, site, rng),
-            slo_fundus=_fundus(s, spec.size, site, rng),
+            slo_fundus=_fundus(s, spec.size, site, rng, regime),
             rnflt=rnflt,
             md=np.float32(md),
             age=np.float32(np.clip(50 + 20 * s + rng.normal(0, 10), 20, 90)),
@@ -165,7 +239,7 @@ def generate(out: Path | str, spec: SyntheticSpec | None = None) -> dict:
     mds_arr = np.asarray(mds)
     meta = {
         "generator": "remdr.data.synthetic",
-        "spec": asdict(spec),
+        "spec": spec.describe(),
         "label_noise_sd_db": spec.noise_sd,
         "md_mean": float(mds_arr.mean()),
         "md_var": float(mds_arr.var()),
@@ -187,7 +261,7 @@ def ensure(out: Path | str, spec: SyntheticSpec | None = None) -> Path:
     meta_file = out / "synthetic.json"
     if meta_file.exists():
         try:
-            if json.loads(meta_file.read_text()).get("spec") == asdict(spec):
+            if json.loads(meta_file.read_text()).get("spec") == spec.describe():
                 return out
         except json.JSONDecodeError:
             pass
@@ -201,12 +275,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--out", required=True, help="output directory")
     for f, default in asdict(SyntheticSpec()).items():
-        if f != "seed":
+        if f not in ("seed", "regime"):
             ap.add_argument(f"--{f.replace('_', '-')}", type=type(default), default=default)
+    ap.add_argument("--regime", choices=tuple(REGIMES), default="default")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     spec = SyntheticSpec(**{k: getattr(args, k) for k in asdict(SyntheticSpec())})
-    if spec.n < 2 or spec.size < 16 or spec.depth < 1 or spec.n_sites < 1:
+    if spec.n < 2 or spec.size < 16 or spec.depth < 1 or spec.n_sites < 1:  # fmt: skip
         print("error: need --n >= 2, --size >= 16, --depth >= 1, --n-sites >= 1", file=sys.stderr)
         return 2
     meta = generate(args.out, spec)
