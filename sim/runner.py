@@ -2,7 +2,8 @@
 
 `flwr run` against a `:local:` connection starts a detached, Ray-backed SuperLink that outlives
 the command; this module gives it private ports and stops it (and every helper it started) when
-the run ends, fails or is interrupted.
+the run ends, fails or is interrupted. The Ray cluster is a private one, stopped with it, or one
+the user runs (`SimResources.ray_address`, `remdr.sim.ray_cluster`), which is left running.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from remdr.sim.ray_cluster import ENV, PRIVATE, probe, resolve_address, stage_sites
+
 from remdr.errors import RemdrError
 from remdr.federation.app_bundle import write_bundle
 from remdr.ops.processes import executable, flower_env, free_port, kill_matching
@@ -26,8 +29,15 @@ ERROR_LINE = re.compile(r"ERROR|Traceback|error in reply|Exception", re.IGNORECA
 
 @dataclass
 class SimResources:
+    """What each virtual site gets, and on which Ray cluster."""
+
     cpus_per_site: float = 1.0
     gpus_per_site: float = 0.0
+    # HOST:PORT or "auto": attach to that cluster (never stopped by the run); "": $RAY_ADDRESS
+    # if set, else a private cluster; "local": a private cluster whatever $RAY_ADDRESS says
+    ray_address: str = ""
+    # shared storage for what the sites read and write between rounds; "": in the run directory
+    state_dir: str = ""
 
 
 def run_federation(
@@ -42,8 +52,15 @@ def run_federation(
 
     The local SuperLink gets `ports` (HTTP API, Control API), free ones by default."""
     http_port, control_port = ports or (free_port(), free_port())
-    ray_before = _ray_sessions()
-    with tempfile.TemporaryDirectory(prefix="remdr-sim-") as tmp:
+    address = resolve_address(resources.ray_address)
+    if address:
+        _check_cluster(address, n_sites, resources, run_config)
+    if resources.state_dir:  # the sites' data and state where every Ray node reaches them
+        root = stage_sites(run_config["sim-data-root"], resources.state_dir)
+        run_config = {**run_config, "sim-data-root": str(root)}
+    # short: a private cluster's Unix sockets live under it (Ray's session dir, 107-byte limit)
+    short = "/tmp" if Path("/tmp").is_dir() else None
+    with tempfile.TemporaryDirectory(prefix="remdr-sim-", dir=short) as tmp:
         home = Path(tmp) / "flwr-home"
         home.mkdir()
         (home / "config.toml").write_text(
@@ -53,6 +70,11 @@ def run_federation(
         env = flower_env(home)
         env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"] = str(http_port)
         env["FLWR_LOCAL_CONTROL_API_PORT"] = str(control_port)
+        # read by ray.init() in flwr-simulation, which this SuperLink starts; no CPU/GPU counts
+        # go to ray.init (Ray refuses them when attaching), only the sites' client_resources
+        env[ENV] = address or PRIVATE
+        if not address:  # the private cluster's files under tmp: its processes name it, so
+            env["RAY_TMPDIR"] = tmp  # they are found and stopped, and no other cluster is
         fed_cfg = (
             f"num_supernodes={n_sites} client_resources_num_cpus={resources.cpus_per_site:g} "
             f"client_resources_num_gpus={resources.gpus_per_site:g}"
@@ -82,16 +104,31 @@ def run_federation(
             if proc is not None and proc.poll() is None:
                 proc.terminate()
                 proc.wait(10)
-            kill_matching([f"127.0.0.1:{http_port}", f"127.0.0.1:{control_port}", str(home)])
-            # the Ray cluster the simulation started (GCS, raylet, workers) goes with it
-            new_sessions = [str(p) for p in _ray_sessions() - ray_before]
-            if new_sessions:
-                kill_matching(new_sessions)
+            # the SuperLink and its helpers, and the private Ray cluster (GCS, raylet, workers:
+            # their command lines name tmp); an attached cluster's processes never name it
+            kill_matching([f"127.0.0.1:{http_port}", f"127.0.0.1:{control_port}", tmp])
 
 
-def _ray_sessions() -> set[Path]:
-    root = Path(tempfile.gettempdir()) / "ray"
-    return {p.resolve() for p in root.glob("session_2*")} if root.is_dir() else set()
+def _check_cluster(address: str, n_sites: int, resources: SimResources, run_config: dict) -> None:
+    """Refuse a cluster that cannot host one site; say where the sites will run and what every
+    node must reach."""
+    cluster = probe(address)
+    slots = cluster.slots(resources.cpus_per_site, resources.gpus_per_site)
+    per_site = f"{resources.cpus_per_site:g} CPU, {resources.gpus_per_site:g} GPU per site"
+    if slots == 0:
+        raise RemdrError(
+            f"the Ray cluster at {address} ({cluster.describe()}) cannot host one site",
+            per_site,
+            "lower --cpus-per-site / --gpus-per-site, or add nodes with more of them",
+        )
+    where = resources.state_dir or run_config.get("sim-data-root", "")
+    print(
+        f"remdr-sim: Ray cluster at {address}: {cluster.describe()}; {min(slots, n_sites)} of "
+        f"{n_sites} sites train at once ({per_site}); the sites read and write under {where}, "
+        "which every node must reach at that path",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def check_finished(code: int, log_path: Path) -> None:

@@ -18,6 +18,7 @@ from remdr.cli.common import (
     check_names,
     check_output_dir,
     check_output_file,
+    check_regime,
     config_from_args,
     run_cli,
 )
@@ -29,6 +30,9 @@ from remdr.registry import list_methods
 # The bench measures remdr-train's own defaults (24 epochs): all 8 methods x 3 seeds on the
 # 1,200-eye synthetic set take about 40 minutes on a 2-core CPU; --epochs 4 gives a quick look.
 BENCH_DEFAULTS: dict[str, object] = {}
+# concat first (the baseline of the ratios), then every multimodal method of the comparison
+SPEED_METHODS = ("concat", "remdr", "sam", "ogm_ge", "multitask", "ume", "mmpareto", "masam",
+                 "mla", "agm")  # fmt: skip
 
 
 def _add_data_flags(ap: argparse.ArgumentParser) -> None:
@@ -69,8 +73,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     m.add_argument("--out", default="runs/bench", help="folder for results.csv, results.md, plots")
     _add_data_flags(m)
-    s = sub.add_parser("speed", help="steps/s of concat vs remdr (and sam), interleaved")
-    s.add_argument("--methods", default="concat,remdr,sam", help="first one is the baseline")
+    s = sub.add_parser(
+        "speed", help="step time of each method as a ratio to the first (concat), interleaved"
+    )
+    s.add_argument(
+        "--methods",
+        default=",".join(SPEED_METHODS),
+        help="comma-separated, or 'all'; the first one is the baseline",
+    )
     s.add_argument("--steps", type=int, default=5, help="batches per timing round")
     s.add_argument("--rounds", type=int, default=5)
     s.add_argument("--out", default="", help="optional JSON file for the numbers")
@@ -81,7 +91,20 @@ def build_parser() -> argparse.ArgumentParser:
         "training time, their difference, bytes per round",
     )
     f.add_argument("--rounds", type=int, default=3)
-    f.add_argument("--sites", type=int, default=2)
+    f.add_argument(
+        "--sites",
+        default="2",
+        help="sites of the federation; several (2,4,8,16) give the cost curve: round time, "
+        "coordinator CPU and memory, bytes per round as sites grow, in simulation and deployed "
+        "up to --deploy-max sites",
+    )
+    f.add_argument(
+        "--deploy-max",
+        type=int,
+        default=8,
+        help="the cost curve deploys on loopback only up to this many sites (each site is a "
+        "SuperNode and a worker of ~0.4 GB on this machine; 0: simulation only)",
+    )
     f.add_argument("--eyes-per-site", type=int, default=32)
     f.add_argument(
         "--compare-separate-evaluate",
@@ -104,11 +127,14 @@ def check_args(args: argparse.Namespace) -> tuple[ExperimentConfig | None, list[
     cfg, methods = None, []
     if args.command in ("methods", "speed"):
         methods = _methods(args.methods)
+        if args.command == "speed" and args.methods == "all":  # concat is the ratios' baseline
+            methods = ["concat", *(n for n in methods if n != "concat")]
         check_names(p, "--methods", methods, list_methods())
         check_flag(p, "--synthetic-n", args.synthetic_n, SyntheticSpec.n, low=8)
         check_input_path(p, "--data", args.data)
         base = apply_overrides(ExperimentConfig(), BENCH_DEFAULTS)
         cfg = p.call(config_from_args, args, base)
+        check_regime(p, args.data, cfg)
     if args.command == "methods":
         check_flag(p, "--seeds", args.seeds, 3, low=1)
         if cfg is not None:
@@ -119,8 +145,9 @@ def check_args(args: argparse.Namespace) -> tuple[ExperimentConfig | None, list[
         check_output_file(p, "--out", args.out, "bench.json")
     if args.command == "speed":
         check_flag(p, "--steps", args.steps, 5, low=1)
-    if args.command == "federation":  # sites are named A, B, ...
-        check_flag(p, "--sites", args.sites, 2, low=1, high=26)
+    if args.command == "federation":
+        args.site_counts = _site_counts(p, args.sites)
+        check_flag(p, "--deploy-max", args.deploy_max, 8, low=0, high=26)  # sites A, B, ...
         check_flag(p, "--eyes-per-site", args.eyes_per_site, 32, low=8)
     p.raise_if_any()
     return cfg, methods
@@ -146,7 +173,8 @@ def variants_from_args(items: list[str], cfg: ExperimentConfig) -> list[dict[str
 def _data(args: argparse.Namespace, cfg: ExperimentConfig):
     from remdr.experiment import load_splits
 
-    path = args.data or str(synthetic_data(SyntheticSpec(n=args.synthetic_n)))
+    spec = SyntheticSpec(n=args.synthetic_n, regime=cfg.data.synthetic_regime)
+    path = args.data or str(synthetic_data(spec))
     return path, load_splits(path, cfg, split_seed=0)
 
 
@@ -240,12 +268,52 @@ def cmd_speed(args: argparse.Namespace) -> int:
     return 0
 
 
+def _site_counts(p: Problems, text: str) -> list[int]:
+    """--sites: one count (a loopback deployment of A, B, ...) or several (the cost curve)."""
+    try:
+        counts = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        counts = []
+    if not counts or min(counts) < 1:
+        p.add(f"--sites {text}", "expected counts of sites, at least 1", "e.g. --sites 2,4,8,16")
+    elif len(counts) == 1:
+        check_flag(p, "--sites", counts[0], 2, low=1, high=26)
+    return sorted(set(counts))
+
+
+def cmd_cost_curve(args: argparse.Namespace) -> int:
+    """The cost curve: each count of sites simulated, and deployed up to --deploy-max."""
+    from dataclasses import asdict
+
+    from remdr.ops.cost_curve import deploy, format_curve, simulate
+
+    points = []
+    runs = [("simulation", simulate, n) for n in args.site_counts]
+    runs += [("deployment", deploy, n) for n in args.site_counts if n <= args.deploy_max]
+    for mode, measure_one, n in runs:
+        print(f"remdr-bench: {mode}, {n} sites, {args.rounds} rounds ...", flush=True)
+        try:
+            points.append(measure_one(n, args.rounds, args.eyes_per_site))
+        except RuntimeError as err:  # the machine holds no more: the curve so far still counts
+            print(f"remdr-bench: {mode} with {n} sites failed, not in the curve: {err}", flush=True)
+            continue
+        print(f"remdr-bench: {points[-1]}", flush=True)
+    print(format_curve(points), flush=True)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps([asdict(p) for p in points], indent=2))
+    return 0
+
+
 def cmd_federation(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
     from remdr.ops.federation_bench import format_cost, measure
 
     check_args(args)
+    if len(args.site_counts) > 1:
+        return cmd_cost_curve(args)
+    args.sites = args.site_counts[0]
     variants = {"one message per round": {}}
     if args.compare_separate_evaluate:
         variants["separate evaluate message"] = {"separate-evaluate": True}

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from remdr.ops.loopback import EXPERIMENT, Loopback, make_sites, write_experiment
+from remdr.ops.process_cost import CoordinatorCost, CoordinatorMeter
 
 
 @dataclass
@@ -37,6 +38,8 @@ class FederationCost:
     payload_bytes: int = 0  # one copy of the state dict as sent (fp32 weights, int counters)
     messages_per_round: float = 0.0  # coordinator -> one site, averaged over the rounds
     setup_seconds: float = 0.0
+    # the SuperLink, its ServerApp and `remdr-server` over the whole run (start-up included)
+    coordinator: CoordinatorCost = field(default_factory=CoordinatorCost)
 
     @property
     def median_overhead(self) -> float:
@@ -81,17 +84,23 @@ def measure(
         # the cores (remdr-client --threads), as the simulator's --cpus-per-site does
         fed = Loopback(root, sites_per_machine=sites)
         start = time.perf_counter()
-        try:
-            fed.start_superlink()
-            for name, folder in data.items():
-                fed.start_site(name, folder)
-            setup = time.perf_counter() - start
-            if fed.run(path, timeout=300 + 300 * rounds) != 0:
-                raise RuntimeError("the benchmark federation failed:\n" + fed.log("run.log"))
-        finally:
-            fed.stop()
+        with CoordinatorMeter() as meter:  # its mark is in every process started here
+            try:
+                fed.start_superlink()
+                for name, folder in data.items():
+                    fed.start_site(name, folder)
+                setup = time.perf_counter() - start
+                if fed.run(path, timeout=300 + 300 * rounds) != 0:
+                    raise RuntimeError("the benchmark federation failed:\n" + fed.log("run.log"))
+            finally:
+                meter.sample()
+                fed.stop()
+        if not (out / "report.json").is_file():  # the run stopped before its report
+            raise RuntimeError(
+                "the benchmark federation wrote no report:\n" + fed.log("run.log", tail=2000)
+            )
         report = json.loads((out / "report.json").read_text())
-    cost = FederationCost(setup_seconds=setup)
+    cost = FederationCost(setup_seconds=setup, coordinator=meter.cost)
     for rec in report["rounds"]:
         train = [m.get("train-seconds", 0.0) for m in rec.get("sites", {}).values()]
         cost.rounds.append(RoundCost(rec["round"], float(rec["seconds"]), max(train, default=0.0)))
@@ -114,4 +123,8 @@ def format_cost(cost: FederationCost, label: str = "") -> str:
         f"fp32 model {cost.model_bytes_fp32 / 1e6:.2f} MB)"
     )
     lines.append(f"  start-up (SuperLink + sites): {cost.setup_seconds:.1f} s")
+    lines.append(
+        f"  coordinator: {cost.coordinator.cpu_seconds:.1f} CPU s over the run, peak "
+        f"{cost.coordinator.peak_rss_bytes / 1e6:.0f} MB resident"
+    )
     return "\n".join(lines)

@@ -59,12 +59,13 @@ def write_experiment(path: Path, **overrides) -> Path:
 
 
 class Loopback:
-    """A coordinator and its sites on this machine. With `sites_per_machine` > 1 the sites
-    share its cores: each site's training gets `usable_cores() // sites_per_machine` threads
-    (`remdr-client start --threads`), as separate hospitals' machines would not have to."""
+    """A coordinator and its sites on this machine. The sites share its cores: each site's
+    training gets `usable_cores() // sites_per_machine` threads (`remdr-client start
+    --threads`), as separate hospitals' machines would not have to; a loopback federation has
+    at least two sites, so that is the default."""
 
     def __init__(
-        self, root: Path, *, certs: Path | None = None, sites_per_machine: int = 1
+        self, root: Path, *, certs: Path | None = None, sites_per_machine: int = 2
     ) -> None:
         self.root, self.certs = root, certs
         self.threads = max(1, usable_cores() // max(1, sites_per_machine))
