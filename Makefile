@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 sim: install
-	$(BIN)/remdr-sim --compare-centralized --out runs/sim
+	$(BIN)/remdr-sim --compare-centralized --reference concat --out runs/sim
 
 # The fast tier runs one pytest-xdist worker per core (at most 4): its one federation spends most
 # of its time waiting on Flower's polls, while the other worker trains. The slow tier runs its

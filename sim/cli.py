@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from remdr.sim.ray_cluster import add_cluster_flags, check_cluster_flags
 from remdr.sim.simulation import Simulation, run_simulation
 
 from remdr.cli.common import (
@@ -35,10 +36,9 @@ from remdr.errors import Problems
 from remdr.federation.run_config import FEDERATED_DEFAULTS
 from remdr.settings import NON_NEGATIVE, POSITIVE, PROBABILITY, Rule
 
-# Defaults that finish on a 2-core CPU in a few minutes and still show learning; the federated
-# training defaults (remdr.federation.run_config.FEDERATED_DEFAULTS) apply to both the federation
-# and the centralized comparison, so the two differ only in where the data is.
-SIM_DEFAULTS = {**FEDERATED_DEFAULTS, "method": "concat", "lr": 1e-3}
+# The federated training defaults (remdr.federation.run_config.FEDERATED_DEFAULTS) apply to both
+# the federation and the centralized comparison, so the two differ only in where the data is.
+SIM_DEFAULTS = dict(FEDERATED_DEFAULTS)
 
 # The DP recipe of docs/privacy.md ("Measured utility and cost"): DP-SGD learns only with
 # large batches (q ~ 0.5), more passes over the data and a constant learning rate; at the
@@ -48,6 +48,7 @@ DP_RECIPE = {
     "batch-size": "half the smallest site's training patients",
     "local-epochs": 4,
     "lr": 3e-3,
+    "optimizer": "adamw",
     "schedule": "constant",
     "dp-target-epsilon": 8.0,  # sigma solved so the planned rounds end there (not if dp-noise is set)
 }
@@ -83,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.2,
         help="patients kept apart as the global test set",
     )
-    ap.add_argument("--rounds", type=int, default=8)
+    ap.add_argument("--rounds", type=int, default=32)
     ap.add_argument(
         "--local-epochs", type=int, default=None, help="default 1; 4 with a private method"
     )
@@ -99,10 +100,17 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument(
         "--gpus-per-site", type=float, default=0.0, help="GPU fraction per virtual site"
     )
+    add_cluster_flags(ap)
     ap.add_argument(
         "--compare-centralized", action="store_true", help="also train on the union of site data"
     )
     ap.add_argument("--compare-local", action="store_true", help="also train each site alone")
+    ap.add_argument(
+        "--reference",
+        default="",
+        help="also federate this method on the same partition and settings, e.g. concat (naive "
+        "late fusion, the baseline Re-M3Dr is measured against)",
+    )
     ap.add_argument(
         "--site-modalities",
         default="",
@@ -150,7 +158,7 @@ def check_sim_flags(args: argparse.Namespace) -> tuple[ExperimentConfig, int, di
 
     p = Problems()
     check_flag(p, "--sites", args.sites, 4, low=1)
-    check_flag(p, "--rounds", args.rounds, 8, low=1)
+    check_flag(p, "--rounds", args.rounds, 32, low=1)
     check_flag(p, "--synthetic-n", args.synthetic_n, SyntheticSpec.n, low=8)
     check_flag(p, "--local-epochs", args.local_epochs, 1, low=1)
     alpha = Rule(
@@ -160,6 +168,7 @@ def check_sim_flags(args: argparse.Namespace) -> tuple[ExperimentConfig, int, di
     check_flag(p, "--test-fraction", args.test_fraction, 0.2, **PROBABILITY)
     check_flag(p, "--cpus-per-site", args.cpus_per_site, 1.0, **POSITIVE)
     check_flag(p, "--gpus-per-site", args.gpus_per_site, 0.5, **NON_NEGATIVE)
+    check_cluster_flags(p, args)
     check_output_dir(p, "--out", args.out)
     check_flag(p, "--missing-rate", args.missing_rate, 0.0, low=0, high=1, high_open=True)
     kinds = site_modalities(args)
@@ -176,6 +185,12 @@ def check_sim_flags(args: argparse.Namespace) -> tuple[ExperimentConfig, int, di
     if args.compare_complete_only and "both" not in (kinds or ["both"]):
         p.add("--compare-complete-only", "no site is listed as 'both'",
               "list at least one complete site in --site-modalities")  # fmt: skip
+    if args.reference:
+        from remdr.registry import list_methods
+
+        if args.reference not in list_methods(private=False):
+            p.add(f"--reference {args.reference}", "not a non-private method",
+                  "e.g. --reference concat")  # fmt: skip
     if args.compare_complete_only and args.partition == "predefined":
         p.add("--compare-complete-only with --partition predefined", "not supported",
               "use dirichlet, iid or quantity")  # fmt: skip
@@ -309,11 +324,14 @@ def simulation_of(args: argparse.Namespace) -> Simulation:
         local_epochs=local_epochs,
         strategy=args.strategy,
         fedbn=args.fedbn,
-        fed=fed_overrides(args.fed),
-        resources=SimResources(args.cpus_per_site, args.gpus_per_site),
+        fed=_epochs_when_asked(args),
+        resources=SimResources(
+            args.cpus_per_site, args.gpus_per_site, args.ray_address, args.state_dir
+        ),
         compare_centralized=args.compare_centralized,
         compare_local=args.compare_local,
         compare_complete_only=args.compare_complete_only,
+        reference=args.reference,
         batch_from_patients=(
             (lambda patients: dp_batch_size(patients, cfg.data.val_fraction))
             if "batch-size" in recipe
@@ -321,6 +339,15 @@ def simulation_of(args: argparse.Namespace) -> Simulation:
         ),
         progress=not args.quiet,
     )
+
+
+def _epochs_when_asked(args: argparse.Namespace) -> dict[str, str]:
+    """The --fed keys; --local-epochs on the command line means epochs, not the auto local
+    steps, unless --fed local-steps says otherwise."""
+    fed = fed_overrides(args.fed)
+    if args.local_epochs is not None and "local-steps" not in fed:
+        fed["local-steps"] = "0"
+    return fed
 
 
 def simulate(args: argparse.Namespace) -> int:

@@ -108,7 +108,7 @@ def write_sim_report(out: Path, report: dict, fed_preds: dict[str, np.ndarray]) 
         "# remdr-sim report",
         "",
         f"Method `{report['run_config']['method']}`, strategy `{report['run_config']['strategy']}`, "
-        f"{report['run_config']['num-server-rounds']} rounds x {report['run_config']['local-epochs']} local epoch(s), "
+        f"{report['run_config']['num-server-rounds']} rounds x {_local_work(report['run_config'])}, "
         f"{len(part['sites'])} sites, partition `{part['spec']['scheme']}` (alpha {part['spec']['alpha']}). "
         f"Total wall time {report['wall_seconds']:.0f} s.",
         "",
@@ -223,6 +223,8 @@ def summary_table(results: dict) -> str:
             )
     if "complete_sites_only" in results:
         rows.append(("complete sites", results["complete_sites_only"]))
+    if "reference" in results:
+        rows.append((f"federated {results['reference']['method']}", results["reference"]))
     if "centralized" in results:
         rows.append(("centralized", results["centralized"]))
     for name, r in results.get("local", {}).items():
@@ -239,3 +241,8 @@ def summary_table(results: dict) -> str:
     var = results["federated"]["test"]["md_var"]
     lines.append(f"(test MD variance {var:.2f} dB²: predicting the mean scores MSE {var:.2f})")
     return "\n".join(lines)
+
+
+def _local_work(run_config: dict) -> str:
+    steps = int(run_config.get("local-steps", 0) or 0)
+    return f"{steps} local steps" if steps > 0 else f"{run_config['local-epochs']} local epoch(s)"

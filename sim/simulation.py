@@ -52,11 +52,13 @@ class Simulation:
     compare_centralized: bool = False
     compare_local: bool = False
     compare_complete_only: bool = False  # also federate the sites listed as "both" alone
+    reference: str = ""  # a method federated too on the same partition (e.g. concat, the naive one)
     batch_from_patients: Callable[[list[int]], int] | None = None  # the DP recipe's batch size
     progress: bool = True
     # a folder of centralized arms trained before (`remdr-sim suite` keeps one): the arm depends
     # on the training config, the partition and its epochs only, not on the federation
     central_cache: Path | None = None
+    central_epochs: int = 0  # > 0: the centralized arm trains this many epochs, not the fed's work
 
 
 def run_simulation(sim: Simulation, say: Callable[[str], None] = print) -> dict:
@@ -66,6 +68,7 @@ def run_simulation(sim: Simulation, say: Callable[[str], None] = print) -> dict:
 
     from remdr.data import load_dataset, synthetic_data
     from remdr.data.dataset import EyeDataset
+    from remdr.data.splits import site_split_key
     from remdr.federation.run_config import split_run_config
     from remdr.federation.run_directory import clean
     from remdr.federation.site_round import load_site
@@ -104,8 +107,8 @@ def run_simulation(sim: Simulation, say: Callable[[str], None] = print) -> dict:
     }
     _, fed = split_run_config(run_config)  # fail early on a bad combination
     say(
-        f"federated: {len(part.sites)} sites x {sim.rounds} rounds x {sim.local_epochs} local "
-        f"epoch(s), {cfg.train.method}, {run_config['strategy']}"
+        f"federated: {len(part.sites)} sites x {sim.rounds} rounds x {local_work(fed)}, "
+        f"{cfg.train.method}, {run_config['strategy']}"
     )
     test_ds = EyeDataset(part.test, cfg.data)
     t_fed = time.perf_counter()
@@ -125,12 +128,19 @@ def run_simulation(sim: Simulation, say: Callable[[str], None] = print) -> dict:
         results["complete_sites_only"] = _complete_sites_only(
             sim, cfg, part, run_config, test_ds, say
         )
+    if sim.reference:
+        results["reference"] = _reference(sim, cfg, run_config, test_ds, say)
 
-    epochs = central_epochs(fed, part, cfg)
+    epochs = sim.central_epochs or central_epochs(fed, part, cfg)
     cached = _cached_central(sim, cfg, epochs) if sim.compare_centralized else None
     need_sites = sim.compare_local or (sim.compare_centralized and cached is None)
     sites = (
-        {name: load_site(part.site_dir(name), cfg, seed=cfg.train.seed) for name in part.sites}
+        {
+            name: load_site(
+                part.site_dir(name), cfg, seed=cfg.train.seed, split_key=site_split_key(name)
+            )
+            for name in part.sites
+        }
         if need_sites
         else {}
     )
@@ -158,7 +168,7 @@ def run_simulation(sim: Simulation, say: Callable[[str], None] = print) -> dict:
 
     report = {
         "config": cfg.to_dict(),
-        "run_config": run_config,
+        "run_config": {**run_config, "local-steps": fed.local_steps},  # auto resolved
         "partition": part.summary(),
         "federation": json.loads((out / "federation" / "report.json").read_text()),
         "results": results,
@@ -174,13 +184,13 @@ def central_epochs(fed, part, cfg: ExperimentConfig) -> int:
     """The centralized arm's epochs: the federation's passes over the data. With local epochs
     that is rounds x local epochs; with `local-steps` K, the sites together train
     rounds x K x sites batches, which is that many batches of the pooled training eyes."""
-    if not fed.local_steps:
+    if fed.local_steps <= 0:
         return fed.num_server_rounds * fed.local_epochs
-    from remdr.data.splits import split_records
+    from remdr.data.splits import site_split_key, split_by_key
 
-    train = sum(
-        len(split_records(recs, cfg.data.val_fraction, 0.0, cfg.train.seed)["train"])
-        for recs in part.sites.values()
+    train = sum(  # a simulated site draws its validation patients by its key (as it does)
+        len(split_by_key(recs, cfg.data.val_fraction, site_split_key(name))["train"])
+        for name, recs in part.sites.items()
     )
     batches = fed.num_server_rounds * fed.local_steps * len(part.sites)
     return max(1, round(batches * cfg.train.batch_size / max(1, train)))
@@ -235,6 +245,24 @@ def _federate(run_config: dict, n_sites: int, sim: Simulation, run_dir: Path, lo
     return run, ports
 
 
+def _reference(sim: Simulation, cfg: ExperimentConfig, run_config: dict, test_ds, say) -> dict:
+    """The same federation training `sim.reference` instead: what the method adds over it."""
+    out = Path(sim.out).resolve()
+    say(f"\nfederated {sim.reference} (the reference), same partition and settings")
+    t_ref = time.perf_counter()
+    ref_config = {**run_config, "method": sim.reference, "out-dir": str(out / "federation-ref")}
+    _federate(ref_config, run_config["min-nodes"], sim, out / "federation-ref", "flower-ref.log")
+    ref_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, method=sim.reference))
+    model = final_model(ref_cfg, out / "federation-ref", sim.rounds)
+    best = json.loads((out / "federation-ref" / "report.json").read_text()).get("best") or {}
+    return {
+        "method": sim.reference,
+        "val_mse": float(best.get("val-mse", float("nan"))),
+        "test": test_metrics(model, test_ds, ref_cfg)[0],
+        "wall_seconds": time.perf_counter() - t_ref,
+    }
+
+
 def _complete_sites_only(
     sim: Simulation, cfg: ExperimentConfig, part, run_config: dict, test_ds, say
 ) -> dict:
@@ -263,3 +291,10 @@ def _complete_sites_only(
         "test": test_metrics(model, test_ds, cfg)[0],
         "wall_seconds": time.perf_counter() - t_complete,
     }
+
+
+def local_work(fed) -> str:
+    """What one site trains per round, in the words the run config uses."""
+    if fed.local_steps > 0:
+        return f"{fed.local_steps} local steps"
+    return f"{fed.local_epochs} local epoch(s)"

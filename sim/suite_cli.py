@@ -35,8 +35,13 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--seeds", default="0,1", help="comma-separated seeds (partition + training)")
     ap.add_argument("--data", default="", help="dataset folder (default: the synthetic set)")
     ap.add_argument("--out", default="runs/suite", help="the suite's folder (kept, not replaced)")
-    ap.add_argument("--rounds", type=int, default=8)
-    ap.add_argument("--local-epochs", type=int, default=1)
+    ap.add_argument("--rounds", type=int, default=32)
+    ap.add_argument(
+        "--local-epochs",
+        type=int,
+        default=None,
+        help="train epochs per round instead of the auto local steps (default: local steps)",
+    )
     ap.add_argument("--strategy", default="fedavg")
     ap.add_argument(
         "--fed", action="append", default=[], metavar="KEY=VALUE", help="any federation key"
@@ -51,6 +56,14 @@ def build_parser() -> argparse.ArgumentParser:
         default="",
         help="folder of centralized arms trained before (default: <out>/central); shared by "
         "suites that differ only in the federation's settings",
+    )
+    ap.add_argument(
+        "--central-epochs",
+        type=int,
+        default=0,
+        help="train the centralized arm this many epochs (default: the federation's work, "
+        "rounds x local steps x sites batches); a fixed budget lets federations of different "
+        "lengths share one arm",
     )
     add_config_flags(ap, defaults=SIM_DEFAULTS, federation=True)
     return ap
@@ -75,19 +88,23 @@ def suite_of(args: argparse.Namespace) -> SuiteRun:
             seeds.append(int(s))
         else:
             p.add(f"--seeds {args.seeds}", f"{s!r} is not a seed", "e.g. --seeds 0,1,2")
-    check_flag(p, "--rounds", args.rounds, 8, low=1)
-    check_flag(p, "--local-epochs", args.local_epochs, 1, low=1)
+    check_flag(p, "--rounds", args.rounds, 32, low=1)
+    if args.local_epochs is not None:
+        check_flag(p, "--local-epochs", args.local_epochs, 1, low=1)
+    check_flag(p, "--central-epochs", args.central_epochs, 0, low=0)
     check_output_dir(p, "--out", args.out)
     if args.reference and args.reference not in list_methods(private=False):
         p.add(f"--reference {args.reference}", "not a non-private method", "e.g. concat")
     fed = fed_overrides(args.fed, p)
+    if args.local_epochs is not None:
+        fed.setdefault("local-steps", "0")  # epochs asked for: not the auto local steps
     cfg = p.call(config_from_args, args, apply_overrides(ExperimentConfig(), SIM_DEFAULTS))
     if cfg is not None:
         run_config = {
             **flat_values(cfg),
             "strategy": args.strategy,
             "num-server-rounds": max(1, args.rounds),
-            "local-epochs": max(1, args.local_epochs),
+            "local-epochs": max(1, args.local_epochs or 1),
             **fed,
         }
         p.call(split_run_config, run_config, check_cohort=False)
@@ -100,13 +117,14 @@ def suite_of(args: argparse.Namespace) -> SuiteRun:
         seeds=tuple(seeds),
         data=args.data,
         rounds=args.rounds,
-        local_epochs=args.local_epochs,
+        local_epochs=args.local_epochs or 1,
         strategy=args.strategy,
         fed=fed,
         reference=args.reference,
         cpus_per_site=args.cpus_per_site,
         progress=args.progress,
         central_cache=Path(args.central_cache) if args.central_cache else None,
+        central_epochs=max(0, args.central_epochs),
     )
 
 
@@ -118,7 +136,7 @@ def suite(args: argparse.Namespace) -> int:
     run = suite_of(args)
     print(
         f"suite: {len(run.cases)} cases x {len(run.seeds)} seeds, {run.cfg.train.method}, "
-        f"{run.rounds} rounds x {run.local_epochs} local epoch(s), {run.strategy}"
+        f"{run.rounds} rounds, {run.strategy}"
         + (f", {run.fed}" if run.fed else "")
         + (f"; reference {run.reference}" if run.reference else ""),
         flush=True,

@@ -78,7 +78,11 @@ def test_the_train_reply_scores_the_model_the_site_received(tiny_data):
     got, want = train.content["metrics"], evaluate.content["metrics"]
     assert got["received-val-mse"] == pytest.approx(want["val-mse"], rel=1e-5)
     assert got["received-num-val"] == want["num-val"] > 0
-    assert got["val-mse"] != pytest.approx(got["received-val-mse"])  # after training: moved on
+    assert "val-mse" not in got  # the trained model is scored by the next round, not twice
+    checked = {**RUN_CONFIG, "local-validation": True}  # the drift diagnostic, on request
+    local = app(_message(MessageType.TRAIN, initial, 2), _context(tiny_data, checked))
+    metrics = local.content["metrics"]
+    assert metrics["val-mse"] != pytest.approx(metrics["received-val-mse"])  # trained: moved on
     separate = {**RUN_CONFIG, "separate-evaluate": True}
     plain = app(_message(MessageType.TRAIN, initial, 2), _context(tiny_data, separate))
     assert not any(k.startswith("received-") for k in plain.content["metrics"])
@@ -88,7 +92,13 @@ def test_the_train_reply_scores_the_model_the_site_received(tiny_data):
 def test_a_site_resumes_its_optimiser_moments_only_when_asked(tiny_data, keep):
     """Round 2 from the same global weights: a site that kept its AdamW moments from round 1
     trains to different weights than a fresh site; with keep-site-optimizer=false, the same."""
-    run_config = {**RUN_CONFIG, "keep-site-optimizer": keep}
+    # concat: no other state crosses rounds (remdr also carries its modality scores)
+    run_config = {
+        **RUN_CONFIG,
+        "method": "concat",
+        "optimizer": "adamw",
+        "keep-site-optimizer": keep,
+    }
     initial = _initial(run_config)
     veteran = _context(tiny_data, run_config)
     app(_message(MessageType.TRAIN, initial, 1), veteran)

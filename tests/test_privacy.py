@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -474,3 +476,14 @@ def test_two_processes_cannot_both_spend_the_last_of_the_budget(tiny_data, tmp_p
     entries = PrivacyLedger(ledger).entries()
     assert len(entries) == 1
     assert _independent_epsilon(entries, cfg.privacy.dp_delta) <= ceiling
+
+
+def test_accounting_leaves_the_programs_logging_alone():
+    """Opacus calls logging.basicConfig on import; in Flower's ServerApp that root handler
+    printed every log line twice (the resume test counts rounds in that log)."""
+    code = (
+        "import logging; from remdr.privacy.accounting import epsilon_of; "
+        "epsilon_of([(1.0, 1.0, 1)], 1e-5); print(len(logging.getLogger().handlers))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "0"

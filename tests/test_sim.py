@@ -178,9 +178,10 @@ def test_a_private_method_gets_the_readme_dp_recipe_unless_overridden(tmp_path, 
     cfg, epochs, recipe = sim_cli.resolve_config(parse([*args, "--set", "dp-noise=2"]))
     assert (cfg.train.lr, cfg.train.batch_size, epochs) == (0.01, 8, 2)
     assert cfg.privacy.dp_target_epsilon == 0.0 and cfg.privacy.dp_noise == 2.0
-    assert set(recipe) == {"schedule"}
+    assert set(recipe) == {"schedule", "optimizer"} and cfg.train.optimizer == "adamw"
     cfg, epochs, recipe = sim_cli.resolve_config(parse([]))  # a non-private method: no recipe
-    assert (cfg.train.lr, cfg.train.batch_size, epochs, recipe) == (1e-3, 8, 1, {})
+    assert (cfg.train.method, cfg.train.optimizer, cfg.train.lr) == ("remdr", "adamw", 0.001)
+    assert (cfg.train.batch_size, epochs, recipe) == (8, 1, {})
     assert cfg.privacy.group_norm and cfg.train.schedule == "constant"  # the federated defaults
     # and the simulator says so first, before it even looks at the data
     out = ["--out", str(tmp_path / "o"), "--data", str(tmp_path / "none")]

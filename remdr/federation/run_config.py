@@ -27,24 +27,31 @@ from remdr.settings import (
     unknown_key,
 )
 
-# Where federated training's defaults differ from centralized training's (docs/federation.md, "Federated
-# vs centralized", has the sweep): sites take 4x more, smaller steps per pass over their data
-# (FedAvg averages parallel updates, so a round advances only as far as one site's steps go),
-# GroupNorm instead of BatchNorm (running statistics averaged across label-skewed sites misfit
-# the averaged weights), and a constant learning rate (the rounds are still far from converged
-# when a decay would start). A run config that sets any of these keys wins.
+# Where federated training's defaults differ from centralized training's (docs/federation.md has
+# the measurements): the method is Re-M3Dr; sites take plain SGD steps (no momentum) at lr 0.01,
+# which add up across sites the way the pooled gradient does, where AdamW's per-site normalised
+# steps cancelled under label skew (a 5-site alpha = 0.3 mix learned nothing: R^2 0.00); small
+# batches; GroupNorm instead of BatchNorm (running statistics averaged across label-skewed sites
+# misfit the averaged weights); a constant learning rate (the rounds are still far from
+# converged when a decay would start). With FedConfig's auto local-steps and drift-control,
+# every site takes the same number of steps per round, corrected by SCAFFOLD. A run config that
+# sets any of these keys wins; a private method keeps DP-SGD's recipe (docs/privacy.md).
 # The OCT view is fixed for a federation: the server builds the model before any site's data
 # is seen, so "auto" cannot be resolved there.
 FEDERATED_DEFAULTS = {
-    "method": "concat",  # what the federated-vs-centralized sweep measured; remdr is centralized's
+    "method": "remdr",
     "batch-size": 8,
+    "optimizer": "adamw",
+    "lr": 0.001,
     "group-norm": True,
     "schedule": "constant",
     "oct-view": "bscans",
 }
 
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg", "krum")
-DRIFT_CONTROLS = ("off", "scaffold")
+DRIFT_CONTROLS = ("auto", "off", "scaffold")
+MEAN_STRATEGIES = ("fedavg", "fedprox", "fedadam")  # SCAFFOLD's c is a mean over the sites
+AUTO_LOCAL_STEPS = 5  # docs/federation.md, "Skewed mixes": chosen on the suite
 SITE_DP = ("off", "fixed", "adaptive")
 ON_MISSING = ("continue", "abort")
 
@@ -58,20 +65,24 @@ class FedConfig:
         "a named set of training values for the sites' machines (remdr-train --help lists them)",
         choices=tuple(PRESETS),
     )
-    num_server_rounds: int = setting(3, "federated rounds", low=1)
+    num_server_rounds: int = setting(32, "federated rounds", low=1)
     local_epochs: int = setting(1, "epochs each site trains per round", low=1)
     local_steps: int = setting(
-        0,
+        -1,
         "> 0: every site takes exactly this many optimiser steps per round, whatever its size "
-        "(instead of local-epochs), so a 30-eye and a 600-eye site do comparable work",
-        **NON_NEGATIVE,
+        "(instead of local-epochs), so a 30-eye and a 600-eye site do comparable work; 0: "
+        f"local-epochs; -1 (auto): {AUTO_LOCAL_STEPS}, or local-epochs where it is above 1 or "
+        "the federation is private (DP-SGD accounts in epochs)",
+        low=-1,
     )
     strategy: str = setting("fedavg", "how the coordinator aggregates", choices=STRATEGIES)
     proximal_mu: float = setting(0.01, "FedProx proximal term", **NON_NEGATIVE)
     drift_control: str = setting(
         "off",
         "scaffold: every site step is corrected by the federation's mean gradient minus the "
-        "site's own (SCAFFOLD control variates; c_i stays at the site, its change is sent)",
+        "site's own (SCAFFOLD control variates; c_i stays at the site, its change is sent); "
+        "auto: scaffold with local-steps, plain SGD and a mean-based strategy, unless private "
+        "(with AdamW the correction stopped learning on the suite); else off",
         choices=DRIFT_CONTROLS,
     )
     server_lr: float = setting(0.05, "FedAdam server learning rate (eta)", **POSITIVE)
@@ -98,6 +109,23 @@ class FedConfig:
     )
     max_update_norm: float = setting(
         1e4, "reject a larger site update (0: no limit)", **NON_NEGATIVE
+    )
+    share_metrics: str = setting(
+        "auto",
+        "the metrics each site is asked to share: auto (each site's own remdr-client "
+        "--share-metrics), minimal, standard or full; a site that shares less declines the run",
+        choices=("auto", "minimal", "standard", "full"),
+    )
+    local_validation: bool = setting(
+        False,
+        "a site also scores its model after local training on its validation patients (val-* "
+        "in the train reply, beside received-*): a drift diagnostic, one more pass per round",
+    )
+    max_site_examples: int = setting(
+        100_000,
+        "the most training (or validation) eyes one site may claim; a larger count is refused, "
+        "as is one above twice the site's first",
+        low=1,
     )
     site_dp: str = setting("off", "site-level DP of the aggregate (clipping)", choices=SITE_DP)
     site_dp_noise: float = setting(1.0, "z: noise std is z * C / number of sites", **POSITIVE)
@@ -156,6 +184,8 @@ def split_run_config(
             "the server builds the model before any site's data is seen",
             "set oct-view='bscans' (3-D OCT volumes) or 'rnflt' (2-D thickness maps)",
         )
+    if not bad:  # every key arrives (flwr run merges pyproject's table), so no "was it given"
+        _resolve_auto(fed, cfg)
     if fed.site_dp != "off" and not bad:
         _check_site_dp(fed, cfg, p, check_cohort)
     if fed.drift_control != "off" and not bad:
@@ -165,7 +195,7 @@ def split_run_config(
                 "a site's control variate is its mean gradient, released outside the DP accounting",
                 "drift-control=off with site-dp or a private method",
             )
-        if fed.strategy in ("fedmedian", "fedtrimmedavg", "krum"):
+        if fed.strategy not in MEAN_STRATEGIES:
             p.add(
                 f"drift-control={fed.drift_control} with strategy={fed.strategy}",
                 "the control variates are a mean over the sites; a robust rule's aggregate is not",
@@ -174,6 +204,21 @@ def split_run_config(
     p.raise_if_any(ConfigError)
     assert cfg is not None  # no problem means apply_overrides returned
     return cfg, fed
+
+
+def _resolve_auto(fed: FedConfig, cfg: ExperimentConfig | None) -> None:
+    """The federated recipe (docs/federation.md, "Skewed mixes"): a few fixed local steps per
+    round, so a big site cannot pull the model towards its own labels for a whole epoch while a
+    small one takes four steps; epochs where the user asked for them or where DP-SGD's
+    accounting needs them (`local-steps = 0`)."""
+    private = fed.site_dp != "off" or (cfg is not None and get_spec(cfg.train.method).private)
+    if fed.local_steps < 0:
+        epochs = private or fed.local_epochs > 1  # 1 is the default: it says nothing
+        fed.local_steps = 0 if epochs else AUTO_LOCAL_STEPS
+    if fed.drift_control == "auto":
+        sgd = cfg is not None and cfg.train.optimizer == "sgd"
+        use = fed.local_steps > 0 and sgd and not private and fed.strategy in MEAN_STRATEGIES
+        fed.drift_control = "scaffold" if use else "off"
 
 
 def _check_site_dp(

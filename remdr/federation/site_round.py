@@ -24,7 +24,7 @@ from remdr.data.dataset import EyeDataset
 from remdr.data.loading import Dataset
 from remdr.data.preprocessed import warm
 from remdr.data.records import EyeRecord
-from remdr.data.splits import split_records
+from remdr.data.splits import split_by_key, split_records
 from remdr.errors import RemdrError, TrainingError
 from remdr.federation.run_config import FedConfig
 from remdr.federation.screening import PART_COUNTS
@@ -50,25 +50,37 @@ class SiteData:
 
 
 def load_site(
-    data_path: str | Path, cfg: ExperimentConfig, seed: int = 0, *, cache: bool = False
+    data_path: str | Path,
+    cfg: ExperimentConfig,
+    seed: int = 0,
+    *,
+    cache: bool = False,
+    split_key: bytes | None = None,
 ) -> SiteData:
     """The site's records split by patient into local train and validation sets.
 
     A site that ships its own splits keeps its `test/` patients apart: they are never trained
     on, never validated on (so never select a model), only reported. Without a shipped `val/`,
     validation patients are split off its `train/` records. With `cache`, the decoded tensors
-    come from (or go to) the site's preprocessed cache on its disk (`remdr.data.preprocessed`)."""
+    come from (or go to) the site's preprocessed cache on its disk (`remdr.data.preprocessed`).
+    With `split_key` (the site's own), validation patients are drawn by a keyed hash of their
+    ids (`split_by_key`), never by the coordinator's `seed`."""
     ds = load_dataset(data_path, cfg.data, quiet=True)
+
+    def draw(records: list[EyeRecord]) -> dict[str, list[EyeRecord]]:
+        if split_key is not None:
+            return split_by_key(records, cfg.data.val_fraction, split_key)
+        return split_records(records, cfg.data.val_fraction, 0.0, seed)
+
     test: list = []
     if ds.has_splits:
         parts = split_records(ds.records, 0, 0, seed)
         train, val, test = parts["train"], parts["val"], parts["test"]
         if not val:
-            unsplit = [dataclasses.replace(r, split="") for r in train]
-            parts = split_records(unsplit, cfg.data.val_fraction, 0.0, seed)
+            parts = draw([dataclasses.replace(r, split="") for r in train])
             train, val = parts["train"], parts["val"]
     else:
-        parts = split_records(ds.records, cfg.data.val_fraction, 0.0, seed)
+        parts = draw(ds.records)
         train, val = parts["train"], parts["val"]
     site = SiteData(
         ds, EyeDataset(train, cfg.data), EyeDataset(val, cfg.data), EyeDataset(test, cfg.data)
@@ -233,7 +245,7 @@ def train_round(
         cfg=train_cfg,
         device=device,
         epochs=fed.local_epochs,
-        steps=fed.local_steps,
+        steps=max(0, fed.local_steps),  # -1 (auto) resolves in split_run_config
         augment=cfg.data.augment_scale,
         keep_best=False,
         progress=False,
@@ -272,7 +284,8 @@ def train_round(
                 "dp-steps": p["steps"],
             }
         )
-    metrics.update(evaluate_site(model, site, cfg, device))
+    if fed.local_validation or fed.separate_evaluate:  # else the next round scores the model
+        metrics.update(evaluate_site(model, site, cfg, device))
     metrics.update(received)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     state.update(restored)  # the received values and dtypes, exactly

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from remdr.config import PrivacyConfig
 from remdr.errors import PrivacyError
+from remdr.privacy.quiet_opacus import import_opacus
 
 UNIT = "patient"
 RELATION = "add or remove one patient (all their eyes, OCT and fundus, every augmented view)"
@@ -31,6 +32,7 @@ def release_of(entry: dict) -> Release:
 
 def epsilon_of(history: Iterable[Release], delta: float) -> float:
     """Cumulative epsilon of a sequence of Poisson-subsampled Gaussian steps (Opacus RDP)."""
+    import_opacus()
     from opacus.accountants import RDPAccountant
 
     steps = [(s, q, n) for s, q, n in history if n > 0]
@@ -80,6 +82,7 @@ def plan(
     steps_per_epoch = math.ceil(patients / batch_size)
     q, steps = 1.0 / steps_per_epoch, steps_per_epoch * epochs
     if cfg.dp_target_epsilon > 0:
+        import_opacus()
         from opacus.accountants.utils import get_noise_multiplier
 
         with warnings.catch_warnings():

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from remdr.errors import PrivacyError
+from remdr.privacy.quiet_opacus import import_opacus
 
 CHECK_TOLERANCE = 1e-5  # relative error allowed (float64) between Opacus' and one-at-a-time
 MODES = ("hooks", "ew")
@@ -25,6 +26,7 @@ LossFn = Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor]  # (model,
 
 def wrap_model(model: nn.Module, mode: str) -> nn.Module:
     """`model` with Opacus' grad samplers attached: backward fills `p.grad_sample` (B, *p.shape)."""
+    import_opacus()
     from opacus.grad_sample.utils import wrap_model as opacus_wrap_model
 
     return opacus_wrap_model(model, mode, batch_first=True, loss_reduction="mean")

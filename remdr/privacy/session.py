@@ -36,6 +36,7 @@ from remdr.privacy.accounting import (
 )
 from remdr.privacy.gradcheck import LossFn, choose_grad_sample_mode, probe_batch, unwrap_model
 from remdr.privacy.ledger import LedgerHold, PrivacyLedger
+from remdr.privacy.quiet_opacus import import_opacus
 from remdr.privacy.randomness import COVERS, RANDOMNESS, private_generator
 from remdr.privacy.sampling import PatientRows
 
@@ -74,6 +75,7 @@ class PrivateSession:
         spent: History = (),
         hold: LedgerHold | None = None,
     ) -> None:
+        import_opacus()
         from opacus import PrivacyEngine
 
         self.plan, self.mode, self.ledger, self.label, self.hold = (
@@ -123,6 +125,7 @@ class PrivateSession:
         taken = self.steps_taken()
         epsilon_session = float(self.engine.accountant.get_epsilon(p.delta)) if taken else 0.0
         history = [*self.spent, (p.noise_multiplier, p.sample_rate, taken)]
+        import_opacus()
         from opacus import __version__ as opacus_version
 
         from remdr import __version__

@@ -15,6 +15,7 @@ import warnings
 from torch import nn
 
 from remdr.errors import PrivacyError
+from remdr.privacy.quiet_opacus import import_opacus
 
 
 def _contiguous_input(module: nn.Module, args: tuple) -> tuple:
@@ -39,6 +40,7 @@ def _replace_fused_batchnorm(module: nn.Module) -> None:
 
 def make_dp_ready(model: nn.Module) -> nn.Module:
     """Norm layers -> GroupNorm, no in-place ops, contiguous conv inputs. Returns a new model."""
+    import_opacus()
     from opacus.validators import ModuleValidator
 
     _replace_fused_batchnorm(model)
