@@ -241,6 +241,7 @@ def test_a_hostile_site_cannot_crash_the_coordinator_or_take_more_than_its_share
 @example(count=20, metrics={"val-mse": 0.0}, name="H")  # as many eyes as it may claim
 @example(count=1e300, metrics={"val-mse": 0.0}, name="H")  # all the weight
 @example(count=20, metrics={"val-mse": -1e300}, name="H")  # an impossible error
+@example(count=0, metrics={"val-mse": []}, name="H")  # a list where one number is read
 @given(
     count=st.integers(min_value=0, max_value=3 * 10) | COUNTS,
     metrics=st.dictionaries(

@@ -171,6 +171,8 @@ def metric_problem(metrics: Mapping[str, Any]) -> str | None:
     for key, value in metrics.items():
         if not isinstance(key, str) or not METRIC_KEY.fullmatch(key):
             return f"metric name {str(key)[:40]!r} is not a plain name"
+        if isinstance(value, list) and _read_as_one_number(key):
+            return f"metric {key} must be one number, not a list"
         for item in value if isinstance(value, list) else [value]:
             x = _number(item)
             if x is None:
@@ -182,3 +184,10 @@ def metric_problem(metrics: Mapping[str, Any]) -> str | None:
             if x < 0 and _NON_NEGATIVE & set(key.split("-")):
                 return f"metric {key} is negative: {x:g}"
     return None
+
+
+def _read_as_one_number(key: str) -> bool:
+    """The metrics the coordinator weighs, averages or selects the best model by."""
+    return key in ("val-mse", "num-val", "num-examples", "unit-weight") or key.startswith(
+        ("eyes-", "received-")
+    )
