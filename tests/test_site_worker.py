@@ -3,6 +3,7 @@ site's data loaded, over a private socket; without it the ClientApp does the wor
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import subprocess
@@ -15,7 +16,7 @@ import torch
 from conftest import TINY
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, Metadata, RecordDict
 from remdr.client.app import app
-from remdr.client.worker_link import AUTHKEY, SOCKET
+from remdr.client.worker_link import AUTHKEY, NODE_CONFIG, SOCKET
 
 from remdr.federation.run_config import run_config_defaults, split_run_config
 from remdr.methods import build_model
@@ -48,17 +49,16 @@ def _initial() -> dict[str, torch.Tensor]:
     return build_model(cfg).state_dict()
 
 
-@pytest.fixture(scope="module")
-def worker(tmp_path_factory):
-    """A real worker process, as `remdr-client start` starts it (its parent: this test run),
-    shared by the tests of this module: a worker serves many messages, and each start costs
-    seconds of torch import."""
-    folder = tmp_path_factory.mktemp("site") / "worker"
-    folder.mkdir(mode=0o700)
+def start_worker(folder: Path, node: dict | None = None, *flags: str) -> subprocess.Popen:
+    """`python -m remdr.client.worker` in a fresh private folder with its key (and the site's
+    node config, if given), once its socket is up."""
+    folder.mkdir(mode=0o700, parents=True)
     (folder / AUTHKEY).write_bytes(secrets.token_bytes(32))
+    if node is not None:
+        (folder / NODE_CONFIG).write_text(json.dumps(node))
     proc = subprocess.Popen(
         [sys.executable, "-m", "remdr.client.worker", "--folder", str(folder),
-         "--parent", str(os.getpid())],
+         "--parent", str(os.getpid()), *flags],
         stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     deadline = time.monotonic() + 120
@@ -66,6 +66,16 @@ def worker(tmp_path_factory):
         assert proc.poll() is None, proc.stderr.read()
         assert time.monotonic() < deadline, "the worker did not start"
         time.sleep(0.2)
+    return proc
+
+
+@pytest.fixture(scope="module")
+def worker(tmp_path_factory):
+    """A real worker process, as `remdr-client start` starts it (its parent: this test run),
+    shared by the tests of this module: a worker serves many messages, and each start costs
+    seconds of torch import."""
+    folder = tmp_path_factory.mktemp("site") / "worker"
+    proc = start_worker(folder)
     yield folder, proc
     proc.kill()
     proc.wait(10)

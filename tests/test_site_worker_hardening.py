@@ -5,13 +5,10 @@ worker took is never trained again by the ClientApp's fallback."""
 
 from __future__ import annotations
 
-import json
 import os
-import secrets
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -21,7 +18,6 @@ from flwr.app import MessageType
 from remdr.client.app import PRIVACY_DECLINED, SITE_ERROR, app
 from remdr.client.worker_link import (
     AUTHKEY,
-    NODE_CONFIG,
     SOCKET,
     prove_to_worker,
     recv_frames,
@@ -30,26 +26,9 @@ from remdr.client.worker_link import (
 )
 from test_client_app import RUN_CONFIG, _context, _initial, _message
 from test_site_policy import DP_ONE_STEP
+from test_site_worker import start_worker
 
 from remdr.privacy import PrivacyLedger
-
-
-def _start_worker(folder: Path, node: dict | None, *flags: str) -> subprocess.Popen:
-    folder.mkdir(mode=0o700, parents=True)
-    (folder / AUTHKEY).write_bytes(secrets.token_bytes(32))
-    if node is not None:
-        (folder / NODE_CONFIG).write_text(json.dumps(node))
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "remdr.client.worker", "--folder", str(folder),
-         "--parent", str(os.getpid()), *flags],
-        stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    deadline = time.monotonic() + 120
-    while not (folder / SOCKET).exists():
-        assert proc.poll() is None, proc.stderr.read()
-        assert time.monotonic() < deadline, "the worker did not start"
-        time.sleep(0.2)
-    return proc
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +38,7 @@ def site(tmp_path_factory, tiny_data):
     root = tmp_path_factory.mktemp("site")
     ledger = root / "hospA" / "privacy-ledger.jsonl"
     node = {"data-path": str(tiny_data), "site-id": "hospA", "ledger": str(ledger)}
-    proc = _start_worker(root / "worker", node, "--io-timeout", "3")
+    proc = start_worker(root / "worker", node, "--io-timeout", "3")
     yield root / "worker", proc, ledger
     proc.kill()
     proc.wait(10)
@@ -186,7 +165,7 @@ def test_a_worker_that_fails_mid_round_is_not_retried_by_the_clientapp(tiny_data
     ledger = tmp_path / "hospA" / "privacy-ledger.jsonl"
     node = {"data-path": str(tiny_data), "site-id": "hospA", "ledger": str(ledger)}
     folder = tmp_path / "worker"
-    proc = _start_worker(folder, node)
+    proc = start_worker(folder, node)
     long_round = {**DP_ONE_STEP, "dp-noise": 4.0, "local-epochs": 200, "batch-size": 4}  # eps ~8
     msg = _message(MessageType.TRAIN, _initial(long_round), {"server-round": 1})
     replies = []
