@@ -108,7 +108,7 @@ def write_sim_report(out: Path, report: dict, fed_preds: dict[str, np.ndarray]) 
         "# remdr-sim report",
         "",
         f"Method `{report['run_config']['method']}`, strategy `{report['run_config']['strategy']}`, "
-        f"{report['run_config']['num-server-rounds']} rounds x {_local_work(report['run_config'])}, "
+        f"{report['run_config']['num-server-rounds']} rounds x {local_work(report['run_config'])}, "
         f"{len(part['sites'])} sites, partition `{part['spec']['scheme']}` (alpha {part['spec']['alpha']}). "
         f"Total wall time {report['wall_seconds']:.0f} s.",
         "",
@@ -243,6 +243,7 @@ def summary_table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def _local_work(run_config: dict) -> str:
+def local_work(run_config: dict) -> str:
+    """What one site trains per round, in the words the run config uses."""
     steps = int(run_config.get("local-steps", 0) or 0)
     return f"{steps} local steps" if steps > 0 else f"{run_config['local-epochs']} local epoch(s)"

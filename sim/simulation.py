@@ -26,6 +26,7 @@ from remdr.sim.arms import (
     train_central,
 )
 from remdr.sim.partition import PartitionSpec
+from remdr.sim.report import local_work
 from remdr.sim.runner import SimResources
 
 from remdr.config import ExperimentConfig, flat_values
@@ -107,7 +108,7 @@ def run_simulation(sim: Simulation, say: Callable[[str], None] = print) -> dict:
     }
     _, fed = split_run_config(run_config)  # fail early on a bad combination
     say(
-        f"federated: {len(part.sites)} sites x {sim.rounds} rounds x {local_work(fed)}, "
+        f"federated: {len(part.sites)} sites x {sim.rounds} rounds x {local_work({**run_config, 'local-steps': fed.local_steps})}, "
         f"{cfg.train.method}, {run_config['strategy']}"
     )
     test_ds = EyeDataset(part.test, cfg.data)
@@ -291,10 +292,3 @@ def _complete_sites_only(
         "test": test_metrics(model, test_ds, cfg)[0],
         "wall_seconds": time.perf_counter() - t_complete,
     }
-
-
-def local_work(fed) -> str:
-    """What one site trains per round, in the words the run config uses."""
-    if fed.local_steps > 0:
-        return f"{fed.local_steps} local steps"
-    return f"{fed.local_epochs} local epoch(s)"
