@@ -12,7 +12,9 @@ Node config (set by `remdr-client` or the simulator): `data-path` (the site's da
 ledger) and the rest of the site's policy (`remdr.client.site_policy`: its ceiling, delta,
 metrics, `require-dp`, the fault-drill opt-in). The coordinator's run config can never move the
 ledger or loosen the policy. Before anything else, the ClientApp checks the app bundle it was
-loaded from (`remdr.client.bundle_check`) and refuses one this site does not run.
+loaded from (`remdr.client.bundle_check`) and refuses one this site does not run. Models cross
+Flower's links packed into one array each way (`remdr.federation.transport`); the handlers and
+the worker see the named arrays.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from flwr.clientapp import ClientApp
 from remdr.client.bundle_check import bundle_problem
 from remdr.client.worker_link import WorkerFailed, ask_worker
 
+from remdr.federation.transport import TransportError, pack_records, unpack_records
+
 app = ClientApp()
 
 VERSION_MISMATCH = 1001
@@ -33,10 +37,22 @@ BUNDLE_REFUSED = 1004
 
 
 def _handle(kind: str, msg: Message, context: Context) -> Message:
+    reply = _reply(kind, msg, context)
+    if not reply.has_error():
+        reply.content = pack_records(reply.content)
+    return reply
+
+
+def _reply(kind: str, msg: Message, context: Context) -> Message:
     site = context.node_config.get("site-id", f"node-{context.node_id}")
     problem = bundle_problem(context.node_config, sys.path)
     if problem is not None:
         return Message(Error(code=BUNDLE_REFUSED, reason=f"site {site}: {problem}"), reply_to=msg)
+    try:
+        msg.content = unpack_records(msg.content)
+    except TransportError as err:
+        reason = f"site {site}: the coordinator's message is unreadable: {err}"
+        return Message(Error(code=SITE_ERROR, reason=reason), reply_to=msg)
     try:
         reply = ask_worker(kind, msg, context)
     except WorkerFailed as err:  # it may have trained: never a second time in this process

@@ -20,6 +20,8 @@ from flwr.app import ArrayRecord, Context, Message
 from flwr.clientapp import ClientApp
 from remdr.client.app import evaluate, train
 
+from remdr.federation.transport import pack_records, unpack_records
+
 log = logging.getLogger(__name__)
 app = ClientApp()
 
@@ -61,8 +63,10 @@ def train_with_fault(msg: Message, context: Context) -> Message:
     if kind and not reply.has_error():
         site = reply.content["site"]["site-id"]
         log.warning("site %s: fault drill, sending a '%s' update", site, kind)
-        state = reply.content["arrays"].to_torch_state_dict()
-        reply.content["arrays"] = ArrayRecord(corrupt_update(state, kind))
+        content = unpack_records(reply.content)  # the production app sent it packed
+        state = content["arrays"].to_torch_state_dict()
+        content["arrays"] = ArrayRecord(corrupt_update(state, kind))
+        reply.content = pack_records(content)
     return reply
 
 

@@ -16,12 +16,15 @@ import logging
 import time
 from collections.abc import Iterable
 
-from flwr.app import Message
+from flwr.app import Error, Message
 from flwr.serverapp import Grid
+
+from remdr.federation.transport import TransportError, pack_records, unpack_records
 
 log = logging.getLogger("flwr")  # Flower's handlers stream this to `remdr-server run`
 
 NODE_UNAVAILABLE = 5  # flwr ErrorCode.NODE_UNAVAILABLE: no heartbeat from the node lately
+UNREADABLE_REPLY = 1005  # a reply whose packed arrays cannot be read back (remdr's own code)
 RECONNECT_WINDOW = 30.0  # s after the ServerApp starts in which a missing node may be reconnecting
 POLL = 2.0  # s between looks at `get_node_ids()` while a node may still come back
 # s between pulls for replies: Flower's own grid sleeps 3 s, which a round pays on average
@@ -30,7 +33,8 @@ REPLY_POLL = 0.1
 
 
 class RetryingGrid:
-    """Flower's Grid, but a message whose node is unavailable is sent again if the node is back.
+    """Flower's Grid, but a message whose node is unavailable is sent again if the node is back,
+    and a model crosses each link as one packed array (`remdr.federation.transport`).
 
     Within `reconnect_window` seconds of the ServerApp's start (a SuperLink restart: its
     SuperNodes are reconnecting) an unavailable node is waited for until it is listed by
@@ -59,12 +63,14 @@ class RetryingGrid:
         self, messages: Iterable[Message], *, timeout: float | None = None
     ) -> list[Message]:
         deadline = time.monotonic() + (timeout if timeout is not None else 3600.0)
-        pending = list(messages)
+        pending = [_packed(m) for m in messages]
         final: list[Message] = []
+        requests: dict[str, Message] = {}
         while pending:
             left = max(1.0, deadline - time.monotonic())
             replies = self._push_and_pull(pending, timeout=left)
             sent = {m.metadata.message_id: m for m in pending}
+            requests.update(sent)
             self.dst_of_message.update({mid: m.metadata.dst_node_id for mid, m in sent.items()})
             unavailable: dict[int, tuple[Message, Message]] = {}
             for reply in replies:
@@ -84,7 +90,7 @@ class RetryingGrid:
             ]
             if pending:
                 log.info("%d site(s) reconnected, sending their messages again", len(pending))
-        return final
+        return [_unpacked(r, requests.get(r.metadata.reply_to_message_id)) for r in final]
 
     def _push_and_pull(self, messages: list[Message], *, timeout: float) -> list[Message]:
         """Flower's `send_and_receive` through its public push/pull calls, polling every
@@ -114,11 +120,35 @@ class RetryingGrid:
         return listed if time.monotonic() + self._poll < deadline else set()
 
 
-def _resend(request: Message) -> Message:
+def _packed(request: Message) -> Message:
+    """`request` with each of its array records packed into one array."""
+    if request.has_error():
+        return request
+    return _resend(request, content=pack_records(request.content))
+
+
+def _unpacked(reply: Message, request: Message | None) -> Message:
+    """`reply` with its packed array records read back; one whose blob is unreadable becomes an
+    error reply from its site, so it is refused and named like any other failure."""
+    if reply.has_error():
+        return reply
+    try:
+        content = unpack_records(reply.content)
+    except TransportError as err:
+        log.warning("node %s sent an unreadable reply: %s", reply.metadata.src_node_id, err)
+        if request is None:  # not a reply to anything sent: nothing reads it anyway
+            return reply
+        return Message(Error(code=UNREADABLE_REPLY, reason=f"unreadable reply: {err}"),
+                       reply_to=request)  # fmt: skip
+    reply.content = content
+    return reply
+
+
+def _resend(request: Message, content=None) -> Message:
     """A fresh copy of `request` (a message id is the hash of its content and metadata)."""
     meta = request.metadata
     return Message(
-        content=request.content,
+        content=request.content if content is None else content,
         dst_node_id=meta.dst_node_id,
         message_type=meta.message_type,
         ttl=meta.ttl,

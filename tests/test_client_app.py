@@ -11,9 +11,10 @@ import pytest
 import torch
 from conftest import TINY
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, Metadata, RecordDict
-from remdr.client.app import PRIVACY_DECLINED, VERSION_MISMATCH, app
+from remdr.client.app import PRIVACY_DECLINED, VERSION_MISMATCH
 from remdr.server.reply_metrics import aggregate_metrics
 from remdr.server.strategy import build_strategy
+from site_app import app
 
 from remdr.errors import ConfigError
 from remdr.federation.app_bundle import bundle_pyproject

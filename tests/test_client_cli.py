@@ -5,7 +5,7 @@ from __future__ import annotations
 import shutil
 
 from remdr.client import cli as client_cli
-from remdr.client.app import app
+from site_app import app
 
 from remdr.privacy import PrivacyLedger
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from remdr.config import DataConfig
@@ -179,3 +180,15 @@ def test_prediction_mode_admits_unlabelled_eyes(tmp_path):
     _write(tmp_path / "new.npz", oct_bscans=g["oct_bscans"], slo_fundus=g["slo_fundus"])
     ds = load_dataset(tmp_path, require_md=False)
     assert len(ds.records) == 1 and np.isnan(ds.records[0].md)
+
+
+def test_an_eye_reads_the_same_the_first_time_and_every_time_after(tiny_data):
+    """The in-memory cache keeps float16; the first read used to hand out the float32 decode, so
+    the first epoch trained and validated on other inputs than every later one."""
+    ds = load_dataset(tiny_data, DataConfig(image_size=32))
+    eyes = EyeDataset(ds.records[:4], DataConfig(image_size=32), cache=True)
+    first = [eyes[i] for i in range(4)]
+    for i in range(4):
+        again = eyes[i]
+        for key in ("oct", "fundus"):
+            assert torch.equal(first[i][key], again[key]), (i, key)

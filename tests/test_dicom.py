@@ -229,7 +229,7 @@ def test_client_check_only_prints_the_pairing(dicom_folder):
 
 def test_nothing_from_the_dicom_headers_leaves_the_site_in_a_round(dicom_folder):
     from flwr.app import MessageType
-    from remdr.client.app import app
+    from site_app import app
     from test_client_app import RUN_CONFIG, _context, _initial, _message
 
     initial = _initial(RUN_CONFIG)

@@ -7,10 +7,10 @@ import pytest
 import torch
 from conftest import TINY
 from flwr.app import ConfigRecord
-from remdr.client.app import app
 from remdr.server.drift_control import CONTROL, ServerControl
 from remdr.server.strategy import build_strategy
 from replies import train_reply
+from site_app import app
 from test_federation_rounds import _context, _initial, _message
 from test_site_dp import ArrayRecord, _Grid, _in_a_run  # noqa: F401  (fixture)
 

@@ -66,12 +66,13 @@ def test_only_the_drill_app_sends_a_drilled_sites_bad_update(tiny_data, monkeypa
     """With REMDR_FAULT_UPDATE set, the production ClientApp still sends a good update; the
     drill ClientApp sends the bad one the coordinator must refuse."""
     from remdr.client import fault_drill
-    from remdr.client.app import app as production
+    from site_app import app as production
+    from site_app import over_the_wire
     from test_client_app import RUN_CONFIG, MessageType, _context, _initial, _message
 
     monkeypatch.setenv(fault_drill.FAULT_ENV, "nan")
     initial = _np(_initial(RUN_CONFIG))
-    for app, problem in ((production, None), (fault_drill.app, "non-finite")):
+    for app, problem in ((production, None), (over_the_wire(fault_drill.app), "non-finite")):
         msg = _message(MessageType.TRAIN, _initial(RUN_CONFIG), {"server-round": 1})
         reply = app(msg, _context(tiny_data, RUN_CONFIG))
         update = _np(reply.content["arrays"].to_torch_state_dict())

@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import TINY
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, Metadata, RecordDict
-from remdr.client.app import app
+from site_app import app
 
 from remdr.config import ExperimentConfig, TrainConfig, apply_overrides
 from remdr.federation.run_config import run_config_defaults, split_run_config

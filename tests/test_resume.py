@@ -13,9 +13,9 @@ import pytest
 import torch
 from flwr.app import ConfigRecord, Context, MessageType, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
-from remdr.client.app import app
 from remdr.server.app import resume_point, resumed_strategy
 from remdr.server.site_dp import site_level_privacy
+from site_app import app
 from test_client_app import RUN_CONFIG, _initial, _message
 from test_site_dp import ArrayRecord, _Grid, _reply
 

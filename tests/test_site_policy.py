@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 from flwr.app import MessageType
-from remdr.client.app import PRIVACY_DECLINED, app
+from remdr.client.app import PRIVACY_DECLINED
+from site_app import app
 from test_client_app import RUN_CONFIG, _context, _initial, _message
 
 from remdr.errors import ConfigError

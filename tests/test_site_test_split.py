@@ -7,8 +7,8 @@ import shutil
 
 import torch
 from flwr.app import MessageType
-from remdr.client.app import app
 from remdr.server.reply_metrics import aggregate_metrics
+from site_app import app
 from test_client_app import RUN_CONFIG, _context, _initial, _message
 
 from remdr.federation.run_config import split_run_config

@@ -15,8 +15,8 @@ import pytest
 import torch
 from conftest import TINY
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, Metadata, RecordDict
-from remdr.client.app import app
 from remdr.client.worker_link import AUTHKEY, NODE_CONFIG, SOCKET
+from site_app import app
 
 from remdr.federation.run_config import run_config_defaults, split_run_config
 from remdr.methods import build_model

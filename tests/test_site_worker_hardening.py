@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from flwr.app import MessageType
-from remdr.client.app import PRIVACY_DECLINED, SITE_ERROR, app
+from remdr.client.app import PRIVACY_DECLINED, SITE_ERROR
 from remdr.client.worker_link import (
     AUTHKEY,
     SOCKET,
@@ -24,6 +24,7 @@ from remdr.client.worker_link import (
     send_frame,
     send_frames,
 )
+from site_app import app
 from test_client_app import RUN_CONFIG, _context, _initial, _message
 from test_site_policy import DP_ONE_STEP
 from test_site_worker import start_worker

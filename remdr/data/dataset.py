@@ -92,8 +92,9 @@ class EyeDataset(TorchDataset):
             if fundus_arr is not None
             else self._blank("fundus")
         )
-        if self.cache_enabled:
+        if self.cache_enabled:  # the first read sees what every later read will: float16's values
             self._cache[i] = (oct_x.half(), fundus_x.half())
+            return self._cache[i][0].float(), self._cache[i][1].float()
         return oct_x, fundus_x
 
     def _blank(self, modality: str) -> torch.Tensor:
