@@ -180,6 +180,14 @@ class TrainConfig:
         choices=OPTIMIZERS,
     )
     momentum: float = setting(0.9, "SGD momentum", **FRACTION)
+    # modality-specific learning rates (Yao & Mihalcea, Findings of ACL 2022): under GroupNorm
+    # the fundus encoder stalls at AdamW 1e-3 inside a two-branch model (docs/federation.md)
+    lr_oct_scale: float = setting(
+        1.0, "multiplier of lr for the OCT branch and its head", **POSITIVE
+    )
+    lr_fundus_scale: float = setting(
+        1.0, "multiplier of lr for the fundus branch and its head", **POSITIVE
+    )
     weight_decay: float = setting(1e-4, "weight decay (decoupled for AdamW)", **NON_NEGATIVE)
     schedule: str = setting("cosine", "learning-rate schedule", choices=SCHEDULES)
     patience: int = setting(

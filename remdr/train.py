@@ -22,7 +22,7 @@ from remdr.data.transforms import augment_image
 from remdr.errors import ConfigError
 from remdr.methods import Method, presence
 from remdr.metrics import scored_metrics
-from remdr.model import ReM3Dr
+from remdr.model import ReM3Dr, model_part
 from remdr.optim import DriftControl, proximal_term
 from remdr.registry import MODALITIES
 from remdr.runtime import autocast_for, to_device
@@ -52,13 +52,24 @@ def make_loader(
     )
 
 
+def param_groups(model: torch.nn.Module, cfg: TrainConfig) -> list[dict]:
+    """One group per learning-rate multiplier (`lr_scale`): each modality's branch and head at
+    `lr-<modality>-scale`, everything else at 1; a single group when every scale is 1."""
+    scales = {"oct": cfg.lr_oct_scale, "fundus": cfg.lr_fundus_scale}
+    groups: dict[float, list] = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            groups.setdefault(scales.get(model_part(name), 1.0), []).append(p)
+    return [{"params": ps, "lr_scale": scale} for scale, ps in groups.items()]
+
+
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    params = [p for p in model.parameters() if p.requires_grad]
+    groups = param_groups(model, cfg)
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(
-            params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+            groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
         )
-    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
 def lr_at(
@@ -301,7 +312,7 @@ def _train_epochs(
             if step == total:
                 break
             for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, total, cfg, window)
+                group["lr"] = lr_at(step, total, cfg, window) * group.get("lr_scale", 1.0)
             batch = to_device(batch, device)
             if augment and len(batch["md"]):
                 for m in model.modalities:

@@ -156,3 +156,27 @@ def test_augment_strength_scales_the_same_draws():
     torch.testing.assert_close(at(0.0), x, atol=1e-5, rtol=0)  # nothing moves
     change = [float((at(s) - x).abs().mean()) for s in (0.5, 1.0, 2.0)]
     assert change[0] < change[1] < change[2]
+
+
+def test_a_modality_scale_changes_only_that_branchs_learning_rate(tiny_cfg, tiny_data):
+    """lr-fundus-scale: the fundus branch and head move at that fraction of the rate, the OCT
+    branch and the fusion head at the full rate (plain SGD, so a step is lr x gradient)."""
+    base = {"optimizer": "sgd", "momentum": 0.0, "weight-decay": 0.0, "schedule": "constant"}
+    ds = load_dataset(tiny_data, tiny_cfg.data)
+    train = EyeDataset(ds.records[:8], tiny_cfg.data)
+    moved = {}
+    for scale in (1.0, 0.25):
+        cfg = apply_overrides(tiny_cfg, {**base, "lr-fundus-scale": scale, "batch-size": 8})
+        method = create_method("multitask", cfg.method)
+        torch.manual_seed(0)
+        model = build_model(cfg, method)
+        before = {k: v.detach().clone() for k, v in model.named_parameters()}
+        fit(model, method, train, cfg=cfg.train, device=torch.device("cpu"), epochs=1,
+            steps=1, progress=False)  # fmt: skip
+        moved[scale] = {k: (v.detach() - before[k]) for k, v in model.named_parameters()}
+    for key, full in moved[1.0].items():
+        if not full.abs().sum():
+            continue
+        ratio = 0.25 if key.startswith(("branches.fundus", "heads.fundus")) else 1.0
+        tol = 1e-3 * float(full.abs().max())  # float32 rounding of the smallest updates
+        assert torch.allclose(moved[0.25][key], ratio * full, rtol=1e-3, atol=tol), key
