@@ -275,6 +275,9 @@ class RemdrStrategy(Strategy):
             log.warning("round %s: no usable update; the global model is kept", server_round)
             self.current["train"] = {}
             return None, None
+        # summed in the order the sites finished, the model differed in its last bits between
+        # two runs of one seed (and training amplified it): sum in the sites' order instead
+        good.sort(key=self._site)
         own = self._aggregate_parts(good)
         sent = consistent_metrics(good)  # after the parts: an older site's eye counts are filled
         base = getattr(self.inner, "strategy", self.inner)
