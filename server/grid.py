@@ -122,8 +122,6 @@ class RetryingGrid:
 
 def _packed(request: Message) -> Message:
     """`request` with each of its array records packed into one array."""
-    if request.has_error():
-        return request
     return _resend(request, content=pack_records(request.content))
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -44,3 +46,20 @@ def tiny_cfg() -> ExperimentConfig:
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("REMDR_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+@contextmanager
+def flower_run_identity() -> Iterator[None]:
+    """What Flower's ServerApp runtime sets before `main` runs: new messages need a run id."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    with pytest.MonkeyPatch.context() as mp:
+        for attr, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
+            mp.setattr(TaskIdentity, attr, value)
+        yield
+
+
+@pytest.fixture()
+def in_a_run() -> Iterator[None]:
+    with flower_run_identity():
+        yield

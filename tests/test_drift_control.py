@@ -12,7 +12,7 @@ from remdr.server.strategy import build_strategy
 from replies import train_reply
 from site_app import app
 from test_federation_rounds import _context, _initial, _message
-from test_site_dp import ArrayRecord, _Grid, _in_a_run  # noqa: F401  (fixture)
+from test_site_dp import ArrayRecord, _Grid
 
 from remdr.errors import ConfigError
 from remdr.federation.run_config import run_config_defaults, split_run_config
@@ -61,7 +61,7 @@ def test_the_site_keeps_its_control_variate_and_sends_only_its_change(tiny_data)
     assert all(torch.allclose(new[k], kept[k] + delta2[k], atol=1e-6) for k in new)
 
 
-def test_the_coordinator_sends_c_and_folds_in_the_example_weighted_changes(_in_a_run):  # noqa: F811
+def test_the_coordinator_sends_c_and_folds_in_the_example_weighted_changes(in_a_run):
     _, fed = split_run_config({"drift-control": "scaffold", "min-nodes": 2, "node-wait": 0.0})
     strategy = build_strategy(fed, {"w": (4,)})
     g = {"w": np.zeros(4, np.float32)}
@@ -98,7 +98,7 @@ def test_the_coordinator_sends_c_and_folds_in_the_example_weighted_changes(_in_a
         (np.full(4, 1e9, np.float32), "exceeds max-update-norm"),
     ],
 )
-def test_a_bad_control_variate_rejects_the_reply_and_leaves_c(_in_a_run, delta, reason):  # noqa: F811
+def test_a_bad_control_variate_rejects_the_reply_and_leaves_c(in_a_run, delta, reason):
     _, fed = split_run_config({"drift-control": "scaffold", "min-nodes": 2, "node-wait": 0.0})
     strategy = build_strategy(fed, {"w": (4,)})
     g = {"w": np.zeros(4, np.float32)}
@@ -128,7 +128,7 @@ def test_server_control_ignores_state_of_unknown_parameters():
     assert set(control.c) == {"w"}
 
 
-def test_c_stays_finite_whatever_changes_the_sites_send(_in_a_run):  # noqa: F811
+def test_c_stays_finite_whatever_changes_the_sites_send(in_a_run):
     """Without a norm limit (max-update-norm 0) finite changes can still sum past float32:
     c then stays as it was, so no site is sent an infinite correction."""
     run = {"drift-control": "scaffold", "min-nodes": 2, "node-wait": 0.0, "max-update-norm": 0.0}

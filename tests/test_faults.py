@@ -12,7 +12,6 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, RecordDict
 from flwr.app import Metadata as FlwrMetadata
-from flwr.supercore.task_identity import TaskIdentity
 from remdr.client.fault_drill import FAULTS, corrupt_update, fault_for_round
 from remdr.server.grid import NODE_UNAVAILABLE, RetryingGrid
 from remdr.server.strategy import RemdrStrategy, RoundAborted, build_strategy
@@ -224,14 +223,7 @@ class _Federation:
         return ready
 
 
-@pytest.fixture()
-def _in_a_run(monkeypatch):
-    """What Flower's ServerApp runtime sets before `main` runs: new messages need a run id."""
-    for attr, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
-        monkeypatch.setattr(TaskIdentity, attr, value)
-
-
-def test_a_reconnecting_site_is_sent_its_message_again(_in_a_run):
+def test_a_reconnecting_site_is_sent_its_message_again(in_a_run):
     """Right after the ServerApp starts (a SuperLink restart) node 2 is unavailable and not
     listed: it is still reconnecting, so the grid waits until Flower lists it again and resends."""
     link = _Federation(listed=[[1], [1], [1, 2]], late=3)
@@ -242,7 +234,7 @@ def test_a_reconnecting_site_is_sent_its_message_again(_in_a_run):
     assert sorted(grid.dst_of_message[r.metadata.reply_to_message_id] for r in replies) == [1, 2]
 
 
-def test_a_site_that_left_is_reported_at_once(_in_a_run):
+def test_a_site_that_left_is_reported_at_once(in_a_run):
     """Later in the run, an unavailable node Flower no longer lists has left: no resend, no wait."""
     link = _Federation(listed=[[1]])
     grid = RetryingGrid(link, reconnect_window=0.0, poll=10.0)
@@ -254,7 +246,7 @@ def test_a_site_that_left_is_reported_at_once(_in_a_run):
     assert errors[0].error.code == NODE_UNAVAILABLE
 
 
-def test_a_site_that_does_not_come_back_within_the_window_is_reported(_in_a_run):
+def test_a_site_that_does_not_come_back_within_the_window_is_reported(in_a_run):
     link = _Federation(listed=[[1]])
     grid = RetryingGrid(link, reconnect_window=0.2, poll=0.01)
     replies = grid.send_and_receive([_request(2)], timeout=300)

@@ -14,6 +14,7 @@ import math
 
 import numpy as np
 import pytest
+from conftest import flower_run_identity
 from flwr.app import ConfigRecord, MetricRecord, RecordDict
 from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
@@ -42,12 +43,7 @@ def model() -> dict[str, np.ndarray]:
 
 @pytest.fixture(scope="module", autouse=True)
 def _in_a_run():
-    """What Flower's ServerApp runtime sets before `main` runs: new messages need a run id."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    with pytest.MonkeyPatch.context() as mp:
-        for attr, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
-            mp.setattr(TaskIdentity, attr, value)
+    with flower_run_identity():  # module scope: hypothesis runs many examples per test
         yield
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import flower_run_identity
 from flwr.app import ConfigRecord, MetricRecord, RecordDict
 from remdr.server.strategy import build_strategy
 from replies import Federation, Nodes, arrays, evaluate_reply, reply, train_reply
@@ -52,12 +53,7 @@ def site_reply(node: int, state: dict, site: str, **metric_values) -> object:
 
 @pytest.fixture(scope="module", autouse=True)
 def _in_a_run():
-    """What Flower's ServerApp runtime sets before `main` runs: new messages need a run id."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    with pytest.MonkeyPatch.context() as mp:
-        for attr, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
-            mp.setattr(TaskIdentity, attr, value)
+    with flower_run_identity():  # module scope: hypothesis runs many examples per test
         yield
 
 

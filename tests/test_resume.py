@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import ConfigRecord, Context, MessageType, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 from remdr.server.app import resume_point, resumed_strategy
 from remdr.server.site_dp import site_level_privacy
 from site_app import app
@@ -22,13 +21,6 @@ from test_site_dp import ArrayRecord, _Grid, _reply
 from remdr.errors import ConfigError
 from remdr.federation.run_config import split_run_config
 from remdr.federation.run_directory import RunDirectory
-
-
-@pytest.fixture()
-def _in_a_run(monkeypatch):
-    for attr, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
-        monkeypatch.setattr(TaskIdentity, attr, value)
-
 
 FEDADAM = {**RUN_CONFIG, "strategy": "fedadam", "min-nodes": 3, "node-wait": 0.0}
 SHAPES = {"w": (6, 5), "b": (5,)}
@@ -55,7 +47,7 @@ def _rounds(strategy, arrays: dict[str, np.ndarray], rounds: int) -> dict[str, n
     return arrays
 
 
-def test_fedadam_resume_continues_the_server_moments_exactly(_in_a_run, tmp_path):
+def test_fedadam_resume_continues_the_server_moments_exactly(in_a_run, tmp_path):
     """2 rounds, checkpoint, a fresh coordinator resumes, 1 round == 3 rounds uninterrupted."""
     _, fed = split_run_config(FEDADAM)
     start = {k: np.zeros(s, np.float32) for k, s in SHAPES.items()}
@@ -114,7 +106,7 @@ def test_resume_refuses_a_changed_training_config_in_one_line(tmp_path):
         resume_point(run, {**saved, "num-server-rounds": 1})
 
 
-def test_a_release_made_before_a_crash_is_counted_once_and_the_redo_too(_in_a_run, tmp_path):
+def test_a_release_made_before_a_crash_is_counted_once_and_the_redo_too(in_a_run, tmp_path):
     """Round 1 is aggregated and noised (and sent to the sites for evaluation), then the
     coordinator dies before the checkpoint; the resumed coordinator redoes round 1: two
     releases were made, two are accounted, each once."""

@@ -14,7 +14,6 @@ import pytest
 from flwr.app import Array, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.app import ArrayRecord as _ArrayRecord
 from flwr.app import Metadata as FlwrMetadata
-from flwr.supercore.task_identity import TaskIdentity
 from remdr.server.reply_metrics import aggregate_metrics
 from remdr.server.site_dp import site_level_privacy
 from remdr.server.strategy import build_strategy
@@ -29,13 +28,6 @@ def ArrayRecord(arrays: dict[str, np.ndarray]) -> _ArrayRecord:  # noqa: N802
 
 
 N = 100_000  # coordinates: the noise's standard deviation is measured to about 0.5 %
-
-
-@pytest.fixture()
-def _in_a_run(monkeypatch):
-    """What Flower's ServerApp runtime sets before `main` runs: new messages need a run id."""
-    for attr, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
-        monkeypatch.setattr(TaskIdentity, attr, value)
 
 
 class _Grid:
@@ -85,7 +77,7 @@ def _dp_round(kind: str, noise: float, clip: float = 1.0, mode: str = "fixed"):
 
 
 @pytest.mark.parametrize("kind", ["missing", "rejected"])
-def test_site_dp_noise_is_calibrated_to_the_cohort_not_to_who_replied(_in_a_run, kind, tmp_path):
+def test_site_dp_noise_is_calibrated_to_the_cohort_not_to_who_replied(in_a_run, kind, tmp_path):
     """Two of three sites aggregated: the release is (clipped sum)/3 + N(0, (zC/3)^2). One
     site's update moves it by C/3 and the noise is zC/3: multiplier z, as the report says."""
     z, clip = 0.05, 1.0
@@ -101,7 +93,7 @@ def test_site_dp_noise_is_calibrated_to_the_cohort_not_to_who_replied(_in_a_run,
     assert strategy.current["aggregated"] == ["A", "B"]
 
 
-def test_site_dp_release_is_journalled_and_accounted_as_made(_in_a_run, tmp_path):
+def test_site_dp_release_is_journalled_and_accounted_as_made(in_a_run, tmp_path):
     run = RunDirectory(tmp_path / "run")
     _, fed = split_run_config(
         {"min-nodes": 3, "node-wait": 0.0, "site-dp": "fixed", "group-norm": "true"}
@@ -118,7 +110,7 @@ def test_site_dp_release_is_journalled_and_accounted_as_made(_in_a_run, tmp_path
     assert site["epsilon"] == pytest.approx(epsilon_of([(1.0, 1.0, 1)], fed.site_dp_delta))
 
 
-def test_adaptive_clipping_noises_with_the_norm_it_clipped_to(_in_a_run):
+def test_adaptive_clipping_noises_with_the_norm_it_clipped_to(in_a_run):
     """Flower moves the adaptive norm before noising; every update here is clipped, so the norm
     shrinks, and the release must still carry noise for the norm the updates were clipped to."""
     z, clip = 0.1, 1.0

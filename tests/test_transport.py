@@ -15,7 +15,7 @@ from remdr.client.app import app as production
 from remdr.server.grid import UNREADABLE_REPLY, RetryingGrid
 from safetensors.numpy import save as save_safetensors
 from test_client_app import RUN_CONFIG, MessageType, _context, _initial, _message
-from test_faults import _in_a_run, _request  # noqa: F401  (_in_a_run is a fixture)
+from test_faults import _request
 
 from remdr.federation.run_config import split_run_config
 from remdr.federation.transport import (
@@ -146,7 +146,7 @@ class _Link:
         return ready
 
 
-def test_the_grid_sends_packed_and_names_a_site_whose_reply_is_unreadable(_in_a_run):  # noqa: F811
+def test_the_grid_sends_packed_and_names_a_site_whose_reply_is_unreadable(in_a_run):
     link = _Link()
     grid = RetryingGrid(link, reply_poll=0.01)
     requests = [_request(1), _request(2)]

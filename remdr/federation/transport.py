@@ -5,8 +5,9 @@ ServerApp to SuperLink, SuperLink to SuperNode, SuperNode to ClientApp, and back
 pulls them one request at a time: for the tiny model's 206 tensors a 3 MB reply took 8-10 s,
 against 0.3 s for a reply without arrays. One blob per record is a few objects per hop. The
 blob is safetensors (no code runs on load, offsets are checked); the order of the names and the
-exact shapes (safetensors keeps neither order nor a 0-d shape) travel in its metadata. Bad bytes raise `TransportError`, a one-line
-reason, so a hostile party's blob is refused and named, never a traceback.
+exact shapes (safetensors keeps neither order nor a 0-d shape) travel in its metadata. Bad bytes
+raise `TransportError`, a one-line reason, so a hostile party's blob is refused and named, never
+a traceback.
 """
 
 from __future__ import annotations
