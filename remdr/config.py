@@ -18,7 +18,7 @@ from typing import Any
 
 from remdr.errors import ConfigError, Problems
 from remdr.method_config import ENSEMBLE_INVERSE_MSE, MethodConfig
-from remdr.registry import list_methods
+from remdr.registry import get_spec, list_methods
 from remdr.settings import (
     FRACTION,
     HELD_OUT,
@@ -148,6 +148,15 @@ class ModelConfig:
     embed_dim: int = setting(64, "d: size of z_o and z_f", low=2)
     fusion_hidden: int = setting(64, "hidden width of the fusion MLP", low=1)
     dropout: float = setting(0.1, "dropout probability", **FRACTION)
+    # off by default: it lets the GroupNorm fundus branch learn, but federated it was better on the
+    # suite's median and worse on its worst case (docs/federation.md, "Weight standardisation")
+    weight_standardise: str = setting(
+        "none",
+        "branches whose conv kernels are standardised per output channel (Qiao et al. 2019), "
+        "which lets a GroupNorm encoder learn at small batches: none, fundus, oct or both "
+        "(not with a private method)",
+        choices=("none", "fundus", "oct", "both"),
+    )
     # off: in the federation it cost complete eyes 10-30% (docs/federation.md, "Incomplete sites"); an eye
     # with one image is predicted by that modality's head instead
     modality_dropout: float = setting(
@@ -355,6 +364,13 @@ def validate(
             f"ensemble-oct-weight={w:g}",
             "a weight is in [0, 1], and -1 asks for inverse-MSE weights",
             "e.g. ensemble-oct-weight=0.5, or -1",
+        )
+    ws, method = cfg.model.weight_standardise, cfg.train.method
+    if not bad & {"weight-standardise", "method"} and ws != "none" and get_spec(method).private:
+        p.add(
+            f"weight-standardise={ws} with the private method {method}",
+            "DP-SGD's per-sample gradients are computed for plain conv kernels",
+            "weight-standardise=none",
         )
     if problems is None:
         p.raise_if_any(ConfigError)

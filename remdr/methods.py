@@ -67,6 +67,7 @@ from remdr.optim import DriftControl, HeadProjector, LossDecay, ModalityScores, 
 from remdr.registry import MODALITIES, MethodSpec, get_spec
 from remdr.regression_losses import bmc_loss, conr_loss, ranksim_loss
 from remdr.update_rules import Terms, run_step, shapley_prediction, total, unwrapped
+from remdr.weight_standardisation import standardise_convs
 
 
 def create_method(name: str, cfg: MethodConfig | None = None) -> Method:
@@ -174,6 +175,9 @@ class Method:
             self.projector = HeadProjector(model_cfg.embed_dim)
         if self.spec.private:  # its random draws come from OS entropy, not the seeded torch RNG
             model.modality_dropout = 0.0
+        for name, branch in model.branches.items():  # refused for private methods (config)
+            if model_cfg.weight_standardise in (name, "both"):
+                standardise_convs(branch)
         if self.spec.private or group_norm:
             from remdr.privacy import make_dp_ready
 

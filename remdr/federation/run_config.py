@@ -28,14 +28,13 @@ from remdr.settings import (
 )
 
 # Where federated training's defaults differ from centralized training's (docs/federation.md has
-# the measurements): the method is Re-M3Dr; sites take plain SGD steps (no momentum) at lr 0.01,
-# which add up across sites the way the pooled gradient does, where AdamW's per-site normalised
-# steps cancelled under label skew (a 5-site alpha = 0.3 mix learned nothing: R^2 0.00); small
-# batches; GroupNorm instead of BatchNorm (running statistics averaged across label-skewed sites
-# misfit the averaged weights); a constant learning rate (the rounds are still far from
-# converged when a decay would start). With FedConfig's auto local-steps and drift-control,
-# every site takes the same number of steps per round, corrected by SCAFFOLD. A run config that
-# sets any of these keys wins; a private method keeps DP-SGD's recipe (docs/privacy.md).
+# the measurements): the method is Re-M3Dr; AdamW at lr 0.001 (plain SGD, with or without
+# SCAFFOLD, stayed at the label variance on the suite); small batches; GroupNorm instead of
+# BatchNorm (running statistics averaged across label-skewed sites misfit the averaged weights);
+# a constant learning rate (the rounds are still far from converged when a decay would start).
+# With FedConfig's auto local-steps every site takes the same few steps per round, so a big site
+# cannot pull the model to its labels while a small one takes four. A run config that sets any
+# of these keys wins; a private method keeps DP-SGD's recipe (docs/privacy.md).
 # The OCT view is fixed for a federation: the server builds the model before any site's data
 # is seen, so "auto" cannot be resolved there.
 FEDERATED_DEFAULTS = {
