@@ -43,7 +43,7 @@ OPTIMIZERS = ("adamw", "sgd")
 GRAD_SAMPLE_MODES = ("auto", "hooks", "ew")
 DEVICE_PATTERN = r"auto|cpu|mps|cuda(:[0-9]+)?"
 SEED_MAX = 2**32 - 1  # NumPy's legacy seeding takes 32 bits
-SYNTHETIC_REGIMES = ("default", "conflict")  # remdr.data.synthetic.REGIMES, by name
+SYNTHETIC_REGIMES = ("default", "conflict", "shortcut")  # remdr.data.synthetic.REGIMES, by name
 
 
 class TimmNames(Collection[str]):
@@ -118,8 +118,9 @@ class DataConfig:
     )
     synthetic_regime: str = setting(
         "default",
-        "the embedded synthetic data, when no --data is given: default, or conflict (naive "
-        "fusion loses to one modality; docs/method.md)",
+        "the embedded synthetic data, when no --data is given: default; conflict (an OCT floor "
+        "and a referral confound); or shortcut (a referral clinic's camera look that an external "
+        "test clinic shares: naive fusion loses to OCT alone; docs/method.md)",
         choices=SYNTHETIC_REGIMES,
     )
 

@@ -28,8 +28,11 @@ Generative model (all draws from one ``numpy.random.Generator(seed)``):
   and offset for both modalities and its own speckle level.
 
 ``regime="conflict"`` (``SyntheticSpec.regime``; the default regime's files are unchanged, bit
-for bit) changes the generator into the coupled imbalance Re-M3Dr diagnoses, where naive fusion
-is worse than the best single modality; `CONFLICT` below lists each change and why.
+for bit) changes the generator into the coupled imbalance Re-M3Dr diagnoses (measured: naive
+fusion still beats each single modality there); `CONFLICT` below lists each change and why.
+``regime="shortcut"`` adds what that lacks, a confound whose mix differs between training and
+test: glaucoma is referred to site 0, whose fundus camera has its own look, and the set ships
+``train/ val/ test/`` folders whose test eyes come from an external clinic with that camera.
 
 CLI: ``python -m remdr.data.synthetic --out DIR --n 1200 --size 64 --seed 0``.
 """
@@ -38,8 +41,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -60,6 +65,9 @@ class Regime:
     md_tipping: float = 0.0  # structural damage s below which the visual field stays normal
     cdr_sd: float = 0.04  # anatomical spread of the cup-to-disc ratio around its severity value
     fundus_noise: float = 8.0  # pixel noise of the fundus image (grey levels)
+    camera_shift: float = 0.0  # grey levels site 0's fundus camera adds: a look that marks it
+    external_test: float = 0.0  # share of patients seen at an external clinic: the test split
+    referral_threshold: float = 0.0  # patients above this severity are seen at site 0, only they
 
 
 # The coupled imbalance of Re-M3Dr's diagnosis (docs/method.md, "The conflict regime"):
@@ -71,7 +79,15 @@ CONFLICT = Regime(
     cdr_sd=0.05,
     fundus_noise=10.0,  # the fundus keeps informing in severe eyes but is slower to read
 )
-REGIMES = {"default": Regime(), "conflict": CONFLICT}
+# A confound whose mix differs between training and test (docs/method.md, "The shortcut regime"):
+SHORTCUT = Regime(
+    referral_threshold=0.16,  # glaucoma past about -4 dB is referred to site 0, a tertiary clinic
+    camera_shift=40.0,  # whose fundus camera model has its own, brighter look
+    cdr_sd=0.05,  # the fundus keeps informing in severe eyes, where the OCT floors
+    fundus_noise=10.0,
+    external_test=0.2,  # tested at an external screening clinic that uses site 0's camera model
+)
+REGIMES = {"default": Regime(), "conflict": CONFLICT, "shortcut": SHORTCUT}
 
 
 @dataclass
@@ -86,11 +102,15 @@ class SyntheticSpec:
 
     def describe(self) -> dict:
         """The spec as saved and compared: the default regime is left out, so the default
-        data's metadata (and every cache of it) is what it was before regimes existed."""
+        data's metadata (and every cache of it) is what it was before regimes existed; another
+        regime is saved with its parameters, so a cache made by an older version of it is
+        regenerated rather than reused."""
         d = asdict(self)
         if self.regime == "default":
             d.pop("regime")
-        return d
+        elif self.regime in REGIMES:
+            d["regime_parameters"] = asdict(REGIMES[self.regime])
+        return json.loads(json.dumps(d))  # as read back from synthetic.json (tuples as lists)
 
 
 @dataclass
@@ -169,6 +189,7 @@ def _fundus(
     site: _Site,
     rng: np.random.Generator,
     regime: Regime = REGIMES["default"],
+    camera: float = 0.0,
 ) -> np.ndarray:
     """SLO fundus, (S, S) uint8, with a cup-to-disc ratio that grows linearly with severity."""
     cdr = np.clip(0.25 + 0.6 * s + rng.normal(0, regime.cdr_sd), 0.1, 0.95)
@@ -188,9 +209,25 @@ def _fundus(
         ok = (vx >= 0) & (vx < size) & (vy >= 0) & (vy < size)
         img[vy[ok].astype(int), vx[ok].astype(int)] -= 40.0
     img = (
-        img * site.fundus_gain + site.fundus_offset + rng.normal(0, regime.fundus_noise, img.shape)
+        img * site.fundus_gain
+        + site.fundus_offset
+        + camera
+        + rng.normal(0, regime.fundus_noise, img.shape)
     )
     return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def _own_splits(n_patients: int, regime: Regime, rng: np.random.Generator) -> np.ndarray | None:
+    """Each patient's split when the regime tests at an external clinic, else None."""
+    if regime.external_test <= 0:
+        return None
+    n_test = max(1, round(regime.external_test * n_patients))
+    split = np.full(n_patients, "train", dtype=object)
+    split[n_patients - n_test :] = "test"
+    internal = n_patients - n_test
+    val = rng.random(internal) < 0.15 / (1.0 - regime.external_test)  # 15% of all, as by default
+    split[:internal][val] = "val"
+    return split
 
 
 def generate(out: Path | str, spec: SyntheticSpec | None = None) -> dict:
@@ -201,6 +238,9 @@ def generate(out: Path | str, spec: SyntheticSpec | None = None) -> dict:
     regime = REGIMES[spec.regime]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    if (out / "synthetic.json").exists():  # an older synthetic set here: none of its eyes stay
+        for stale in [*out.glob("data_*.npz"), *out.glob("*/data_*.npz")]:
+            stale.unlink()
     rng = np.random.default_rng(spec.seed)
     sites = _site_shifts(spec.n_sites, rng)
     n_patients = (spec.n + 1) // 2
@@ -209,6 +249,18 @@ def generate(out: Path | str, spec: SyntheticSpec | None = None) -> dict:
     if regime.severe_clinic > 0:  # drawn only in that regime: the default's draws are unchanged
         referred = rng.random(n_patients) < regime.severe_clinic * patient_s
         patient_site = np.where(referred, 0, patient_site)
+    if regime.referral_threshold > 0:
+        others = rng.integers(1, spec.n_sites, n_patients)
+        patient_site = np.where(patient_s > regime.referral_threshold, 0, others)
+    split_of = _own_splits(n_patients, regime, rng)
+    if split_of is not None:  # the external clinic: its own OCT device, site 0's camera model
+        external = _site_shifts(1, rng)[0]
+        sites.append(
+            replace(
+                external, fundus_gain=sites[0].fundus_gain, fundus_offset=sites[0].fundus_offset
+            )
+        )
+        patient_site = np.where(split_of == "test", spec.n_sites, patient_site)
     mds = []
     for i in range(spec.n):
         p = i // 2
@@ -223,10 +275,13 @@ def generate(out: Path | str, spec: SyntheticSpec | None = None) -> dict:
         if regime.oct_artifact_rate > 0 and rng.random() < regime.oct_artifact_rate * s:
             s_oct = float(rng.uniform(0.0, 0.1))  # an artifact band that reads near-normal
         rnflt = _rnflt_map(s_oct, spec.size, rng, regime, bias)
+        folder = out if split_of is None else out / str(split_of[p])
+        folder.mkdir(exist_ok=True)
+        camera = regime.camera_shift if patient_site[p] in (0, spec.n_sites) else 0.0
         np.savez_compressed(
-            out / f"data_{i + 1:05d}.npz",
+            folder / f"data_{i + 1:05d}.npz",
             oct_bscans=_bscans(rnflt, spec.depth, site, rng),
-            slo_fundus=_fundus(s, spec.size, site, rng, regime),
+            slo_fundus=_fundus(s, spec.size, site, rng, regime, camera),
             rnflt=rnflt,
             md=np.float32(md),
             age=np.float32(np.clip(50 + 20 * s + rng.normal(0, 10), 20, 90)),
@@ -258,15 +313,33 @@ def ensure(out: Path | str, spec: SyntheticSpec | None = None) -> Path:
     """Generate into ``out`` unless a complete set with the same spec is already there."""
     spec = spec or SyntheticSpec()
     out = Path(out)
-    meta_file = out / "synthetic.json"
-    if meta_file.exists():
-        try:
-            if json.loads(meta_file.read_text()).get("spec") == spec.describe():
-                return out
-        except json.JSONDecodeError:
-            pass
-    generate(out, spec)
+    if _holds(out, spec):
+        return out
+    # Written beside and swapped in whole, so a second process that finds the folder never
+    # reads a half-written set, and one that generates at the same time cannot mix the two.
+    fresh = out.parent / f".{out.name}.{os.getpid()}.tmp"
+    shutil.rmtree(fresh, ignore_errors=True)
+    generate(fresh, spec)
+    if _holds(out, spec):  # another process finished first
+        shutil.rmtree(fresh, ignore_errors=True)
+        return out
+    stale = out.parent / f".{out.name}.{os.getpid()}.old"
+    if out.exists():
+        out.rename(stale)
+    try:
+        fresh.rename(out)
+    except OSError:  # another process swapped its set in between
+        shutil.rmtree(fresh, ignore_errors=True)
+    shutil.rmtree(stale, ignore_errors=True)
     return out
+
+
+def _holds(out: Path, spec: SyntheticSpec) -> bool:
+    """Whether ``out`` holds a complete set of this spec (the metadata is written last)."""
+    try:
+        return json.loads((out / "synthetic.json").read_text()).get("spec") == spec.describe()
+    except (OSError, json.JSONDecodeError):
+        return False
 
 
 def main(argv: list[str] | None = None) -> int:
