@@ -37,8 +37,6 @@ def test_the_data_brings_its_own_split_and_the_test_eyes_are_an_external_clinic(
     assert 0.15 * n <= len(splits["test"]) <= 0.25 * n and len(splits["val"]) >= 0.08 * n
     assert {r[1] for r in rows if r[0] == "test"} == {SPEC.n_sites}  # a clinic never trained on
     assert {r[1] for r in rows if r[0] != "test"} == set(range(SPEC.n_sites))
-    patients = {s: {r.patient_id for r in v} for s, v in splits.items()}
-    assert not patients["train"] & patients["val"] and not patients["train"] & patients["test"]
 
 
 def test_the_referral_clinic_sees_only_glaucoma_and_the_test_clinic_a_screening_mix(shortcut_eyes):
@@ -81,3 +79,17 @@ def test_the_default_regime_keeps_a_flat_folder_without_its_own_split(tmp_path):
     generate(tmp_path, SyntheticSpec(n=6, size=16, depth=1))
     assert len(list(tmp_path.glob("data_*.npz"))) == 6
     assert not [p for p in tmp_path.iterdir() if p.is_dir()]
+
+
+def test_a_flat_set_written_over_a_split_one_is_what_the_loader_reads(tmp_path):
+    generate(tmp_path, SyntheticSpec(n=12, size=16, depth=1, regime="shortcut"))
+    generate(tmp_path, SyntheticSpec(n=10, size=16, depth=1))
+    assert len(load_dataset(tmp_path, quiet=True).records) == 10
+
+
+def test_the_shortcut_regime_with_one_site_is_refused_in_one_line(tmp_path, capsys):
+    from remdr.data.synthetic import main
+
+    assert main(["--out", str(tmp_path), "--n-sites", "1", "--regime", "shortcut"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: the shortcut regime refers patients between sites: n_sites >= 2"]

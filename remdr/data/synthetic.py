@@ -41,15 +41,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import sys
+import tempfile
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
 RACES = ("Asian", "Black", "White")
+SPLIT_FOLDERS = ("train", "val", "test")  # the Harvard layout's own splits
 
 
 @dataclass(frozen=True)
@@ -236,11 +237,16 @@ def generate(out: Path | str, spec: SyntheticSpec | None = None) -> dict:
     if spec.regime not in REGIMES:
         raise ValueError(f"unknown synthetic regime {spec.regime!r}: one of {', '.join(REGIMES)}")
     regime = REGIMES[spec.regime]
+    if regime.referral_threshold > 0 and spec.n_sites < 2:
+        raise ValueError(f"the {spec.regime} regime refers patients between sites: n_sites >= 2")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if (out / "synthetic.json").exists():  # an older synthetic set here: none of its eyes stay
         for stale in [*out.glob("data_*.npz"), *out.glob("*/data_*.npz")]:
             stale.unlink()
+        for split in SPLIT_FOLDERS:  # emptied split folders would hide a flat set from the loader
+            if (out / split).is_dir() and not any((out / split).iterdir()):
+                (out / split).rmdir()
     rng = np.random.default_rng(spec.seed)
     sites = _site_shifts(spec.n_sites, rng)
     n_patients = (spec.n + 1) // 2
@@ -317,20 +323,22 @@ def ensure(out: Path | str, spec: SyntheticSpec | None = None) -> Path:
         return out
     # Written beside and swapped in whole, so a second process that finds the folder never
     # reads a half-written set, and one that generates at the same time cannot mix the two.
-    fresh = out.parent / f".{out.name}.{os.getpid()}.tmp"
-    shutil.rmtree(fresh, ignore_errors=True)
-    generate(fresh, spec)
-    if _holds(out, spec):  # another process finished first
-        shutil.rmtree(fresh, ignore_errors=True)
-        return out
-    stale = out.parent / f".{out.name}.{os.getpid()}.old"
-    if out.exists():
-        out.rename(stale)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fresh = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    stale = fresh.with_suffix(".old")
     try:
-        fresh.rename(out)
-    except OSError:  # another process swapped its set in between
+        generate(fresh, spec)
+        if not _holds(out, spec):  # else another process finished first: keep its set
+            if out.exists():
+                out.rename(stale)
+            try:
+                fresh.rename(out)
+            except OSError:  # another process swapped its set in between
+                if not _holds(out, spec):
+                    raise
+    finally:
         shutil.rmtree(fresh, ignore_errors=True)
-    shutil.rmtree(stale, ignore_errors=True)
+        shutil.rmtree(stale, ignore_errors=True)
     return out
 
 
@@ -357,7 +365,11 @@ def main(argv: list[str] | None = None) -> int:
     if spec.n < 2 or spec.size < 16 or spec.depth < 1 or spec.n_sites < 1:  # fmt: skip
         print("error: need --n >= 2, --size >= 16, --depth >= 1, --n-sites >= 1", file=sys.stderr)
         return 2
-    meta = generate(args.out, spec)
+    try:
+        meta = generate(args.out, spec)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(
         f"wrote {spec.n} eyes to {args.out}: {meta['severity_counts']}, MD variance {meta['md_var']:.1f} dB^2"
     )
