@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from remdr.data import load_dataset
-from remdr.data.splits import split_records
+from remdr.data.splits import SPLITS, split_records
 from remdr.data.synthetic import REGIMES, SyntheticSpec, ensure, generate
 
 SPEC = SyntheticSpec(n=240, size=32, depth=2, regime="shortcut")
@@ -19,7 +19,7 @@ def shortcut_eyes(tmp_path_factory):
     folder = tmp_path_factory.mktemp("shortcut")
     generate(folder, SPEC)
     rows = []
-    for split in ("train", "val", "test"):
+    for split in SPLITS:
         for f in sorted((folder / split).glob("data_*.npz")):
             with np.load(f) as z:
                 rows.append((split, int(z["site"]), float(z["md"]), float(z["slo_fundus"].mean())))
@@ -31,7 +31,7 @@ def test_the_data_brings_its_own_split_and_the_test_eyes_are_an_external_clinic(
     records = load_dataset(folder, quiet=True).records
     splits = split_records(records, val_fraction=0.3, test_fraction=0.3, seed=1)
     assert {s: len(v) for s, v in splits.items()} == {
-        s: sum(r[0] == s for r in rows) for s in ("train", "val", "test")
+        s: sum(r[0] == s for r in rows) for s in SPLITS
     }
     n = len(rows)
     assert 0.15 * n <= len(splits["test"]) <= 0.25 * n and len(splits["val"]) >= 0.08 * n

@@ -71,8 +71,9 @@ def test_a_private_method_refuses_it_in_one_line(tiny_cfg):
 @pytest.mark.slow  # 12 epochs on 600 eyes (about 20 s on one core)
 def test_weight_standardisation_trains_the_federated_fundus_encoder_off_the_mean(tmp_path):
     """Under the federation's recipe (GroupNorm, AdamW 1e-3, batch 8, constant lr) the fundus
-    encoder predicts the mean (R² 0.00 here); with its convs weight-standardised it learns. Measured at this size: R² 0.30, 0.43 and 0.14
-    at seeds 0, 1 and 2 (0.00 without); the floor is half the lowest."""
+    encoder predicts the mean (R² 0.00 here); with its convs weight-standardised it learns.
+    Measured at this size: R² 0.30, 0.43 and 0.14 at seeds 0, 1 and 2 (0.00 without); the floor
+    is half the lowest."""
     from remdr.data.synthetic import SyntheticSpec, generate
     from remdr.experiment import load_splits, train_and_test
     from remdr.federation.run_config import FEDERATED_DEFAULTS

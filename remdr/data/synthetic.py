@@ -49,8 +49,9 @@ from pathlib import Path
 
 import numpy as np
 
+from remdr.data.splits import SPLITS  # the Harvard layout's own split folders
+
 RACES = ("Asian", "Black", "White")
-SPLIT_FOLDERS = ("train", "val", "test")  # the Harvard layout's own splits
 
 
 @dataclass(frozen=True)
@@ -121,6 +122,7 @@ class _Site:
     speckle_shape: float
     fundus_gain: float
     fundus_offset: float
+    fundus_camera: float = 0.0  # grey levels a camera model adds (the shortcut regime's look)
 
 
 def _site_shifts(n_sites: int, rng: np.random.Generator) -> list[_Site]:
@@ -190,7 +192,6 @@ def _fundus(
     site: _Site,
     rng: np.random.Generator,
     regime: Regime = REGIMES["default"],
-    camera: float = 0.0,
 ) -> np.ndarray:
     """SLO fundus, (S, S) uint8, with a cup-to-disc ratio that grows linearly with severity."""
     cdr = np.clip(0.25 + 0.6 * s + rng.normal(0, regime.cdr_sd), 0.1, 0.95)
@@ -212,7 +213,7 @@ def _fundus(
     img = (
         img * site.fundus_gain
         + site.fundus_offset
-        + camera
+        + site.fundus_camera
         + rng.normal(0, regime.fundus_noise, img.shape)
     )
     return np.clip(img, 0, 255).astype(np.uint8)
@@ -244,11 +245,13 @@ def generate(out: Path | str, spec: SyntheticSpec | None = None) -> dict:
     if (out / "synthetic.json").exists():  # an older synthetic set here: none of its eyes stay
         for stale in [*out.glob("data_*.npz"), *out.glob("*/data_*.npz")]:
             stale.unlink()
-        for split in SPLIT_FOLDERS:  # emptied split folders would hide a flat set from the loader
+        for split in SPLITS:  # emptied split folders would hide a flat set from the loader
             if (out / split).is_dir() and not any((out / split).iterdir()):
                 (out / split).rmdir()
     rng = np.random.default_rng(spec.seed)
     sites = _site_shifts(spec.n_sites, rng)
+    if regime.camera_shift:  # site 0's camera model: its look is part of its device shift
+        sites[0] = replace(sites[0], fundus_camera=regime.camera_shift)
     n_patients = (spec.n + 1) // 2
     patient_s = rng.beta(*regime.severity_beta, n_patients)
     patient_site = rng.integers(0, spec.n_sites, n_patients)
@@ -263,10 +266,15 @@ def generate(out: Path | str, spec: SyntheticSpec | None = None) -> dict:
         external = _site_shifts(1, rng)[0]
         sites.append(
             replace(
-                external, fundus_gain=sites[0].fundus_gain, fundus_offset=sites[0].fundus_offset
+                external,
+                fundus_gain=sites[0].fundus_gain,
+                fundus_offset=sites[0].fundus_offset,
+                fundus_camera=sites[0].fundus_camera,
             )
         )
         patient_site = np.where(split_of == "test", spec.n_sites, patient_site)
+        for split in SPLITS:
+            (out / split).mkdir(exist_ok=True)
     mds = []
     for i in range(spec.n):
         p = i // 2
@@ -282,12 +290,10 @@ def generate(out: Path | str, spec: SyntheticSpec | None = None) -> dict:
             s_oct = float(rng.uniform(0.0, 0.1))  # an artifact band that reads near-normal
         rnflt = _rnflt_map(s_oct, spec.size, rng, regime, bias)
         folder = out if split_of is None else out / str(split_of[p])
-        folder.mkdir(exist_ok=True)
-        camera = regime.camera_shift if patient_site[p] in (0, spec.n_sites) else 0.0
         np.savez_compressed(
             folder / f"data_{i + 1:05d}.npz",
             oct_bscans=_bscans(rnflt, spec.depth, site, rng),
-            slo_fundus=_fundus(s, spec.size, site, rng, regime, camera),
+            slo_fundus=_fundus(s, spec.size, site, rng, regime),
             rnflt=rnflt,
             md=np.float32(md),
             age=np.float32(np.clip(50 + 20 * s + rng.normal(0, 10), 20, 90)),
