@@ -37,13 +37,18 @@ BUNDLE_REFUSED = 1004
 
 
 def _handle(kind: str, msg: Message, context: Context) -> Message:
-    reply = _reply(kind, msg, context)
+    return packed(site_reply(kind, msg, context))
+
+
+def packed(reply: Message) -> Message:
+    """`reply` as it crosses the link: each model record one blob (an error as it is)."""
     if not reply.has_error():
         reply.content = pack_records(reply.content)
     return reply
 
 
-def _reply(kind: str, msg: Message, context: Context) -> Message:
+def site_reply(kind: str, msg: Message, context: Context) -> Message:
+    """The site's reply to a train or evaluate message, records not yet packed."""
     site = context.node_config.get("site-id", f"node-{context.node_id}")
     problem = bundle_problem(context.node_config, sys.path)
     if problem is not None:

@@ -18,9 +18,7 @@ import os
 import torch  # noqa: F401  Flower's to_torch_state_dict needs torch already imported
 from flwr.app import ArrayRecord, Context, Message
 from flwr.clientapp import ClientApp
-from remdr.client.app import evaluate, train
-
-from remdr.federation.transport import pack_records, unpack_records
+from remdr.client.app import evaluate, packed, site_reply
 
 log = logging.getLogger(__name__)
 app = ClientApp()
@@ -56,18 +54,16 @@ def fault_for_round(spec: str, server_round: int) -> str | None:
 
 @app.train()
 def train_with_fault(msg: Message, context: Context) -> Message:
-    reply = train(msg, context)
+    reply = site_reply("train", msg, context)
     kind = fault_for_round(
         os.environ.get(FAULT_ENV, ""), int(msg.content["config"].get("server-round", 1))
     )
     if kind and not reply.has_error():
         site = reply.content["site"]["site-id"]
         log.warning("site %s: fault drill, sending a '%s' update", site, kind)
-        content = unpack_records(reply.content)  # the production app sent it packed
-        state = content["arrays"].to_torch_state_dict()
-        content["arrays"] = ArrayRecord(corrupt_update(state, kind))
-        reply.content = pack_records(content)
-    return reply
+        state = reply.content["arrays"].to_torch_state_dict()
+        reply.content["arrays"] = ArrayRecord(corrupt_update(state, kind))
+    return packed(reply)
 
 
 app.evaluate()(evaluate)  # evaluation is never drilled: the production handler

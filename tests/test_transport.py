@@ -90,13 +90,32 @@ GOOD = pack({"w": W})
         (_blob({"w": W}, [["w", [2, 3]], ["w", [6]]]), "twice"),
         (_blob({"w": W}, [["w", [4, 3]]]), "does not fit its data"),
         (_blob({"w": W}, [["w", [-2, -3]]]), "names with shapes"),
-        (_blob({"w": W}, {"w": [2, 3]}), "no readable name list"),
+        (_blob({"w": W}, {"w": [2, 3]}), "names with shapes"),
+        (_blob({"w": W}, [["w", [2.0, 3]]]), "names with shapes"),
+        (_blob({"w": W}, [["w", [True, 3]]]), "names with shapes"),
+        (_blob({"w": W}, [[7, [2, 3]]]), "names with shapes"),
+        (_blob({"w": W}, [["w", [2, 3], "x"]]), "names with shapes"),
+        (_blob({"w": W}, [["w", "23"]]), "names with shapes"),
     ],
 )
 def test_a_bad_blob_is_refused_with_a_reason(blob, reason):
     with pytest.raises(TransportError, match=reason) as err:
         unpack(blob)
     assert "\n" not in str(err.value)
+
+
+def test_the_fault_drill_sends_its_bad_update_packed_once(tiny_data, monkeypatch):
+    from remdr.client.fault_drill import FAULT_ENV
+    from remdr.client.fault_drill import app as drill
+
+    monkeypatch.setenv(FAULT_ENV, "nan")
+    msg = _message(MessageType.TRAIN, _initial(RUN_CONFIG), {"server-round": 1})
+    msg.content = pack_records(msg.content)
+    reply = drill(msg, _context(tiny_data, RUN_CONFIG))
+    assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
+    assert list(reply.content["arrays"].keys()) == [PACKED]
+    sent = unpack_records(reply.content)["arrays"]
+    assert not all(np.isfinite(a.numpy()).all() for a in sent.values())
 
 
 def test_a_record_mixing_a_blob_with_arrays_is_refused():

@@ -69,18 +69,26 @@ def _layout(data: bytes) -> dict[str, tuple[int, ...]]:
     try:
         header = json.loads(data[8 : 8 + size])
         pairs = json.loads(header["__metadata__"][_ORDER])
-        layout = {str(k): tuple(int(n) for n in shape) for k, shape in pairs}
-        well_formed = all(
-            isinstance(k, str) and isinstance(s, list) and all(type(n) is int and n >= 0 for n in s)
-            for k, s in pairs
-        )
     except (ValueError, KeyError, TypeError):
         raise TransportError("a packed record has no readable name list") from None
-    if not well_formed:
+    if not (isinstance(pairs, list) and all(_is_name_and_shape(p) for p in pairs)):
         raise TransportError("a packed record's name list is not names with shapes")
+    layout = {name: tuple(shape) for name, shape in pairs}
     if len(layout) != len(pairs):
         raise TransportError("a packed record names an array twice")
     return layout
+
+
+def _is_name_and_shape(pair: object) -> bool:
+    """`[name, [n, ...]]` with a string name and non-negative integer sizes (bool is no size)."""
+    if not (isinstance(pair, list) and len(pair) == 2):
+        return False
+    name, shape = pair
+    return (
+        isinstance(name, str)
+        and isinstance(shape, list)
+        and all(type(n) is int and n >= 0 for n in shape)
+    )
 
 
 def pack_records(content):
