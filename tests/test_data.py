@@ -202,7 +202,8 @@ def test_the_generator_command_runs_clean_and_its_set_loads(tmp_path):
 
     out = tmp_path / "siteA"
     cmd = [sys.executable, "-W", "error", "-m", "remdr.data.synthetic", "--out", str(out)]
-    done = subprocess.run([*cmd, "--n", "12", "--seed", "1"], capture_output=True, text=True)
+    args = [*cmd, "--n", "12", "--seed", "1"]
+    done = subprocess.run(args, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and done.stderr == "", done.stderr
     assert "wrote 12 eyes" in done.stdout
     assert len(load_dataset(out, DataConfig()).records) == 12

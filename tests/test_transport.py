@@ -68,7 +68,7 @@ def test_each_array_record_travels_as_one_array_and_other_records_unchanged():
 
 
 def _blob(tensors: dict, order) -> np.ndarray:
-    meta = {"remdr-order": json.dumps(order)}
+    meta = {"remdr-order": order if isinstance(order, str) else json.dumps(order)}
     return np.frombuffer(save_safetensors(tensors, metadata=meta), dtype=np.uint8)
 
 
@@ -96,6 +96,10 @@ GOOD = pack({"w": W})
         (_blob({"w": W}, [[7, [2, 3]]]), "names with shapes"),
         (_blob({"w": W}, [["w", [2, 3], "x"]]), "names with shapes"),
         (_blob({"w": W}, [["w", "23"]]), "names with shapes"),
+        (_blob({"w": W}, [["w", [6] + [1] * 64]]), "names with shapes"),
+        (_blob({"w": W}, '[["w", [1e400]]]'), "names with shapes"),
+        (_blob({"e": np.zeros(0, np.float32)}, [["e", [2**32, 2**32]]]), "does not fit"),
+        (_blob({"e": np.zeros(0, np.float32)}, [["e", [0, 2**63]]]), "does not fit"),
     ],
 )
 def test_a_bad_blob_is_refused_with_a_reason(blob, reason):
@@ -108,10 +112,23 @@ def test_the_fault_drill_sends_its_bad_update_packed_once(tiny_data, monkeypatch
     from remdr.client.fault_drill import FAULT_ENV
     from remdr.client.fault_drill import app as drill
 
+    from remdr.federation import transport
+
     monkeypatch.setenv(FAULT_ENV, "nan")
     msg = _message(MessageType.TRAIN, _initial(RUN_CONFIG), {"server-round": 1})
     msg.content = pack_records(msg.content)
+    calls = {"pack": 0, "unpack": 0}
+    for name in calls:
+        real = getattr(transport, name)
+
+        def counted(*args, _real=real, _name=name):
+            calls[_name] += 1
+            return _real(*args)
+
+        monkeypatch.setattr(transport, name, counted)
     reply = drill(msg, _context(tiny_data, RUN_CONFIG))
+    monkeypatch.undo()
+    assert calls == {"pack": 1, "unpack": 1}  # the model in, the bad update out
     assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
     assert list(reply.content["arrays"].keys()) == [PACKED]
     sent = unpack_records(reply.content)["arrays"]

@@ -13,6 +13,7 @@ a traceback.
 from __future__ import annotations
 
 import json
+import math
 import struct
 from collections import OrderedDict
 
@@ -23,6 +24,7 @@ from safetensors.numpy import save as save_safetensors
 PACKED = "remdr.packed.safetensors"  # the one name of a packed record's one array
 _ORDER = "remdr-order"
 MAX_HEADER = 16 << 20  # a safetensors header above this is not a model's
+MAX_DIMS = 32  # no model tensor has more; numpy refuses more than 64
 
 
 class TransportError(ValueError):
@@ -53,9 +55,13 @@ def unpack(blob: np.ndarray) -> OrderedDict[str, np.ndarray]:
         raise TransportError("a packed record's name list does not match its arrays")
     out = OrderedDict()
     for name, shape in layout.items():
-        if int(np.prod(shape)) != arrays[name].size:
-            raise TransportError(f"a packed record's shape of {name[:60]!r} does not fit its data")
-        out[name] = arrays[name].reshape(shape)
+        misfit = TransportError(f"a packed record's shape of {name[:60]!r} does not fit its data")
+        if math.prod(shape) != arrays[name].size:  # exact: np.prod wraps around at 2**64
+            raise misfit
+        try:
+            out[name] = arrays[name].reshape(shape)
+        except ValueError:  # e.g. (0, 2**63): no elements, but past numpy's dimension limits
+            raise misfit from None
     return out
 
 
@@ -87,6 +93,7 @@ def _is_name_and_shape(pair: object) -> bool:
     return (
         isinstance(name, str)
         and isinstance(shape, list)
+        and len(shape) <= MAX_DIMS
         and all(type(n) is int and n >= 0 for n in shape)
     )
 
