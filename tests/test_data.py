@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -197,9 +199,6 @@ def test_an_eye_reads_the_same_the_first_time_and_every_time_after(tiny_data):
 def test_the_generator_command_runs_clean_and_its_set_loads(tmp_path):
     # The README's `python -m remdr.data.synthetic` once warned that the module was already
     # imported by its package; a user reading that warning cannot tell whether the set is sound.
-    import subprocess
-    import sys
-
     out = tmp_path / "siteA"
     cmd = [sys.executable, "-W", "error", "-m", "remdr.data.synthetic", "--out", str(out)]
     args = [*cmd, "--n", "12", "--seed", "1"]

@@ -37,6 +37,8 @@ def test_the_data_brings_its_own_split_and_the_test_eyes_are_an_external_clinic(
     assert 0.15 * n <= len(splits["test"]) <= 0.25 * n and len(splits["val"]) >= 0.08 * n
     assert {r[1] for r in rows if r[0] == "test"} == {SPEC.n_sites}  # a clinic never trained on
     assert {r[1] for r in rows if r[0] != "test"} == set(range(SPEC.n_sites))
+    patients = {s: {r.patient_id for r in v} for s, v in splits.items()}
+    assert not patients["train"] & patients["val"] and not patients["train"] & patients["test"]
 
 
 def test_the_referral_clinic_sees_only_glaucoma_and_the_test_clinic_a_screening_mix(shortcut_eyes):

@@ -55,13 +55,14 @@ def unpack(blob: np.ndarray) -> OrderedDict[str, np.ndarray]:
         raise TransportError("a packed record's name list does not match its arrays")
     out = OrderedDict()
     for name, shape in layout.items():
-        misfit = TransportError(f"a packed record's shape of {name[:60]!r} does not fit its data")
-        if math.prod(shape) != arrays[name].size:  # exact: np.prod wraps around at 2**64
-            raise misfit
         try:
-            out[name] = arrays[name].reshape(shape)
-        except ValueError:  # e.g. (0, 2**63): no elements, but past numpy's dimension limits
-            raise misfit from None
+            if math.prod(shape) != arrays[name].size:  # exact: np.prod wraps around at 2**64
+                raise ValueError
+            out[name] = arrays[name].reshape(shape)  # (0, 2**63) fits no numpy array either
+        except ValueError:
+            raise TransportError(
+                f"a packed record's shape of {name[:60]!r} does not fit its data"
+            ) from None
     return out
 
 
