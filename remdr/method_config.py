@@ -69,7 +69,10 @@ class MethodConfig:
     proto_bin_width: float = setting(2.0, "dB; MD bins of the learnable prototypes", **POSITIVE)
     # -- the multimodal baselines (docs/method.md, "Baselines") ------------------------------
     pareto_gamma: float = setting(
-        1.5, "MMPareto: the encoders' combined gradient is scaled by gamma", **POSITIVE
+        1.5,
+        "MMPareto: the encoders' combined gradient is scaled by gamma (a step size: AdamW, the "
+        "default optimizer, divides a constant scale out, so it acts with optimizer=sgd)",
+        **POSITIVE,
     )
     masam_weight: float = setting(
         0.8,
