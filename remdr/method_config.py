@@ -13,6 +13,9 @@ from remdr.settings import FRACTION, NON_NEGATIVE, POSITIVE, setting
 
 FUSED_LOSSES = ("mse", "bmc")
 ENSEMBLE_INVERSE_MSE = -1.0  # `ensemble-oct-weight`: weights from each head's training error
+LDS_AUTO = -1.0  # `lds-reweight`: the federated default below at a site, else plain MSE
+# docs/federation.md, "Skewed mixes": 19 of 24 suite case-seeds better on validation
+SITE_LDS_REWEIGHT = 0.25
 
 
 @dataclass
@@ -44,8 +47,10 @@ class MethodConfig:
     lds_reweight: float = setting(
         0.0,
         "weight each eye's squared errors by p(y)^-power from the LDS-smoothed training label "
-        "density (rare, severe eyes count more); 0 = plain MSE, 0.5 = inverse square root",
-        low=0,
+        "density (rare, severe eyes count more); 0 = plain MSE, 0.5 = inverse square root; "
+        f"{LDS_AUTO:g} = auto: {SITE_LDS_REWEIGHT:g} at a federation's sites (each site's own "
+        "density; the federated default), 0 in pooled training and for private methods",
+        low=LDS_AUTO,
         high=2,
     )
     lds_weight_clip: float = setting(

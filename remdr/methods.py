@@ -62,6 +62,7 @@ from remdr.losses import (
     prototype_bins,
     prototype_margin_loss,
 )
+from remdr.method_config import LDS_AUTO
 from remdr.model import ReM3Dr, full_precision
 from remdr.optim import DriftControl, HeadProjector, LossDecay, ModalityScores, ShapleyScores
 from remdr.registry import MODALITIES, MethodSpec, get_spec
@@ -93,10 +94,16 @@ def _squared_error(pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return (full_precision(pred) - y) ** 2
 
 
+def lds_power(cfg: MethodConfig) -> float:
+    """The LDS power this training uses: `auto` (-1) is a federation's default, which the run
+    config resolves for its sites; pooled training left at auto trains plain MSE."""
+    return 0.0 if cfg.lds_reweight == LDS_AUTO else cfg.lds_reweight
+
+
 def _check_options(spec: MethodSpec, cfg: MethodConfig) -> None:
     """Options a method cannot take, refused in one line each."""
     coupled = {
-        "lds-reweight": cfg.lds_reweight > 0,
+        "lds-reweight": lds_power(cfg) > 0,
         "fused-loss=bmc": cfg.fused_loss == "bmc",
         "conr-weight": cfg.conr_weight > 0,
         "ranksim-weight": cfg.ranksim_weight > 0,
@@ -158,7 +165,7 @@ class Method:
         if len(train_targets):
             targets = np.asarray(train_targets, dtype=np.float64)
             self.density = LabelDensity.fit(targets, self.cfg.lds_sigma)
-            self.lds_norm = lds_norm(self.density, train_targets, self.cfg.lds_reweight)
+            self.lds_norm = lds_norm(self.density, train_targets, lds_power(self.cfg))
             self.target_var = float(max(targets.var(), 1e-6))
         self._noise_gen.manual_seed(seed)
 
@@ -208,11 +215,10 @@ class Method:
         )
         net = unwrapped(model)
         y = net.normalise(batch["md"])
+        power = lds_power(cfg)
         weights = (
-            lds_loss_weights(
-                self.density, batch["md"], cfg.lds_reweight, cfg.lds_weight_clip, self.lds_norm
-            )
-            if cfg.lds_reweight > 0
+            lds_loss_weights(self.density, batch["md"], power, cfg.lds_weight_clip, self.lds_norm)
+            if power > 0
             else None
         )
 

@@ -15,7 +15,9 @@ from remdr.config import MethodConfig, apply_overrides
 from remdr.data import load_dataset
 from remdr.data.dataset import EyeDataset
 from remdr.errors import ConfigError
+from remdr.federation.run_config import run_config_defaults, split_run_config
 from remdr.losses import LabelDensity, lds_loss_weights, lds_norm
+from remdr.method_config import LDS_AUTO, SITE_LDS_REWEIGHT
 from remdr.methods import build_model, create_method
 from remdr.model import full_precision
 from remdr.runtime import seed_everything
@@ -72,6 +74,46 @@ def test_private_methods_refuse_lds_reweighting():
         create_method("concat_dp", MethodConfig(lds_reweight=0.5))
 
 
+@pytest.mark.parametrize(
+    "given, method, site_power",
+    [
+        ({}, "remdr", SITE_LDS_REWEIGHT),  # the federated default
+        ({}, "concat", SITE_LDS_REWEIGHT),
+        ({}, "remdr_dp", 0.0),  # a private method reads no statistic of its labels
+        ({"lds-reweight": 0.0}, "remdr", 0.0),  # what a run config sets wins
+        ({"lds-reweight": 0.5}, "remdr", 0.5),
+    ],
+)
+def test_a_federations_sites_reweight_by_their_own_label_density_unless_told_not_to(
+    given, method, site_power
+):
+    run_config = {**run_config_defaults(), "method": method, **given}
+    assert run_config_defaults()["lds-reweight"] == LDS_AUTO
+    cfg, _ = split_run_config(run_config)
+    assert cfg.method.lds_reweight == site_power
+    create_method(method, cfg.method)  # the resolved value is one the method takes
+
+
+def test_pooled_training_left_at_auto_trains_plain_mse(tiny_cfg, tiny_data):
+    """`auto` is a federation's: remdr-sim's centralized arm, which shares the run config's
+    values, trains centralized Re-M3Dr's own default."""
+    seed_everything(0, torch.device("cpu"))
+    batch = _batch(tiny_cfg, tiny_data)
+    losses = []
+    for power in (LDS_AUTO, 0.0, 0.5):
+        cfg = apply_overrides(tiny_cfg, {"lds-reweight": power, "dropout": 0.0})
+        method = create_method("concat", cfg.method)
+        method.setup(batch["md"].numpy())
+        torch.manual_seed(0)
+        losses.append(float(method.loss(build_model(cfg, method).eval(), batch)[0]))
+    assert losses[0] == losses[1] != losses[2]
+
+
+def test_a_negative_lds_power_other_than_auto_is_refused(tiny_cfg):
+    with pytest.raises(ConfigError, match="lds-reweight=-0.5"):
+        apply_overrides(tiny_cfg, {"lds-reweight": -0.5})
+
+
 @pytest.mark.parametrize("every, passes", [(1, 12), (3, 8)])
 def test_sam_every_k_steps_runs_the_second_pass_on_every_kth_step(
     every, passes, tiny_cfg, tiny_data
@@ -126,7 +168,7 @@ def test_bench_vary_runs_every_combination_on_the_same_seeds(tiny_data, tmp_path
     assert "| concat [lds-reweight=0.5] |" in table and "val MSE" in table
 
 
-@pytest.mark.parametrize("vary", ["lds-reweight=-1", "no-such-key=1", "lds-reweight"])
+@pytest.mark.parametrize("vary", ["lds-reweight=-0.5", "no-such-key=1", "lds-reweight"])
 def test_bench_vary_refuses_bad_values_before_training(vary, tiny_data, tmp_path, capsys):
     args = ["methods", "--data", str(tiny_data), "--vary", vary, "--out", str(tmp_path / "o")]
     assert bench.main(args) == 2

@@ -6,12 +6,14 @@ keys of `FedConfig`. The app bundle's `[tool.flwr.app.config]` is `run_config_de
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, fields
 from typing import Any
 
 from remdr import __version__
 from remdr.config import ExperimentConfig, apply_overrides, flat_keys, flat_values
 from remdr.errors import ConfigError, Problems
+from remdr.method_config import LDS_AUTO, SITE_LDS_REWEIGHT
 from remdr.presets import PRESETS, apply_preset
 from remdr.registry import get_spec
 from remdr.settings import (
@@ -33,7 +35,8 @@ from remdr.settings import (
 # BatchNorm (running statistics averaged across label-skewed sites misfit the averaged weights);
 # a constant learning rate (the rounds are still far from converged when a decay would start).
 # With FedConfig's auto local-steps every site takes the same few steps per round, so a big site
-# cannot pull the model to its labels while a small one takes four. A run config that sets any
+# cannot pull the model to its labels while a small one takes four; and each site weights its
+# rare MD values up by its own label density (`lds-reweight` auto). A run config that sets any
 # of these keys wins; a private method keeps DP-SGD's recipe (docs/privacy.md).
 # The OCT view is fixed for a federation: the server builds the model before any site's data
 # is seen, so "auto" cannot be resolved there.
@@ -45,6 +48,7 @@ FEDERATED_DEFAULTS = {
     "group-norm": True,
     "schedule": "constant",
     "oct-view": "bscans",
+    "lds-reweight": LDS_AUTO,  # each site re-weights by its own label density (auto: 0.25)
 }
 
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg", "krum")
@@ -184,7 +188,7 @@ def split_run_config(
             "set oct-view='bscans' (3-D OCT volumes) or 'rnflt' (2-D thickness maps)",
         )
     if not bad:  # every key arrives (flwr run merges pyproject's table), so no "was it given"
-        _resolve_auto(fed, cfg)
+        cfg = _resolve_auto(fed, cfg)
     if fed.site_dp != "off" and not bad:
         _check_site_dp(fed, cfg, p, check_cohort)
     if fed.drift_control != "off" and not bad:
@@ -205,11 +209,13 @@ def split_run_config(
     return cfg, fed
 
 
-def _resolve_auto(fed: FedConfig, cfg: ExperimentConfig | None) -> None:
+def _resolve_auto(fed: FedConfig, cfg: ExperimentConfig | None) -> ExperimentConfig | None:
     """The federated recipe (docs/federation.md, "Skewed mixes"): a few fixed local steps per
     round, so a big site cannot pull the model towards its own labels for a whole epoch while a
     small one takes four steps; epochs where the user asked for them or where DP-SGD's
-    accounting needs them (`local-steps = 0`)."""
+    accounting needs them (`local-steps = 0`). `lds-reweight = auto` becomes 0.25, so each site
+    weights its rare MD values up by its own label density, except for a private method, which
+    reads no statistic of its labels."""
     private = fed.site_dp != "off" or (cfg is not None and get_spec(cfg.train.method).private)
     if fed.local_steps < 0:
         epochs = private or fed.local_epochs > 1  # 1 is the default: it says nothing
@@ -218,6 +224,10 @@ def _resolve_auto(fed: FedConfig, cfg: ExperimentConfig | None) -> None:
         sgd = cfg is not None and cfg.train.optimizer == "sgd"
         use = fed.local_steps > 0 and sgd and not private and fed.strategy in MEAN_STRATEGIES
         fed.drift_control = "scaffold" if use else "off"
+    if cfg is not None and cfg.method.lds_reweight == LDS_AUTO:
+        power = 0.0 if private else SITE_LDS_REWEIGHT
+        cfg = dataclasses.replace(cfg, method=dataclasses.replace(cfg.method, lds_reweight=power))
+    return cfg
 
 
 def _check_site_dp(
