@@ -229,13 +229,14 @@ def summary_table(results: dict) -> str:
         rows.append(("centralized", results["centralized"]))
     for name, r in results.get("local", {}).items():
         rows.append((f"local {name}", r))
+    width = max(16, *(len(name) for name, _ in rows))  # " fundus input only", "local site-12"
     lines = [
-        f"{'':16s} {'test MSE':>9s} {'MAE':>6s} {'bin-avg MAE':>12s} {'R²':>6s} {'wall s':>7s}"
+        f"{'':{width}s} {'test MSE':>9s} {'MAE':>6s} {'bin-avg MAE':>12s} {'R²':>6s} {'wall s':>7s}"
     ]
     for name, r in rows:
         m = r["test"]
         lines.append(
-            f"{name:16s} {m['mse']:9.2f} {m['mae']:6.2f} {m['mae_bin_avg']:12.2f} {m['r2']:6.2f} "
+            f"{name:{width}s} {m['mse']:9.2f} {m['mae']:6.2f} {m['mae_bin_avg']:12.2f} {m['r2']:6.2f} "
             + (f"{r['wall_seconds']:7.0f}" if "wall_seconds" in r else f"{'':>7s}")
         )
     var = results["federated"]["test"]["md_var"]
