@@ -44,8 +44,8 @@ def per_site_plot(results: dict, last: dict[str, dict], path: Path) -> None:
 
 
 def wallclock_plot(results: dict, path: Path) -> None:
-    """Test MSE against wall-clock seconds: federated after each round, centralized after each
-    epoch, and the centralized final level as a reference line."""
+    """Test MSE against wall-clock seconds: federated after every k-th round (at most 9 points),
+    centralized after each epoch, and the centralized final level as a reference line."""
     import matplotlib
 
     matplotlib.use("Agg")
