@@ -49,7 +49,8 @@ class MethodConfig:
         "weight each eye's squared errors by p(y)^-power from the LDS-smoothed training label "
         "density (rare, severe eyes count more); 0 = plain MSE, 0.5 = inverse square root; "
         f"{LDS_AUTO:g} = auto: {SITE_LDS_REWEIGHT:g} at a federation's sites (each site's own "
-        "density; the federated default), 0 in pooled training and for private methods",
+        "density; the federated default), 0 in pooled training, for private methods and under "
+        "site-level DP",
         low=LDS_AUTO,
         high=2,
     )

@@ -215,7 +215,7 @@ def _resolve_auto(fed: FedConfig, cfg: ExperimentConfig | None) -> ExperimentCon
     small one takes four steps; epochs where the user asked for them or where DP-SGD's
     accounting needs them (`local-steps = 0`). `lds-reweight = auto` becomes 0.25, so each site
     weights its rare MD values up by its own label density, except for a private method, which
-    reads no statistic of its labels."""
+    reads no statistic of its labels, and under site-level DP (measured without it)."""
     private = fed.site_dp != "off" or (cfg is not None and get_spec(cfg.train.method).private)
     if fed.local_steps < 0:
         epochs = private or fed.local_epochs > 1  # 1 is the default: it says nothing
