@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from remdr.errors import ConfigError, Problems
-from remdr.method_config import ENSEMBLE_INVERSE_MSE, LDS_AUTO, MethodConfig
+from remdr.method_config import MethodConfig
 from remdr.registry import get_spec, list_methods
 from remdr.settings import (
     FRACTION,
@@ -358,20 +358,6 @@ def validate(
             f"mod-end-epoch={mc.mod_end_epoch} with mod-start-epoch={mc.mod_start_epoch}",
             "the modulation window start <= epoch < end is empty",
             "an end above the start, or -1 for until the last epoch",
-        )
-    w = mc.ensemble_oct_weight
-    if "ensemble-oct-weight" not in bad and w != ENSEMBLE_INVERSE_MSE and w < 0:
-        p.add(
-            f"ensemble-oct-weight={w:g}",
-            "a weight is in [0, 1], and -1 asks for inverse-MSE weights",
-            "e.g. ensemble-oct-weight=0.5, or -1",
-        )
-    power = mc.lds_reweight
-    if "lds-reweight" not in bad and power != LDS_AUTO and power < 0:
-        p.add(
-            f"lds-reweight={power:g}",
-            f"a power is in [0, 2], and {LDS_AUTO:g} asks for the federated default",
-            f"e.g. lds-reweight=0.25, or {LDS_AUTO:g}",
         )
     ws, method = cfg.model.weight_standardise, cfg.train.method
     if not bad & {"weight-standardise", "method"} and ws != "none" and get_spec(method).private:

@@ -51,8 +51,9 @@ class MethodConfig:
         f"{LDS_AUTO:g} = auto: {SITE_LDS_REWEIGHT:g} at a federation's sites (each site's own "
         "density; the federated default), 0 in pooled training, for private methods and under "
         "site-level DP",
-        low=LDS_AUTO,
+        low=0,
         high=2,
+        special=(LDS_AUTO,),
     )
     lds_weight_clip: float = setting(
         10.0, "LDS loss weights (training-set mean 1) are clipped to this", low=1
@@ -94,9 +95,9 @@ class MethodConfig:
         ENSEMBLE_INVERSE_MSE,
         "ume, mla: the OCT head's weight in the prediction (the fundus head has 1 - w); -1 = "
         "inverse of each head's training MSE (EMA)",
-        low=-1,
+        low=0,
         high=1,
-        text="-1, or a weight in [0, 1]",
+        special=(ENSEMBLE_INVERSE_MSE,),
     )
     # -- the severe eyes: imbalanced-regression options, all off by default --------------------
     fused_loss: str = setting(

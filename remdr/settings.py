@@ -70,6 +70,8 @@ class Rule:
     high: float | None = None
     low_open: bool = False
     high_open: bool = False
+    # numbers: sentinels accepted outside the bounds, e.g. -1 for "auto" beside a range [0, 2]
+    special: tuple[float, ...] = ()
     choices: tuple[Any, ...] | Callable[[], Collection[Any]] = ()  # a callable is read lazily
     pattern: str = ""  # text: a regex the whole value must match
     path: bool = False  # text: empty, or an existing file
@@ -83,6 +85,9 @@ class Rule:
         """The accepted values in words, e.g. 'a number in (0, 1]'."""
         if self.text:
             return self.text
+        if self.special:
+            sentinels = ", ".join(_num(x, kind) for x in self.special)
+            return f"{sentinels}, or {dataclasses.replace(self, special=()).describe(kind)}"
         if self.choices:
             return "one of " + ", ".join(show(c) for c in self.options())
         lo, hi = self.low, self.high
@@ -101,6 +106,8 @@ class Rule:
             return f"expected {KIND_NAMES[kind]}"
         if kind is float and not _finite(value):
             return "must be a finite number"
+        if value in self.special:
+            return ""
         lo, hi = self.low, self.high
         if (lo is not None and (value < lo or (self.low_open and value == lo))) or (
             hi is not None and (value > hi or (self.high_open and value == hi))

@@ -55,17 +55,20 @@ def test_every_key_has_a_rule():
 def _below(rule: Rule, kind: type) -> st.SearchStrategy:
     assert rule.low is not None
     if kind is int:
-        return st.integers(max_value=int(rule.low) - (0 if rule.low_open else 1))
+        ints = st.integers(max_value=int(rule.low) - (0 if rule.low_open else 1))
+        return ints.filter(lambda x: x not in rule.special)
     floats = st.floats(max_value=rule.low, exclude_max=not rule.low_open, allow_nan=False)
-    return floats.filter(lambda x: x < rule.low or rule.low_open)  # not -0.0 for a low of 0
+    # not -0.0 for a low of 0, and not a sentinel the rule accepts (-1 = auto)
+    return floats.filter(lambda x: (x < rule.low or rule.low_open) and x not in rule.special)
 
 
 def _above(rule: Rule, kind: type) -> st.SearchStrategy:
     assert rule.high is not None
     if kind is int:
-        return st.integers(min_value=int(rule.high) + (0 if rule.high_open else 1))
+        ints = st.integers(min_value=int(rule.high) + (0 if rule.high_open else 1))
+        return ints.filter(lambda x: x not in rule.special)
     floats = st.floats(min_value=rule.high, exclude_min=not rule.high_open, allow_nan=False)
-    return floats.filter(lambda x: x > rule.high or rule.high_open)
+    return floats.filter(lambda x: (x > rule.high or rule.high_open) and x not in rule.special)
 
 
 WRONG_TYPE = {
@@ -106,7 +109,8 @@ def _just_inside(bound: float, open_: bool, kind: type, up: bool) -> float:
 
 
 def valid(rule: Rule, kind: type) -> st.SearchStrategy:
-    """The rule's extremes: its boundary values (as numbers and as text), every choice, ..."""
+    """The rule's extremes: its boundary values and sentinels (as numbers and as text), every
+    choice, ..."""
     if kind is bool:
         return st.sampled_from([True, False, "yes", "off", "1", "0", "TRUE", "False"])
     if rule.choices:
@@ -126,7 +130,7 @@ def valid(rule: Rule, kind: type) -> st.SearchStrategy:
         extremes.append(2**62 if kind is int else 1e300)
     if rule.low is None:
         extremes.append(-(2**62) if kind is int else -1e300)
-    extremes = [kind(x) for x in extremes]
+    extremes = [kind(x) for x in (*extremes, *rule.special)]
     return st.sampled_from(extremes + [str(x) for x in extremes])
 
 
