@@ -8,7 +8,9 @@ coordinator's aggregates skip NaN.
 
 * minimal: what the federation needs to run and to choose its model, and the site's own privacy
   spend: `num-examples`, `unit-weight`, `eyes-*` (aggregation weights), `num-val`, `num-test`,
-  `val-mse` (the best model is the one with the lowest aggregated validation MSE), `dp-*`.
+  `val-mse` (the best model is the one with the lowest aggregated validation MSE),
+  `val-mse-blend-*` (the same MSE with a unimodal head blended in, by which the coordinator
+  chooses `head-blend`), `dp-*`.
 * standard: also `train-loss`, `val-mae`, `test-mse`, `test-mae`, `train-seconds`,
   `train-steps`, `skipped-records`.
 * full: every metric, the per-severity-bin errors (`*-mae-<bin>`, `*-mae-bin-avg`) included.
@@ -33,7 +35,7 @@ from remdr.metrics import BINS, severity_bin
 LEVELS = ("minimal", "standard", "full")
 REQUEST_KEY = "share-metrics"  # the run-config key by which a coordinator asks for a level
 MINIMAL = {"num-examples", "unit-weight", "num-val", "num-test", "val-mse"}
-MINIMAL_PREFIXES = ("eyes-", "dp-")
+MINIMAL_PREFIXES = ("eyes-", "dp-", "val-mse-blend-")
 STANDARD = {"train-loss", "train-seconds", "train-steps", "skipped-records", "val-mae"}
 STANDARD |= {"test-mse", "test-mae"}
 PER_BIN = re.compile(rf"(val|test)-mae-({'|'.join(BINS)}|bin-avg)")

@@ -18,6 +18,7 @@ from remdr.data import load_dataset
 from remdr.data.dataset import EyeDataset
 from remdr.data.loading import Dataset
 from remdr.data.splits import split_records
+from remdr.head_blend import Blend, choose, probe_metrics, set_blend
 from remdr.methods import Method, build_model, create_method
 from remdr.metrics import metrics_by_kind, scored_metrics
 from remdr.model import ReM3Dr
@@ -56,6 +57,7 @@ class Outcome:
     test_metrics: dict[str, float]
     test_preds: dict[str, np.ndarray]
     test_curve: list[tuple[float, float]] = field(default_factory=list)  # (train s, test MSE)
+    blend: Blend | None = None  # `head-blend`'s choice on the validation eyes
 
 
 def train_and_test(
@@ -94,9 +96,23 @@ def train_and_test(
         privacy=cfg.privacy,
         on_epoch=score_test if test_curve and len(data.test) else None,
     )
+    blend = _choose_blend(model, data.val, cfg, device) if model.blends else None
     preds = predict(model, loader, device)
     metrics = scored_metrics(preds)
-    return Outcome(model, method, result, metrics, preds, curve)
+    return Outcome(model, method, result, metrics, preds, curve, blend)
+
+
+def _choose_blend(model, val: EyeDataset, cfg: ExperimentConfig, device) -> Blend | None:
+    """`head-blend`: the head and weight with the lowest validation MSE, written into the
+    model (the best epoch's weights are already restored)."""
+    if not len(val):
+        return None
+    loader = make_loader(val, cfg.train.batch_size * 2, shuffle=False, seed=0, device=device)
+    preds = predict(model, loader, device)
+    blend = choose({**scored_metrics(preds), **probe_metrics(preds, model.modalities)},
+                   model.modalities)  # fmt: skip
+    set_blend(model, blend)
+    return blend
 
 
 def write_run(
@@ -117,6 +133,7 @@ def write_run(
         "test_by_kind": metrics_by_kind(outcome.test_preds),
         "best_epoch": outcome.fit.best_epoch,
         "best_val_mse": outcome.fit.best_val_mse,
+        "head_blend": outcome.blend.to_dict() if outcome.blend else None,
         "train_seconds": outcome.fit.seconds,
         "history": outcome.fit.history,
         "split_sizes": data.sizes(),

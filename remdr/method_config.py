@@ -129,3 +129,9 @@ class MethodConfig:
         "the fused prediction is a learned per-eye gate over the fusion head and the two "
         "unimodal heads (softmax from [z_o; z_f])",
     )
+    head_blend: bool = setting(
+        False,
+        "once training ends, blend a complete eye's fused prediction with one unimodal head, "
+        "head and weight chosen on the validation eyes (0: the fusion head alone; the federated "
+        "default, off under site-level DP)",
+    )

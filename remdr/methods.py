@@ -176,6 +176,7 @@ class Method:
         model = ReM3Dr(
             model_cfg, data_cfg, self.spec.modalities, n_prototypes=n_proto,
             fusion=self.spec.fusion, shared_head=self.spec.shared_head, gate=self.cfg.head_gate,
+            blend=self.cfg.head_blend,
         )  # fmt: skip
         model.always_run_branches = self.spec.private
         if self.spec.update == "alternate":

@@ -101,6 +101,19 @@ def model_part(key: str) -> str:
     return "fusion" if head == "fusion" else "shared"
 
 
+def _save_blend(module: nn.Module, state: dict, prefix: str, *_: object) -> None:
+    if module.head_blend.any():
+        state[prefix + "head_blend"] = module.head_blend.detach().clone()
+
+
+def _load_blend(module: nn.Module, state: dict, prefix: str, *_: object) -> None:
+    """A checkpoint without the key (training, or no blend chosen) leaves the blend as it is:
+    a new model's zeros, the fusion head alone."""
+    blend = state.pop(prefix + "head_blend", None)
+    if blend is not None:
+        module.head_blend.copy_(blend)
+
+
 class ReM3Dr(nn.Module):
     def __init__(
         self,
@@ -112,6 +125,7 @@ class ReM3Dr(nn.Module):
         fusion: str = "mlp",
         shared_head: bool = False,
         gate: bool = False,
+        blend: bool = False,
     ) -> None:
         super().__init__()
         self.modalities = tuple(m for m in MODALITIES if m in modalities)
@@ -139,6 +153,15 @@ class ReM3Dr(nn.Module):
         if self.gate is not None:
             nn.init.zeros_(self.gate.weight)
             nn.init.zeros_(self.gate.bias)
+        # each unimodal head's weight in a complete eye's prediction at evaluation, chosen on
+        # validation once training ends (`remdr.head_blend`). Zeros (the fusion head alone)
+        # while training, when it is left out of the state dict, so a federation never sends it;
+        # a chosen blend is saved with the weights and loaded with them into a new model.
+        if self.fusion is not None:
+            self.register_buffer("head_blend", torch.zeros(len(self.modalities)), persistent=False)
+            self.register_state_dict_post_hook(_save_blend)
+            self.register_load_state_dict_pre_hook(_load_blend)
+        self.blends = blend and self.fusion is not None  # choose a blend once training ends
         # the fusion input of an absent modality: a Linear on a constant 1, so DP-SGD (Opacus)
         # gets its per-sample gradients like any layer's
         self.absent = (
@@ -201,6 +224,7 @@ class ReM3Dr(nn.Module):
                 out["pred"] = self._gated(out, fused, masks)
             if not self.training:  # an eye with one image: that modality's own head predicts
                 a, b = self.modalities
+                out["pred"] = self._blended(out, masks[a] & masks[b])
                 only_a, only_b = masks[a] & ~masks[b], masks[b] & ~masks[a]
                 pred = torch.where(only_a, out[f"pred_{a}"], out["pred"])
                 out["pred"] = torch.where(only_b, out[f"pred_{b}"], pred)
@@ -248,6 +272,12 @@ class ReM3Dr(nn.Module):
         weights = torch.softmax(logits.masked_fill(~usable, float("-inf")), dim=-1)
         out["gate"] = weights
         return (weights * preds).sum(-1)
+
+    def _blended(self, out: dict[str, torch.Tensor], complete: torch.Tensor) -> torch.Tensor:
+        w = self.head_blend.to(out["pred"].dtype)
+        heads = torch.stack([out[f"pred_{m}"] for m in self.modalities], -1)
+        mixed = (1 - w.sum()) * out["pred"] + (heads * w).sum(-1)
+        return torch.where(complete, mixed, out["pred"])
 
     def _fusion_masks(self, masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """What the fusion head sees: the present images, less one image of a complete eye with

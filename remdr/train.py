@@ -20,6 +20,7 @@ from remdr.config import PrivacyConfig, TrainConfig
 from remdr.data.dataset import EyeDataset
 from remdr.data.transforms import augment_image
 from remdr.errors import ConfigError
+from remdr.head_blend import probe_metrics
 from remdr.methods import Method, presence
 from remdr.metrics import scored_metrics
 from remdr.model import ReM3Dr, model_part
@@ -141,6 +142,8 @@ def evaluate(model: ReM3Dr, loader: DataLoader, device: torch.device) -> dict[st
             rows = np.isfinite(preds[f"pred_{m}"])
             err = (preds[f"pred_{m}"][rows] - preds["md"][rows]) ** 2
             metrics[f"mse_{m}"] = float(err.mean()) if rows.any() else float("nan")
+    if getattr(model, "blends", False) and not model.head_blend.any():
+        metrics.update(probe_metrics(preds, model.modalities))  # what `head-blend` chooses by
     return metrics
 
 

@@ -78,6 +78,7 @@ def train_central(
         "best_val_mse": outcome.fit.best_val_mse,
         "wall_seconds": outcome.fit.seconds,
         "test_curve": outcome.test_curve,
+        "head_blend": outcome.blend.to_dict() if outcome.blend else None,
     }
 
 
@@ -90,6 +91,8 @@ def federated_test_curve(fed_run, model, test_ds, cfg, fed_seconds: float) -> li
     is not a round's own time (Flower's start-up, the final evaluation, shutdown) is counted
     before round 1, against the federation."""
     records = fed_run.records()
+    if hasattr(model, "head_blend"):
+        model.head_blend.zero_()  # each round's model as the sites had it, not the final blend
     elapsed = max(0.0, fed_seconds - sum(float(r.get("seconds", 0.0)) for r in records))
     every = max(1, -(-len(records) // CURVE_POINTS))
     curve = []

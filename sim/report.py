@@ -241,7 +241,16 @@ def summary_table(results: dict) -> str:
         )
     var = results["federated"]["test"]["md_var"]
     lines.append(f"(test MD variance {var:.2f} dB²: predicting the mean scores MSE {var:.2f})")
+    blends = [f"{name.strip()} {_blend(r['head_blend'])}" for name, r in rows if "head_blend" in r]
+    if blends:
+        lines.append("head blend (chosen on validation): " + "; ".join(blends))
     return "\n".join(lines)
+
+
+def _blend(choice: dict | None) -> str:
+    if not choice:
+        return "none (the fusion head alone)"
+    return f"{choice['modality']} head at {choice['weight']:.2f}"
 
 
 def local_work(run_config: dict) -> str:

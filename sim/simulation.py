@@ -122,6 +122,7 @@ def run_simulation(sim: Simulation, say: Callable[[str], None] = print) -> dict:
             "test": fed_metrics,
             **one_image_tests(model, part.test, cfg),
             "wall_seconds": fed_seconds,
+            "head_blend": _best(out / "federation").get("head-blend"),
             "test_curve": federated_test_curve(fed_run, model, test_ds, cfg, fed_seconds),
         }
     }
@@ -255,13 +256,20 @@ def _reference(sim: Simulation, cfg: ExperimentConfig, run_config: dict, test_ds
     _federate(ref_config, run_config["min-nodes"], sim, out / "federation-ref", "flower-ref.log")
     ref_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, method=sim.reference))
     model = final_model(ref_cfg, out / "federation-ref", sim.rounds)
-    best = json.loads((out / "federation-ref" / "report.json").read_text()).get("best") or {}
+    best = _best(out / "federation-ref")
     return {
         "method": sim.reference,
         "val_mse": float(best.get("val-mse", float("nan"))),
+        "head_blend": best.get("head-blend"),
         "test": test_metrics(model, test_ds, ref_cfg)[0],
         "wall_seconds": time.perf_counter() - t_ref,
     }
+
+
+def _best(fed_dir: Path) -> dict:
+    """The federation's best.json: its round, validation MSE and `head-blend` choice."""
+    path = fed_dir / "best.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def _complete_sites_only(
@@ -290,5 +298,6 @@ def _complete_sites_only(
     return {
         "sites": complete,
         "test": test_metrics(model, test_ds, cfg)[0],
+        "head_blend": _best(out / "federation-complete").get("head-blend"),
         "wall_seconds": time.perf_counter() - t_complete,
     }

@@ -49,6 +49,7 @@ FEDERATED_DEFAULTS = {
     "schedule": "constant",
     "oct-view": "bscans",
     "lds-reweight": LDS_AUTO,  # each site re-weights by its own label density (auto: 0.25)
+    "head-blend": True,  # the final model blends in a unimodal head where validation says so
 }
 
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg", "krum")

@@ -26,6 +26,8 @@ from safetensors.numpy import save_file as save_numpy
 from safetensors.torch import load_file, save_file
 
 from remdr import __version__
+from remdr.head_blend import Blend, choose
+from remdr.registry import MODALITIES
 
 ROUND_RE = re.compile(r"round-(\d{3,})\.json$")
 
@@ -146,8 +148,13 @@ class RunDirectory:
             return
         meta = {"remdr_version": __version__, "round": str(r)}
         weights = weights if weights is not None else self.load_weights(r)
+        best = {"round": r, "val-mse": val}
+        blend = choose_blend(record["evaluate"])
+        if blend is not None:  # `head-blend`, chosen by the sites' pooled validation
+            weights = {**weights, "head_blend": blend.weights(MODALITIES)}
+            best["head-blend"] = blend.to_dict()
         save_file(weights, str(self.dir / "best.safetensors"), metadata=meta)
-        _atomic_write(self.dir / "best.json", json.dumps({"round": r, "val-mse": val}))
+        _atomic_write(self.dir / "best.json", json.dumps(best))
 
     def best_val_mse(self) -> float:
         best = self.dir / "best.json"
@@ -198,6 +205,18 @@ class RunDirectory:
             series, self.dir / "learning_curves.png", "validation MSE (dB²)", "federated training"
         )
         return report
+
+
+def choose_blend(aggregate: dict[str, Any]) -> Blend | None:
+    """The blend the sites' aggregated validation probes (`val-mse-blend-*`) choose; None
+    without probes (a model without a fusion head, `head-blend=false`) or when the fusion head
+    alone is best. The mean of the sites' MSEs weighted by their validation eyes is the pooled
+    validation MSE, so the weight is the one pooling the validation eyes would choose."""
+    metrics = {
+        k.replace("-", "_"): float(v) for k, v in aggregate.items() if k.startswith("val-mse")
+    }
+    blend = choose(metrics, MODALITIES, key="val_mse")
+    return blend if blend.weight > 0 else None
 
 
 def site_test_metrics(rounds: list[dict[str, Any]], best_round: int | None) -> dict | None:

@@ -189,5 +189,5 @@ def metric_problem(metrics: Mapping[str, Any]) -> str | None:
 def _read_as_one_number(key: str) -> bool:
     """The metrics the coordinator weighs, averages or selects the best model by."""
     return key in ("val-mse", "num-val", "num-examples", "unit-weight") or key.startswith(
-        ("eyes-", "received-")
+        ("eyes-", "received-", "val-mse-blend-")
     )

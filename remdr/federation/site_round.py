@@ -151,6 +151,8 @@ class RoundResult:
 
 def _metrics_record(prefix: str, m: dict[str, float]) -> dict[str, float]:
     keys = ["mse", "mae", "mae_bin_avg"] + [f"mae_{b}" for b in BINS]
+    if prefix == "val":  # `head-blend`'s probes: the coordinator chooses the blend by them
+        keys += [k for k in m if k.startswith("mse_blend_")]
     return {f"{prefix}-{k.replace('_', '-')}": float(m.get(k, float("nan"))) for k in keys}
 
 
