@@ -11,10 +11,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from remdr.checkpoint import load_run
 from remdr.config import apply_overrides
-from remdr.experiment import load_splits, train_and_test
+from remdr.experiment import load_splits, train_and_test, write_run
 from remdr.federation.run_directory import RunDirectory, choose_blend
-from remdr.head_blend import blended, choose, probe_metrics
+from remdr.head_blend import blended, choose, probe_metrics, set_blend
 from remdr.methods import build_model
 from remdr.train import make_loader, predict
 
@@ -156,11 +157,18 @@ def test_the_federation_best_model_carries_the_blend_its_validation_chose(tiny_c
     assert "head_blend" not in load_file(str(tmp_path / "best.safetensors"))
 
 
-def test_pooled_training_applies_the_blend_it_reports(tiny_data, tiny_cfg):
+def test_pooled_training_applies_the_blend_it_reports(tiny_data, tiny_cfg, tmp_path):
     cfg = apply_overrides(tiny_cfg, {"head-blend": True, "epochs": 2})
     data = load_splits(tiny_data, cfg)
     outcome = train_and_test(cfg, data, progress=False)
     assert outcome.blend is not None
+    outcome.model.head_blend.copy_(outcome.blend.weights(MODALITIES) + torch.tensor([0.0, 0.1]))
+    write_run(tmp_path, cfg, data, outcome, str(tiny_data))  # what remdr-predict loads
+    torch.testing.assert_close(load_run(tmp_path)[0].head_blend, outcome.model.head_blend)
+    assert (
+        json.loads((tmp_path / "metrics.json").read_text())["head_blend"] == outcome.blend.to_dict()
+    )
+    set_blend(outcome.model, outcome.blend)
     loader = make_loader(data.val, 16, shuffle=False, seed=0, device=torch.device("cpu"))
     val = predict(outcome.model, loader, torch.device("cpu"))
     assert float(np.mean((val["pred"] - val["md"]) ** 2)) == pytest.approx(
