@@ -104,7 +104,7 @@ def train_and_test(
 
 def _choose_blend(model, val: EyeDataset, cfg: ExperimentConfig, device) -> Blend | None:
     """`head-blend`: the head and weight with the lowest validation MSE, written into the
-    model (the best epoch's weights are already restored)."""
+    model as training left it (the best epoch's weights, where `fit` keeps the best)."""
     if not len(val):
         return None
     loader = make_loader(val, cfg.train.batch_size * 2, shuffle=False, seed=0, device=device)

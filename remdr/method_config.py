@@ -133,5 +133,5 @@ class MethodConfig:
         False,
         "once training ends, blend a complete eye's fused prediction with one unimodal head, "
         "head and weight chosen on the validation eyes (0: the fusion head alone; the federated "
-        "default, off under site-level DP)",
+        "default)",
     )
