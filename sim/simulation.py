@@ -122,7 +122,7 @@ def run_simulation(sim: Simulation, say: Callable[[str], None] = print) -> dict:
             "test": fed_metrics,
             **one_image_tests(model, part.test, cfg),
             "wall_seconds": fed_seconds,
-            "head_blend": _best(out / "federation").get("head-blend"),
+            "head_blend": (fed_run.best() or {}).get("head-blend"),
             "test_curve": federated_test_curve(fed_run, model, test_ds, cfg, fed_seconds),
         }
     }
@@ -253,10 +253,12 @@ def _reference(sim: Simulation, cfg: ExperimentConfig, run_config: dict, test_ds
     say(f"\nfederated {sim.reference} (the reference), same partition and settings")
     t_ref = time.perf_counter()
     ref_config = {**run_config, "method": sim.reference, "out-dir": str(out / "federation-ref")}
-    _federate(ref_config, run_config["min-nodes"], sim, out / "federation-ref", "flower-ref.log")
+    ref_run, _ = _federate(
+        ref_config, run_config["min-nodes"], sim, out / "federation-ref", "flower-ref.log"
+    )
     ref_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, method=sim.reference))
     model = final_model(ref_cfg, out / "federation-ref", sim.rounds)
-    best = _best(out / "federation-ref")
+    best = ref_run.best() or {}
     return {
         "method": sim.reference,
         "val_mse": float(best.get("val-mse", float("nan"))),
@@ -264,12 +266,6 @@ def _reference(sim: Simulation, cfg: ExperimentConfig, run_config: dict, test_ds
         "test": test_metrics(model, test_ds, ref_cfg)[0],
         "wall_seconds": time.perf_counter() - t_ref,
     }
-
-
-def _best(fed_dir: Path) -> dict:
-    """The federation's best.json: its round, validation MSE and `head-blend` choice."""
-    path = fed_dir / "best.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def _complete_sites_only(
@@ -291,13 +287,13 @@ def _complete_sites_only(
         "out-dir": str(out / "federation-complete"),
         "sim-data-root": str(root),
     }
-    _federate(
+    complete_run, _ = _federate(
         complete_config, len(complete), sim, out / "federation-complete", "flower-complete.log"
     )
     model = final_model(cfg, out / "federation-complete", sim.rounds)
     return {
         "sites": complete,
         "test": test_metrics(model, test_ds, cfg)[0],
-        "head_blend": _best(out / "federation-complete").get("head-blend"),
+        "head_blend": (complete_run.best() or {}).get("head-blend"),
         "wall_seconds": time.perf_counter() - t_complete,
     }

@@ -156,9 +156,14 @@ class RunDirectory:
         save_file(weights, str(self.dir / "best.safetensors"), metadata=meta)
         _atomic_write(self.dir / "best.json", json.dumps(best))
 
+    def best(self) -> dict[str, Any] | None:
+        """best.json: the best round, its validation MSE and its `head-blend` choice."""
+        path = self.dir / "best.json"
+        return json.loads(path.read_text()) if path.is_file() else None
+
     def best_val_mse(self) -> float:
-        best = self.dir / "best.json"
-        return json.loads(best.read_text())["val-mse"] if best.is_file() else float("inf")
+        best = self.best()
+        return best["val-mse"] if best else float("inf")
 
     def write_report(self, extra: dict[str, Any], *, plot: bool = True) -> dict[str, Any]:
         """report.json from every round record, plus learning curves of validation MSE (not
@@ -170,11 +175,7 @@ class RunDirectory:
         for rec in rounds:
             for site, metrics in rec.get("sites", {}).items():
                 sites.setdefault(site, []).append({"round": rec["round"], **metrics})
-        best = (
-            json.loads((self.dir / "best.json").read_text())
-            if (self.dir / "best.json").is_file()
-            else None
-        )
+        best = self.best()
         report = {
             "remdr_version": __version__,
             "rounds": rounds,
