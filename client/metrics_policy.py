@@ -30,12 +30,13 @@ from collections.abc import Iterable, Mapping
 from remdr.data.records import EyeRecord
 from remdr.errors import ConfigError, PrivacyError
 from remdr.federation.site_round import RECEIVED
+from remdr.head_blend import SITE_PROBE_PREFIX
 from remdr.metrics import BINS, severity_bin
 
 LEVELS = ("minimal", "standard", "full")
 REQUEST_KEY = "share-metrics"  # the run-config key by which a coordinator asks for a level
 MINIMAL = {"num-examples", "unit-weight", "num-val", "num-test", "val-mse"}
-MINIMAL_PREFIXES = ("eyes-", "dp-", "val-mse-blend-")
+MINIMAL_PREFIXES = ("eyes-", "dp-", SITE_PROBE_PREFIX)
 STANDARD = {"train-loss", "train-seconds", "train-steps", "skipped-records", "val-mae"}
 STANDARD |= {"test-mse", "test-mae"}
 PER_BIN = re.compile(rf"(val|test)-mae-({'|'.join(BINS)}|bin-avg)")

@@ -18,12 +18,12 @@ from remdr.data import load_dataset
 from remdr.data.dataset import EyeDataset
 from remdr.data.loading import Dataset
 from remdr.data.splits import split_records
-from remdr.head_blend import Blend, choose, probe_metrics, set_blend
+from remdr.head_blend import Blend, choose, set_blend
 from remdr.methods import Method, build_model, create_method
 from remdr.metrics import metrics_by_kind, scored_metrics
 from remdr.model import ReM3Dr
 from remdr.runtime import prepare_model, resolve_device, seed_everything
-from remdr.train import FitResult, fit, make_loader, predict
+from remdr.train import FitResult, evaluate, fit, make_loader, predict
 
 log = logging.getLogger(__name__)
 
@@ -108,9 +108,7 @@ def _choose_blend(model, val: EyeDataset, cfg: ExperimentConfig, device) -> Blen
     if not len(val):
         return None
     loader = make_loader(val, cfg.train.batch_size * 2, shuffle=False, seed=0, device=device)
-    preds = predict(model, loader, device)
-    blend = choose({**scored_metrics(preds), **probe_metrics(preds, model.modalities)},
-                   model.modalities)  # fmt: skip
+    blend = choose(evaluate(model, loader, device), model.modalities)  # with the probes
     set_blend(model, blend)
     return blend
 

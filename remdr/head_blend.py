@@ -18,11 +18,13 @@ import numpy as np
 import torch
 
 PROBES = (0.5, 1.0)  # the unimodal head's weights at which the validation MSE is measured
+PROBE_PREFIX = "mse_blend_"  # `evaluate()`'s probe metrics
+SITE_PROBE_PREFIX = "val-mse-blend-"  # the same, as a site reports them
 
 
 def probe_key(modality: str, weight: float) -> str:
     """`mse_blend_oct_50`: the MSE with the OCT head at weight 0.5 (percent: keys stay plain)."""
-    return f"mse_blend_{modality}_{round(weight * 100)}"
+    return f"{PROBE_PREFIX}{modality}_{round(weight * 100)}"
 
 
 def blended(preds: dict[str, np.ndarray], modality: str, weight: float) -> np.ndarray:

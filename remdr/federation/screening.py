@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from remdr.head_blend import SITE_PROBE_PREFIX
 from remdr.model import model_part
 
 # The reply metric that counts the training eyes behind each modality part of the model; the
@@ -189,5 +190,5 @@ def metric_problem(metrics: Mapping[str, Any]) -> str | None:
 def _read_as_one_number(key: str) -> bool:
     """The metrics the coordinator weighs, averages or selects the best model by."""
     return key in ("val-mse", "num-val", "num-examples", "unit-weight") or key.startswith(
-        ("eyes-", "received-", "val-mse-blend-")
+        ("eyes-", "received-", SITE_PROBE_PREFIX)
     )

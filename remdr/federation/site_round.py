@@ -29,6 +29,7 @@ from remdr.errors import RemdrError, TrainingError
 from remdr.federation.run_config import FedConfig
 from remdr.federation.screening import PART_COUNTS
 from remdr.federation.site_state import Carried
+from remdr.head_blend import PROBE_PREFIX
 from remdr.methods import build_model, create_method
 from remdr.metrics import BINS, regression_metrics
 from remdr.model import model_part
@@ -152,7 +153,7 @@ class RoundResult:
 def _metrics_record(prefix: str, m: dict[str, float]) -> dict[str, float]:
     keys = ["mse", "mae", "mae_bin_avg"] + [f"mae_{b}" for b in BINS]
     if prefix == "val":  # `head-blend`'s probes: the coordinator chooses the blend by them
-        keys += [k for k in m if k.startswith("mse_blend_")]
+        keys += [k for k in m if k.startswith(PROBE_PREFIX)]
     return {f"{prefix}-{k.replace('_', '-')}": float(m.get(k, float("nan"))) for k in keys}
 
 
