@@ -23,6 +23,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from remdr.client.app import PRIVACY_DECLINED, SITE_ERROR, VERSION_MISMATCH
 from remdr.client.metrics_policy import REQUEST_KEY, agreed_level, bin_patients, share_metrics
@@ -33,13 +34,20 @@ from remdr.config import ExperimentConfig
 from remdr.data.splits import site_split_key
 from remdr.errors import PrivacyError, RemdrError
 from remdr.federation.run_config import FedConfig, split_run_config, versions_compatible
-from remdr.federation.site_round import SiteData, evaluate_global, load_site, train_round
+from remdr.federation.site_round import (
+    SiteData,
+    evaluate_global,
+    head_statistics,
+    load_site,
+    train_round,
+)
 from remdr.federation.site_state import (
     Carried,
     SiteState,
     flatten_optimizer,
     unflatten_optimizer,
 )
+from remdr.head_refit import HEAD_STATS, TASK_KEY
 from remdr.registry import get_spec
 
 log = logging.getLogger(__name__)
@@ -317,6 +325,8 @@ def evaluate(msg: Message, context: Context) -> Message:
             server_round = int(msg.content["config"].get("server-round", 1))
             local = _site_state(msg, context, setup.fed).load(before=server_round + 1).local
         global_state = msg.content["arrays"].to_torch_state_dict()
+        if msg.content["config"].get(TASK_KEY) == HEAD_STATS:
+            return _head_statistics(msg, context, setup, global_state, local)
         metrics = evaluate_global(setup.cfg, global_state, setup.site, local)
     except RemdrError as err:
         log.warning("site %s: %s", _site_id(context), err)
@@ -325,4 +335,24 @@ def evaluate(msg: Message, context: Context) -> Message:
     metrics["unit-weight"] = 1.0
     shared = MetricRecord(setup.shared(metrics))
     content = RecordDict({"metrics": shared, "site": _site_record(context)})
+    return Message(content=content, reply_to=msg)
+
+
+def _head_statistics(msg: Message, context: Context, setup: Setup, global_state, local) -> Message:
+    """`head-refit`: the sums of this site's eyes the coordinator refits the fusion head's
+    output layer from (`remdr.head_refit`), in the reply's one ArrayRecord (`arrays`, the
+    record the site worker's link carries), screened there like weights."""
+    arrays = head_statistics(setup.cfg, global_state, setup.site, local)
+    metrics = {  # every eye, as a train reply counts them; the sums are of the complete ones
+        "num-examples": float(len(setup.site.train)),
+        "num-val": float(len(setup.site.val)),
+        "unit-weight": 1.0,
+    }
+    content = RecordDict(
+        {
+            "arrays": ArrayRecord({k: torch.from_numpy(v) for k, v in arrays.items()}),
+            "metrics": MetricRecord(metrics),
+            "site": _site_record(context),
+        }
+    )
     return Message(content=content, reply_to=msg)

@@ -19,9 +19,11 @@ from remdr.data.dataset import EyeDataset
 from remdr.data.loading import Dataset
 from remdr.data.splits import split_records
 from remdr.head_blend import Blend, choose, set_blend
+from remdr.head_refit import HeadRefit, head_stats, refit_heads, refittable
 from remdr.methods import Method, build_model, create_method
 from remdr.metrics import metrics_by_kind, scored_metrics
 from remdr.model import ReM3Dr
+from remdr.registry import get_spec
 from remdr.runtime import prepare_model, resolve_device, seed_everything
 from remdr.train import FitResult, evaluate, fit, make_loader, predict
 
@@ -58,6 +60,7 @@ class Outcome:
     test_preds: dict[str, np.ndarray]
     test_curve: list[tuple[float, float]] = field(default_factory=list)  # (train s, test MSE)
     blend: Blend | None = None  # `head-blend`'s choice on the validation eyes
+    refit: HeadRefit | None = None  # `head-refit`'s choices on the validation eyes
 
 
 def train_and_test(
@@ -96,10 +99,26 @@ def train_and_test(
         privacy=cfg.privacy,
         on_epoch=score_test if test_curve and len(data.test) else None,
     )
+    refitted = _refit_head(model, data, cfg, device) if cfg.method.head_refit else None
     blend = _choose_blend(model, data.val, cfg, device) if model.blends else None
     preds = predict(model, loader, device)
     metrics = scored_metrics(preds)
-    return Outcome(model, method, result, metrics, preds, curve, blend)
+    return Outcome(model, method, result, metrics, preds, curve, blend, refitted)
+
+
+def _refit_head(model, data: SplitData, cfg: ExperimentConfig, device) -> HeadRefit | None:
+    """`head-refit`: each head's output layer refitted on the training eyes' hidden
+    activations, strength chosen on the validation eyes (`remdr.head_refit`)."""
+    if not (refittable(model) and len(data.train) and len(data.val)):
+        return None
+    if get_spec(cfg.train.method).private:  # the Grams are outside DP-SGD's accounting
+        return None
+    batch = cfg.train.batch_size * 2
+    train, val = (
+        head_stats(model, make_loader(ds, batch, shuffle=False, seed=0, device=device), device)
+        for ds in (data.train, data.val)
+    )
+    return refit_heads(model, train, val, blend=False)  # the blend is chosen after, as ever
 
 
 def _choose_blend(model, val: EyeDataset, cfg: ExperimentConfig, device) -> Blend | None:
@@ -132,6 +151,7 @@ def write_run(
         "best_epoch": outcome.fit.best_epoch,
         "best_val_mse": outcome.fit.best_val_mse,
         "head_blend": outcome.blend.to_dict() if outcome.blend else None,
+        "head_refit": outcome.refit.to_dict() if outcome.refit else None,
         "train_seconds": outcome.fit.seconds,
         "history": outcome.fit.history,
         "split_sizes": data.sizes(),

@@ -135,3 +135,9 @@ class MethodConfig:
         "head and weight chosen on the validation eyes (0: the fusion head alone; the federated "
         "default)",
     )
+    head_refit: bool = setting(
+        False,
+        "once training ends, refit the fusion head's output layer by ridge regression on the "
+        "final model's hidden activations of the training eyes, strength chosen on the "
+        "validation eyes (the trained layer where none is better; the federated default)",
+    )

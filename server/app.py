@@ -21,6 +21,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 from remdr.server.grid import RetryingGrid
+from remdr.server.head_refit import refit_best
 from remdr.server.site_dp import site_level_privacy
 from remdr.server.strategy import RemdrStrategy, RoundAborted, build_strategy
 
@@ -184,6 +185,8 @@ def main(grid: Grid, context: Context) -> None:
             if scores is not None:
                 run.add_evaluation(final, *scores)
                 _log_round(final, fed.num_server_rounds, {}, final, scores)
+        if cfg.method.head_refit and run.last_round() == fed.num_server_rounds:
+            refit_best(strategy, run, cfg, ConfigRecord(dict(to_sites)), remaining)
     except RoundAborted as err:
         status, reason = "aborted", str(err)
         log.error("federation aborted: %s", err)

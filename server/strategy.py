@@ -46,11 +46,13 @@ from remdr.server.site_names import SiteNames
 from remdr.federation.run_config import FedConfig
 from remdr.federation.screening import (
     counts_problem,
+    head_stats_problem,
     trained_counts,
     untrained_part_problem,
     update_problem,
 )
 from remdr.federation.site_round import RECEIVED
+from remdr.head_refit import HEAD_STATS, SPLITS, Sums, add, from_arrays
 
 log = logging.getLogger("flwr")  # Flower's handlers stream this to `remdr-server run`
 
@@ -256,6 +258,42 @@ class RemdrStrategy(Strategy):
             for s, m in self.current.get("sites", {}).items()
         }
         return self.current["evaluate"], per_site
+
+    def head_statistics(
+        self, arrays: ArrayRecord, config, server_round: int, sizes: dict[str, int]
+    ) -> tuple[Sums, Sums, list[str], list[dict]] | None:
+        """`head-refit`: one evaluate message per site for the chosen model, whose replies carry
+        the sites' sums (`remdr.head_refit`; `sizes`: each head's Gram size); (train, val, the
+        sites summed, the errors), or None when no site's sums passed screening. Each reply is
+        screened like an update: its shape, its site name, its counts (bounded by the site's
+        first), then the sums themselves."""
+        base = getattr(self.inner, "strategy", self.inner)
+        base.fraction_evaluate = 1.0
+        self.current = {"round": server_round + self.round_offset}
+        msgs = self.configure_evaluate(server_round, arrays, config, self.grid)
+        replies = self.grid.send_and_receive(msgs, timeout=self.fed.round_timeout)
+        sums: list[tuple[str, Sums, Sums]] = []
+        for msg in replies:
+            if msg.has_error():
+                self._error(self._site(msg), HEAD_STATS, msg.error.reason)
+                continue
+            problem = self._refuse(msg, "train")  # shape, site name (claimed here), counts
+            stats = {} if problem else {k: v.numpy() for k, v in arrays_of(msg).items()}
+            problem = problem or head_stats_problem(stats, sizes, metrics_of(msg))
+            if problem:
+                self._error(
+                    self._site(msg), HEAD_STATS, f"reply rejected: {problem}", rejected=True
+                )
+                continue
+            train, val = (from_arrays(stats, split, sizes) for split in SPLITS)
+            sums.append((self._site(msg), train, val))
+        if not sums:
+            return None
+        sums.sort(key=lambda s: s[0])  # summed in the sites' order, whatever order they came in
+        train, val = sums[0][1], sums[0][2]
+        for _, t, v in sums[1:]:
+            train, val = add(train, t), add(val, v)
+        return train, val, [s[0] for s in sums], self.current.get("errors", [])
 
     def configure_train(self, server_round, arrays, config, grid):  # noqa: D102
         self.current = {"round": server_round + self.round_offset, "started": time.time()}

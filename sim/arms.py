@@ -79,6 +79,7 @@ def train_central(
         "wall_seconds": outcome.fit.seconds,
         "test_curve": outcome.test_curve,
         "head_blend": outcome.blend.to_dict() if outcome.blend else None,
+        "head_refit": outcome.refit.to_dict() if outcome.refit else None,
     }
 
 

@@ -241,10 +241,22 @@ def summary_table(results: dict) -> str:
         )
     var = results["federated"]["test"]["md_var"]
     lines.append(f"(test MD variance {var:.2f} dB²: predicting the mean scores MSE {var:.2f})")
+    refits = [f"{name.strip()} {_refit(r['head_refit'])}" for name, r in rows if "head_refit" in r]
+    if any(r.get("head_refit") for _, r in rows):
+        lines.append("head refit (validation MSE of each head's eyes): " + "; ".join(refits))
     blends = [f"{name.strip()} {_blend(r['head_blend'])}" for name, r in rows if "head_blend" in r]
     if blends:
         lines.append("head blend (chosen on validation): " + "; ".join(blends))
     return "\n".join(lines)
+
+
+def _refit(choice: dict | None) -> str:
+    if not choice:
+        return "off"
+    heads = [h for h in ("fusion", "oct", "fundus") if h in choice]
+    return ", ".join(
+        f"{h} {choice[h]['val-mse-before']:.2f} -> {choice[h]['val-mse']:.2f}" for h in heads
+    )
 
 
 def _blend(choice: dict | None) -> str:

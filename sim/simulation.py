@@ -123,6 +123,7 @@ def run_simulation(sim: Simulation, say: Callable[[str], None] = print) -> dict:
             **one_image_tests(model, part.test, cfg),
             "wall_seconds": fed_seconds,
             "head_blend": (fed_run.best() or {}).get("head-blend"),
+            "head_refit": (fed_run.best() or {}).get("head-refit"),
             "test_curve": federated_test_curve(fed_run, model, test_ds, cfg, fed_seconds),
         }
     }
@@ -263,6 +264,7 @@ def _reference(sim: Simulation, cfg: ExperimentConfig, run_config: dict, test_ds
         "method": sim.reference,
         "val_mse": float(best.get("val-mse", float("nan"))),
         "head_blend": best.get("head-blend"),
+        "head_refit": best.get("head-refit"),
         "test": test_metrics(model, test_ds, ref_cfg)[0],
         "wall_seconds": time.perf_counter() - t_ref,
     }
@@ -295,5 +297,6 @@ def _complete_sites_only(
         "sites": complete,
         "test": test_metrics(model, test_ds, cfg)[0],
         "head_blend": (complete_run.best() or {}).get("head-blend"),
+        "head_refit": (complete_run.best() or {}).get("head-refit"),
         "wall_seconds": time.perf_counter() - t_complete,
     }

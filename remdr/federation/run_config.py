@@ -50,6 +50,7 @@ FEDERATED_DEFAULTS = {
     "oct-view": "bscans",
     "lds-reweight": LDS_AUTO,  # each site re-weights by its own label density (auto: 0.25)
     "head-blend": True,  # the final model blends in a unimodal head where validation says so
+    "head-refit": True,  # the fusion head's output layer refitted on the sites' summed Grams
 }
 
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg", "krum")
@@ -225,6 +226,14 @@ def _resolve_auto(fed: FedConfig, cfg: ExperimentConfig | None) -> ExperimentCon
         sgd = cfg is not None and cfg.train.optimizer == "sgd"
         use = fed.local_steps > 0 and sgd and not private and fed.strategy in MEAN_STRATEGIES
         fed.drift_control = "scaffold" if use else "off"
+    if (
+        cfg is not None
+        and cfg.method.head_refit
+        and (private or fed.strategy not in MEAN_STRATEGIES)
+    ):
+        # the sites' Grams are released outside any DP accounting, and summed, not screened
+        # robustly: off where the run trusts its sites less
+        cfg = dataclasses.replace(cfg, method=dataclasses.replace(cfg.method, head_refit=False))
     if cfg is not None and cfg.method.lds_reweight == LDS_AUTO:
         power = 0.0 if private else SITE_LDS_REWEIGHT
         cfg = dataclasses.replace(cfg, method=dataclasses.replace(cfg.method, lds_reweight=power))

@@ -156,8 +156,26 @@ class RunDirectory:
         save_file(weights, str(self.dir / "best.safetensors"), metadata=meta)
         _atomic_write(self.dir / "best.json", json.dumps(best))
 
+    def save_refit(
+        self, weights: dict[str, torch.Tensor], refit: dict[str, Any], blend: Blend | None
+    ) -> None:
+        """The best round's model with `head-refit`'s output layer (`weights`) and the blend
+        chosen after it into best.safetensors; best.json keeps the round and its validation
+        MSE (by which a resumed run compares later rounds) and adds `head-refit`."""
+        best = self.best()
+        if best is None:
+            return
+        meta = {"remdr_version": __version__, "round": str(best["round"])}
+        best.pop("head-blend", None)
+        if blend is not None and blend.weight > 0:
+            weights = {**weights, "head_blend": blend.weights(MODALITIES)}
+            best["head-blend"] = blend.to_dict()
+        save_file(weights, str(self.dir / "best.safetensors"), metadata=meta)
+        _atomic_write(self.dir / "best.json", json.dumps(clean({**best, "head-refit": refit})))
+
     def best(self) -> dict[str, Any] | None:
-        """best.json: the best round, its validation MSE and its `head-blend` choice."""
+        """best.json: the best round, its validation MSE, its `head-blend` choice and, once the
+        federation has finished, its `head-refit`."""
         path = self.dir / "best.json"
         return json.loads(path.read_text()) if path.is_file() else None
 

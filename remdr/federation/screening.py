@@ -192,3 +192,37 @@ def _read_as_one_number(key: str) -> bool:
     return key in ("val-mse", "num-val", "num-examples", "unit-weight") or key.startswith(
         ("eyes-", "received-", SITE_PROBE_PREFIX)
     )
+
+
+def head_stats_problem(
+    arrays: Mapping[str, np.ndarray], sizes: Mapping[str, int], counts: Mapping[str, Any]
+) -> str | None:
+    """Why a site's `head-refit` sums (`remdr.head_refit`) cannot be added to the others; None
+    if they can. Each split's and head's Gram must be a finite, symmetric, positive
+    semi-definite float64 matrix of the head's size (`sizes`) whose constant column (the
+    second-to-last) sums to its row count, and no count may exceed the reply's `num-examples`
+    (training) or `num-val` (validation), which are bounded like an update's counts."""
+    want = {f"{s}-{h}-{k}" for s in ("train", "val") for h in sizes for k in ("gram", "n")}
+    if set(arrays) != want:
+        return f"head statistics with {len(arrays)} arrays, expected {sorted(want)[:2]}..."
+    for split, count in (("train", "num-examples"), ("val", "num-val")):
+        declared = _number(counts.get(count))
+        for head, size in sizes.items():
+            what = f"{split} statistics of the {head} head"
+            gram = np.asarray(arrays[f"{split}-{head}-gram"])
+            n = np.asarray(arrays[f"{split}-{head}-n"])
+            if gram.shape != (size, size) or n.shape != (1,):
+                return f"{what} of shape {gram.shape}, expected ({size}, {size})"
+            if gram.dtype != np.float64 or not np.isfinite(gram).all():
+                return f"{what} not finite float64"
+            if declared is None or not 0 <= n[0] <= declared:
+                return f"{what} count {n[0]} eyes, more than the reply's {count}"
+            scale = max(float(np.abs(gram).max()), 1.0)
+            if not np.allclose(gram, gram.T, rtol=0, atol=1e-9 * scale):
+                return f"{what} are not symmetric"
+            ones = size - 2
+            if abs(gram[ones, ones] - n[0]) > 1e-6 * max(n[0], 1):
+                return f"{what}: the constant column sums to {gram[ones, ones]:g}, not {n[0]}"
+            if np.linalg.eigvalsh(gram).min() < -1e-8 * scale * size:
+                return f"{what} are not a Gram matrix (a negative eigenvalue)"
+    return None

@@ -30,6 +30,7 @@ from remdr.federation.run_config import FedConfig
 from remdr.federation.screening import PART_COUNTS
 from remdr.federation.site_state import Carried
 from remdr.head_blend import PROBE_PREFIX
+from remdr.head_refit import head_stats, refittable, to_arrays
 from remdr.methods import build_model, create_method
 from remdr.metrics import BINS, regression_metrics
 from remdr.model import model_part
@@ -335,3 +336,36 @@ def evaluate_global(
     if local_state:
         model.load_state_dict(local_state, strict=False)
     return evaluate_site(prepare_model(model, device), site, cfg, device, test=True)
+
+
+@one_line_failures("head statistics")
+def head_statistics(
+    cfg: ExperimentConfig,
+    global_state: dict[str, torch.Tensor],
+    site: SiteData,
+    local_state: dict[str, torch.Tensor] | None = None,
+) -> dict[str, np.ndarray]:
+    """`head-refit`'s sums for the model the coordinator chose (`remdr.head_refit`): each
+    head's Gram of hidden activations and labels over this site's training eyes
+    (`train-<head>-gram`, `train-<head>-n`) and validation eyes (`val-*`)."""
+    if not cfg.method.head_refit:  # the site reads the run config itself: asked or not
+        raise RemdrError(
+            "the coordinator asked for head statistics", "the run config has head-refit off", ""
+        )
+    device = resolve_device(cfg.train.device)
+    model = build_model(cfg, create_method(cfg.train.method, cfg.method))
+    model.load_state_dict(global_state)
+    if local_state:
+        model.load_state_dict(local_state, strict=False)
+    model = prepare_model(model, device)
+    if not refittable(model):
+        raise RemdrError(
+            "the coordinator asked for head statistics",
+            f"{cfg.train.method} mixes its heads (a gate or one shared head)",
+            "",
+        )
+    sums = {}
+    for name, data in (("train", site.train), ("val", site.val)):
+        loader = make_loader(data, cfg.train.batch_size * 2, shuffle=False, seed=0, device=device)
+        sums[name] = head_stats(model, loader, device)
+    return to_arrays(sums)
