@@ -34,6 +34,9 @@ TASK_KEY = "remdr-task"  # the config key of an evaluate message that asks for s
 HEAD_STATS = "head-stats"  # ... for the sums below, of the model it carries
 SPLITS = ("train", "val")
 FUSION = "fusion"
+# the fewest eyes a site sums: the Gram of two rows gives both (up to their order; its constant
+# column leaves no other freedom), of three or more it leaves a continuum of rows
+MIN_EYES = 3
 # ridge strengths, as multiples of the training eyes (the Gram grows with them); ∞ keeps the layer
 STRENGTHS = (0.0, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, math.inf)
 
@@ -56,6 +59,18 @@ def add(a: Sums, b: Sums) -> Sums:
     return {head: a[head] + b[head] for head in a}
 
 
+def withheld(sums: Sums) -> Sums:
+    """`sums` with nothing in them where a group of fewer than `MIN_EYES` eyes could be read
+    off: a head's own rows, or the difference of a modality head's and the fusion head's rows
+    (the eyes with only that image). Such a split is sent empty, as a site without eyes would."""
+    counts = [s.n for s in sums.values()]
+    if FUSION in sums:
+        counts += [sums[h].n - sums[FUSION].n for h in sums if h != FUSION]
+    if all(n == 0 or n >= MIN_EYES for n in counts):
+        return sums
+    return {h: HeadStats(np.zeros_like(s.gram), 0) for h, s in sums.items()}
+
+
 def to_arrays(sums: dict[str, Sums]) -> dict[str, np.ndarray]:
     """{split: {head: HeadStats}} as the named arrays of a reply."""
     out = {}
@@ -72,12 +87,6 @@ def from_arrays(arrays: dict[str, np.ndarray], split: str, heads) -> Sums:
                      int(arrays[f"{split}-{h}-n"][0]))
         for h in heads
     }  # fmt: skip
-
-
-def heads_of(model) -> tuple[str, ...]:
-    """The heads a refit covers: each modality's own head, and the MLP fusion head."""
-    fusion = (FUSION,) if getattr(model, "fusion", None) is not None else ()
-    return (*model.modalities, *fusion)
 
 
 def sizes(model) -> dict[str, int]:
@@ -168,17 +177,23 @@ def refit_layer(
     λ = strength × training rows."""
     k, p = train.gram.shape[0], len(cols)
     features, target = train.gram[np.ix_(cols, cols)], train.gram[cols, -1]
+    if val.n == 0:  # nothing to choose on: the trained layer
+        return Refit(math.inf, trained, math.nan, math.nan, 0)
     before = _mse(val, _coef(k, cols, trained), scale)
     best = Refit(math.inf, trained, before, before, val.n)
-    if train.n == 0 or val.n == 0:
+    if train.n == 0 or not np.isfinite(before) or before < 0:
         return best
     for strength in STRENGTHS[:-1]:
         lam = strength * train.n
         # the tiny jitter makes plain least squares solvable where a hidden unit never varies
         a = features + (lam + 1e-9 * np.trace(features) / p) * np.eye(p)
-        weight = np.linalg.solve(a, target + lam * trained)
+        try:
+            weight = np.linalg.solve(a, target + lam * trained)
+        except np.linalg.LinAlgError:  # a sum no eyes could give (screening bounds it): skip
+            continue
         mse = _mse(val, _coef(k, cols, weight), scale)
-        if np.isfinite(mse) and mse < best.val_mse - 1e-9:
+        # a Gram scores every layer >= 0: a negative score is a sum no eyes could give
+        if np.isfinite(mse) and 0 <= mse < best.val_mse - 1e-9:
             best = Refit(strength, weight, before, mse, val.n)
     return best
 

@@ -137,7 +137,7 @@ class MethodConfig:
     )
     head_refit: bool = setting(
         False,
-        "once training ends, refit the fusion head's output layer by ridge regression on the "
-        "final model's hidden activations of the training eyes, strength chosen on the "
-        "validation eyes (the trained layer where none is better; the federated default)",
+        "once training ends, refit each head's output layer by ridge regression on its hidden "
+        "activations of the training eyes, strength chosen on the validation eyes (the trained "
+        "layer where none is better; the federated default, from the sites' summed Grams)",
     )

@@ -186,7 +186,10 @@ def main(grid: Grid, context: Context) -> None:
                 run.add_evaluation(final, *scores)
                 _log_round(final, fed.num_server_rounds, {}, final, scores)
         if cfg.method.head_refit and run.last_round() == fed.num_server_rounds:
-            refit_best(strategy, run, cfg, ConfigRecord(dict(to_sites)), remaining)
+            try:  # a failure here must not cost the trained federation: the best round stays
+                refit_best(strategy, run, cfg, ConfigRecord(dict(to_sites)), remaining)
+            except Exception:
+                log.exception("remdr head refit failed; the best round's model stays as it is")
     except RoundAborted as err:
         status, reason = "aborted", str(err)
         log.error("federation aborted: %s", err)

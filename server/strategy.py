@@ -287,6 +287,10 @@ class RemdrStrategy(Strategy):
                 continue
             train, val = (from_arrays(stats, split, sizes) for split in SPLITS)
             sums.append((self._site(msg), train, val))
+        replied = {self._node(m) for m in replies}
+        for node in self._sampled.get("evaluate", []):
+            if node not in replied:
+                self._error(self.names.label(node), HEAD_STATS, "no reply")
         if not sums:
             return None
         sums.sort(key=lambda s: s[0])  # summed in the sites' order, whatever order they came in

@@ -1,6 +1,7 @@
-"""`head-refit`: the fusion head's output layer refitted by ridge on the final model's hidden
-activations, strength chosen on validation; in a federation from the sites' summed Grams, which
-must give what pooling their eyes would, and which are screened like an update."""
+"""`head-refit`: each head's output layer refitted by ridge on its hidden activations, strength
+chosen on validation; in a federation from the sites' summed Grams, which must give what pooling
+their eyes would, which are screened like an update, and which no site sends for fewer than
+three eyes."""
 
 from __future__ import annotations
 
@@ -165,6 +166,7 @@ def test_pooled_training_applies_the_refit_it_reports(tiny_data, tiny_cfg, tmp_p
         )
     saved = json.loads((tmp_path / "metrics.json").read_text())["head_refit"]
     assert saved[FUSION]["val-mse"] == pytest.approx(outcome.refit.heads[FUSION].val_mse)
+    assert any(math.isfinite(r.strength) for r in outcome.refit.heads.values())  # it refitted
     plain = train_and_test(apply_overrides(cfg, {"head-refit": False}), data, progress=False)
     assert plain.refit is None
 
@@ -178,6 +180,34 @@ def test_refit_is_off_where_the_run_trusts_its_sites_less(run_config):
     base = {"head-refit": True, "min-nodes": 4, "group-norm": True}
     assert split_run_config(base)[0].method.head_refit
     assert not split_run_config({**base, **run_config})[0].method.head_refit
+
+
+def test_no_site_sends_sums_a_group_of_one_or_two_eyes_could_be_read_off(tiny_data, tiny_cfg):
+    """The Gram of two rows gives both rows; two OCT-only eyes are the difference of the OCT
+    head's and the fusion head's Grams. Such a split goes out empty; three eyes do not."""
+    import dataclasses
+
+    from remdr.head_refit import MIN_EYES, withheld
+
+    data = load_splits(tiny_data, tiny_cfg)
+    model = _model(tiny_cfg)
+    records = data.train.records
+    for few in (records[:1], records[:2]):
+        assert all(s.n == 0 and not s.gram.any() for s in withheld(
+            head_stats(model, _loader(few, tiny_cfg), CPU)).values())  # fmt: skip
+    two_oct_only = [dataclasses.replace(r, modalities=("oct",)) for r in records[:2]]
+    sums = head_stats(model, _loader(two_oct_only + records[2:], tiny_cfg), CPU)
+    assert sums["oct"].n - sums[FUSION].n == 2 and withheld(sums)[FUSION].n == 0
+    enough = head_stats(model, _loader(records[:MIN_EYES], tiny_cfg), CPU)
+    assert withheld(enough) is enough
+
+
+def test_a_refit_without_validation_eyes_keeps_the_trained_layer():
+    rng = np.random.default_rng(1)
+    x, y, heads = rng.normal(size=(50, 5)), rng.normal(size=50), rng.normal(size=(50, 2))
+    empty = HeadStats(np.zeros((9, 9)), 0)
+    kept = refit_layer(_stats(x, y, heads), empty, list(range(6)), np.ones(6), scale=1.0)
+    assert kept.strength == math.inf and math.isnan(kept.val_mse) and kept.val_eyes == 0
 
 
 # -- the coordinator screens each site's sums like an update ----------------------------------
@@ -234,6 +264,14 @@ def _wrong_size(s):
     s["val-fundus-gram"] = np.eye(5)
 
 
+def _float_count(s):
+    s["train-oct-n"] = np.array([30.0])
+
+
+def _text_count(s):
+    s["val-oct-n"] = np.array(["10"])
+
+
 @pytest.mark.parametrize(
     "spoil, reason",
     [
@@ -245,6 +283,8 @@ def _wrong_size(s):
         (_too_many_eyes, "more than"),
         (_extra_array, "expected"),
         (_wrong_size, "shape"),
+        (_float_count, "int64"),
+        (_text_count, "int64"),
     ],
 )
 def test_sums_that_cannot_be_a_sites_gram_are_refused(spoil, reason):
@@ -298,3 +338,80 @@ def test_the_coordinator_sums_the_sites_that_pass_and_names_the_one_that_does_no
     expected = _honest(40, 1)["train-fusion-gram"] + _honest(60, 2)["train-fusion-gram"]
     np.testing.assert_allclose(train[FUSION].gram, expected)
     assert [e["site"] for e in errors] == ["C"] and "negative eigenvalue" in errors[0]["reason"]
+
+
+def test_a_site_that_does_not_answer_is_named_and_the_others_are_summed():
+    from remdr.server.strategy import build_strategy
+
+    _, fed = split_run_config({"min-nodes": 3, "node-wait": 0.0})
+    strategy = build_strategy(fed)
+    strategy.grid = _Grid([_stats_reply(1, "A", _honest(40, 1), 40)])  # 2 and 3 stay silent
+    with flower_run_identity():
+        train, _, sites, errors = strategy.head_statistics(
+            arrays({"fusion.3.weight": np.zeros((1, 4), np.float32)}), ConfigRecord(), 5, SIZES
+        )
+    assert sites == ["A"] and train["oct"].n == 40
+    assert sorted(e["reason"] for e in errors) == ["no reply", "no reply"]
+
+
+class _Sites(Nodes):
+    """A grid whose nodes are real ClientApps (the production app, over the wire) on one
+    site's data each: what the coordinator's last step talks to."""
+
+    def __init__(self, contexts: dict) -> None:
+        super().__init__(list(contexts))
+        self.contexts, self.dst_of_message = contexts, {}
+
+    def send_and_receive(self, messages, timeout=None):
+        from site_app import app
+
+        return [app(m, self.contexts[m.metadata.dst_node_id]) for m in messages]
+
+
+def test_the_coordinator_refits_from_real_site_replies_and_a_resume_repeats_it(tiny_data, tmp_path):
+    from conftest import TINY
+    from flwr.app import Context
+    from remdr.server.head_refit import refit_best
+    from remdr.server.strategy import build_strategy
+    from safetensors.torch import load_file
+
+    from remdr.federation.run_config import run_config_defaults
+    from remdr.federation.run_directory import RunDirectory
+
+    run_config = {**run_config_defaults(), **TINY, "min-nodes": 2, "node-wait": 0.0}
+    cfg, fed = split_run_config(run_config)
+    assert cfg.method.head_refit  # the federated default
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    run = RunDirectory(tmp_path / "run")
+    run.save_round(1, model.state_dict(), {"num-examples": 10})
+    run.add_evaluation(1, {"val-mse": 30.0}, {})
+
+    def context(node: int, site: str) -> Context:
+        node_config = {"data-path": str(tiny_data), "site-id": site}
+        return Context(run_id=1, node_id=node, node_config=node_config, state=RecordDict(),
+                       run_config=run_config)  # fmt: skip
+
+    strategy = build_strategy(fed)
+    strategy.grid = _Sites({7: context(7, "hospA"), 8: context(8, "hospB")})
+    with flower_run_identity():
+        record = refit_best(strategy, run, cfg, ConfigRecord({}), 1)
+        first = load_file(str(tmp_path / "run" / "best.safetensors"))
+        assert record["sites"] == ["hospA", "hospB"] and "errors" not in record
+        best = json.loads((tmp_path / "run" / "best.json").read_text())
+        assert best["round"] == 1 and best["val-mse"] == 30.0  # the round's, as resume compares
+        assert any(math.isfinite(r["strength"]) for r in (best["head-refit"][h] for h in
+                                                          ("oct", "fundus", FUSION)))  # fmt: skip
+        refit_best(strategy, run, cfg, ConfigRecord({}), 1)  # a resumed finished run
+    again = load_file(str(tmp_path / "run" / "best.safetensors"))
+    assert set(first) == set(again)
+    for key in first:
+        torch.testing.assert_close(first[key], again[key])
+    loaded, trained = build_model(cfg), build_model(cfg)
+    loaded.load_state_dict(first)
+    trained.load_state_dict(run.load_weights(1))  # the round's own file stays the trained model
+    for head, module in (("oct", "heads.oct"), ("fundus", "heads.fundus"), (FUSION, "fusion")):
+        moved = not np.allclose(
+            output_layer(loaded.get_submodule(module)), output_layer(trained.get_submodule(module))
+        )
+        assert moved == math.isfinite(best["head-refit"][head]["strength"]), head

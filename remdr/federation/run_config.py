@@ -50,7 +50,7 @@ FEDERATED_DEFAULTS = {
     "oct-view": "bscans",
     "lds-reweight": LDS_AUTO,  # each site re-weights by its own label density (auto: 0.25)
     "head-blend": True,  # the final model blends in a unimodal head where validation says so
-    "head-refit": True,  # the fusion head's output layer refitted on the sites' summed Grams
+    "head-refit": True,  # each head's output layer refitted from the sites' summed Grams
 }
 
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg", "krum")

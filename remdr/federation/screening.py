@@ -215,6 +215,8 @@ def head_stats_problem(
                 return f"{what} of shape {gram.shape}, expected ({size}, {size})"
             if gram.dtype != np.float64 or not np.isfinite(gram).all():
                 return f"{what} not finite float64"
+            if n.dtype != np.int64:
+                return f"{what}: its count is {n.dtype}, not int64"
             if declared is None or not 0 <= n[0] <= declared:
                 return f"{what} count {n[0]} eyes, more than the reply's {count}"
             scale = max(float(np.abs(gram).max()), 1.0)

@@ -30,7 +30,7 @@ from remdr.federation.run_config import FedConfig
 from remdr.federation.screening import PART_COUNTS
 from remdr.federation.site_state import Carried
 from remdr.head_blend import PROBE_PREFIX
-from remdr.head_refit import head_stats, refittable, to_arrays
+from remdr.head_refit import head_stats, refittable, to_arrays, withheld
 from remdr.methods import build_model, create_method
 from remdr.metrics import BINS, regression_metrics
 from remdr.model import model_part
@@ -367,5 +367,5 @@ def head_statistics(
     sums = {}
     for name, data in (("train", site.train), ("val", site.val)):
         loader = make_loader(data, cfg.train.batch_size * 2, shuffle=False, seed=0, device=device)
-        sums[name] = head_stats(model, loader, device)
+        sums[name] = withheld(head_stats(model, loader, device))
     return to_arrays(sums)
