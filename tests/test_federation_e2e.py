@@ -50,6 +50,8 @@ def test_two_sites_two_rounds(tmp_path, sites, secure):
             fed.start_site(name, data)
         assert fed.run(experiment) == 0, fed.log("run.log")
         check_report(out, rounds=2, sites={"A", "B"})
+        # the last step's sums crossed each site's worker and the coordinator's screening
+        assert RunDirectory(out).best()["head-refit"]["sites"] == ["A", "B"]
         final = RunDirectory(out).load_weights(2)
         initial = initial_weights(EXPERIMENT)
         assert final.keys() == initial.keys()
