@@ -254,9 +254,14 @@ def _refit(choice: dict | None) -> str:
     if not choice:
         return "off"
     heads = [h for h in ("fusion", "oct", "fundus") if h in choice]
-    return ", ".join(
-        f"{h} {choice[h]['val-mse-before']:.2f} -> {choice[h]['val-mse']:.2f}" for h in heads
-    )
+    return ", ".join(f"{h} {_change(choice[h])}" for h in heads)
+
+
+def _change(head: dict) -> str:
+    before, after = head.get("val-mse-before"), head.get("val-mse")
+    if before is None or after is None:  # no validation eyes for this head: kept as trained
+        return "kept (no validation eyes)"
+    return f"{before:.2f} -> {after:.2f}"
 
 
 def _blend(choice: dict | None) -> str:

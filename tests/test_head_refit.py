@@ -415,3 +415,11 @@ def test_the_coordinator_refits_from_real_site_replies_and_a_resume_repeats_it(t
             output_layer(loaded.get_submodule(module)), output_layer(trained.get_submodule(module))
         )
         assert moved == math.isfinite(best["head-refit"][head]["strength"]), head
+
+
+def test_the_simulator_summary_prints_a_head_without_validation_eyes():
+    from remdr.sim.report import _refit
+
+    no_val = {"strength": "inf", "val-mse-before": None, "val-mse": None, "val-eyes": 0}
+    line = _refit({FUSION: no_val, "oct": {"val-mse-before": 4.0, "val-mse": 3.25}})
+    assert line == "fusion kept (no validation eyes), oct 4.00 -> 3.25"
