@@ -19,7 +19,7 @@ from remdr.data.dataset import EyeDataset
 from remdr.data.loading import Dataset
 from remdr.data.splits import split_records
 from remdr.head_blend import Blend, choose, set_blend
-from remdr.head_refit import HeadRefit, head_stats, refit_heads, refittable
+from remdr.head_refit import HeadRefit, refit_heads, refittable, split_sums
 from remdr.methods import Method, build_model, create_method
 from remdr.metrics import metrics_by_kind, scored_metrics
 from remdr.model import ReM3Dr
@@ -113,12 +113,12 @@ def _refit_head(model, data: SplitData, cfg: ExperimentConfig, device) -> HeadRe
         return None
     if get_spec(cfg.train.method).private:  # the Grams are outside DP-SGD's accounting
         return None
-    batch = cfg.train.batch_size * 2
-    train, val = (
-        head_stats(model, make_loader(ds, batch, shuffle=False, seed=0, device=device), device)
-        for ds in (data.train, data.val)
+    sums = split_sums(
+        model, {"train": data.train, "val": data.val}, cfg.train.batch_size * 2, device
     )
-    return refit_heads(model, train, val, blend=False)  # the blend is chosen after, as ever
+    return refit_heads(
+        model, sums["train"], sums["val"], blend=False
+    )  # the blend is chosen after, as ever
 
 
 def _choose_blend(model, val: EyeDataset, cfg: ExperimentConfig, device) -> Blend | None:

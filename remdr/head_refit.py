@@ -137,6 +137,18 @@ def head_stats(model, loader, device: torch.device) -> Sums:
     return {h: HeadStats(grams[h], counts[h]) for h in grams}
 
 
+def split_sums(model, splits: dict, batch_size: int, device: torch.device) -> dict[str, Sums]:
+    """`head_stats` of each named dataset (`{"train": ..., "val": ...}`), read in order."""
+    from remdr.train import make_loader
+
+    return {
+        name: head_stats(
+            model, make_loader(data, batch_size, shuffle=False, seed=0, device=device), device
+        )
+        for name, data in splits.items()
+    }
+
+
 @dataclass(frozen=True)
 class Refit:
     """One head's choice."""

@@ -34,7 +34,7 @@ def refit_best(strategy, run: RunDirectory, cfg, to_sites: ConfigRecord, server_
         return None
     train, val, sites, errors = sums
     chosen = refit_heads(model, train, val, blend=cfg.method.head_blend)
-    weights = {k: v.detach().clone() for k, v in model.state_dict().items() if k != "head_blend"}
+    weights = {k: v.detach().clone() for k, v in model.state_dict().items()}  # no blend set
     record = {
         **chosen.to_dict(),
         "round": best["round"],

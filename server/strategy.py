@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterable
+from functools import reduce
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, Message
@@ -243,14 +244,18 @@ class RemdrStrategy(Strategy):
         received, self.received = self.received, {}
         return received_scores(received) if received else None
 
-    def final_evaluation(self, arrays: ArrayRecord, config, server_round: int):
-        """One evaluate message per site for the last round's model (in one-message rounds no
-        train reply ever scores it): (aggregate, per-site `eval-*` metrics), or None."""
+    def _ask_every_site(self, arrays: ArrayRecord, config, server_round: int) -> list[Message]:
+        """One evaluate message per site of the cohort, outside Flower's rounds; their replies."""
         base = getattr(self.inner, "strategy", self.inner)
         base.fraction_evaluate = 1.0
         self.current = {"round": server_round + self.round_offset}
         msgs = self.configure_evaluate(server_round, arrays, config, self.grid)
-        replies = self.grid.send_and_receive(msgs, timeout=self.fed.round_timeout)
+        return self.grid.send_and_receive(msgs, timeout=self.fed.round_timeout)
+
+    def final_evaluation(self, arrays: ArrayRecord, config, server_round: int):
+        """One evaluate message per site for the last round's model (in one-message rounds no
+        train reply ever scores it): (aggregate, per-site `eval-*` metrics), or None."""
+        replies = self._ask_every_site(arrays, config, server_round)
         if self.aggregate_evaluate(server_round, replies) is None:
             return None
         per_site = {
@@ -267,11 +272,7 @@ class RemdrStrategy(Strategy):
         sites summed, the errors), or None when no site's sums passed screening. Each reply is
         screened like an update: its shape, its site name, its counts (bounded by the site's
         first), then the sums themselves."""
-        base = getattr(self.inner, "strategy", self.inner)
-        base.fraction_evaluate = 1.0
-        self.current = {"round": server_round + self.round_offset}
-        msgs = self.configure_evaluate(server_round, arrays, config, self.grid)
-        replies = self.grid.send_and_receive(msgs, timeout=self.fed.round_timeout)
+        replies = self._ask_every_site(arrays, config, server_round)
         sums: list[tuple[str, Sums, Sums]] = []
         for msg in replies:
             if msg.has_error():
@@ -294,9 +295,7 @@ class RemdrStrategy(Strategy):
         if not sums:
             return None
         sums.sort(key=lambda s: s[0])  # summed in the sites' order, whatever order they came in
-        train, val = sums[0][1], sums[0][2]
-        for _, t, v in sums[1:]:
-            train, val = add(train, t), add(val, v)
+        train, val = (reduce(add, (s[i] for s in sums)) for i in (1, 2))
         return train, val, [s[0] for s in sums], self.current.get("errors", [])
 
     def configure_train(self, server_round, arrays, config, grid):  # noqa: D102

@@ -30,7 +30,7 @@ from remdr.federation.run_config import FedConfig
 from remdr.federation.screening import PART_COUNTS
 from remdr.federation.site_state import Carried
 from remdr.head_blend import PROBE_PREFIX
-from remdr.head_refit import head_stats, refittable, to_arrays, withheld
+from remdr.head_refit import refittable, split_sums, to_arrays, withheld
 from remdr.methods import build_model, create_method
 from remdr.metrics import BINS, regression_metrics
 from remdr.model import model_part
@@ -330,12 +330,17 @@ def evaluate_global(
     local_state: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, float]:
     device = resolve_device(cfg.train.device)
-    method = create_method(cfg.train.method, cfg.method)
-    model = build_model(cfg, method)
+    model = _received_model(cfg, global_state, local_state, device)
+    return evaluate_site(model, site, cfg, device, test=True)
+
+
+def _received_model(cfg: ExperimentConfig, global_state, local_state, device) -> nn.Module:
+    """The coordinator's model as this site runs it: with its own layers where it keeps some."""
+    model = build_model(cfg, create_method(cfg.train.method, cfg.method))
     model.load_state_dict(global_state)
     if local_state:
         model.load_state_dict(local_state, strict=False)
-    return evaluate_site(prepare_model(model, device), site, cfg, device, test=True)
+    return prepare_model(model, device)
 
 
 @one_line_failures("head statistics")
@@ -353,19 +358,13 @@ def head_statistics(
             "the coordinator asked for head statistics", "the run config has head-refit off", ""
         )
     device = resolve_device(cfg.train.device)
-    model = build_model(cfg, create_method(cfg.train.method, cfg.method))
-    model.load_state_dict(global_state)
-    if local_state:
-        model.load_state_dict(local_state, strict=False)
-    model = prepare_model(model, device)
+    model = _received_model(cfg, global_state, local_state, device)
     if not refittable(model):
         raise RemdrError(
             "the coordinator asked for head statistics",
             f"{cfg.train.method} mixes its heads (a gate or one shared head)",
             "",
         )
-    sums = {}
-    for name, data in (("train", site.train), ("val", site.val)):
-        loader = make_loader(data, cfg.train.batch_size * 2, shuffle=False, seed=0, device=device)
-        sums[name] = withheld(head_stats(model, loader, device))
-    return to_arrays(sums)
+    splits = {"train": site.train, "val": site.val}
+    sums = split_sums(model, splits, cfg.train.batch_size * 2, device)
+    return to_arrays({name: withheld(s) for name, s in sums.items()})
