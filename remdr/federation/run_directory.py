@@ -146,15 +146,9 @@ class RunDirectory:
         val = record.get("evaluate", {}).get("val-mse")
         if val is None or not math.isfinite(val) or val > self.best_val_mse():
             return
-        meta = {"remdr_version": __version__, "round": str(r)}
         weights = weights if weights is not None else self.load_weights(r)
-        best = {"round": r, "val-mse": val}
-        blend = choose_blend(record["evaluate"])
-        if blend is not None:  # `head-blend`, chosen by the sites' pooled validation
-            weights = {**weights, "head_blend": blend.weights(MODALITIES)}
-            best["head-blend"] = blend.to_dict()
-        save_file(weights, str(self.dir / "best.safetensors"), metadata=meta)
-        _atomic_write(self.dir / "best.json", json.dumps(best))
+        # `head-blend`, chosen by the sites' pooled validation
+        self._write_best(weights, {"round": r, "val-mse": val}, choose_blend(record["evaluate"]))
 
     def save_refit(
         self, weights: dict[str, torch.Tensor], refit: dict[str, Any], blend: Blend | None
@@ -165,13 +159,17 @@ class RunDirectory:
         best = self.best()
         if best is None:
             return
-        meta = {"remdr_version": __version__, "round": str(best["round"])}
         best.pop("head-blend", None)
+        self._write_best(weights, {**best, "head-refit": refit}, blend)
+
+    def _write_best(self, weights: dict, best: dict[str, Any], blend: Blend | None) -> None:
+        """best.safetensors with the blend (where it weighs anything) and best.json."""
+        meta = {"remdr_version": __version__, "round": str(best["round"])}
         if blend is not None and blend.weight > 0:
             weights = {**weights, "head_blend": blend.weights(MODALITIES)}
-            best["head-blend"] = blend.to_dict()
+            best = {**best, "head-blend": blend.to_dict()}
         save_file(weights, str(self.dir / "best.safetensors"), metadata=meta)
-        _atomic_write(self.dir / "best.json", json.dumps(clean({**best, "head-refit": refit})))
+        _atomic_write(self.dir / "best.json", json.dumps(clean(best)))
 
     def best(self) -> dict[str, Any] | None:
         """best.json: the best round, its validation MSE, its `head-blend` choice and, once the
