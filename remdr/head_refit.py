@@ -212,10 +212,14 @@ def refit_layer(
 
 @dataclass
 class HeadRefit:
-    """Every head's refit and the blend chosen after them."""
+    """Every head's refit, the blend chosen after them, and what the result scores."""
 
     heads: dict[str, Refit]
     blend: Blend | None
+    # dB², the refitted model on every validation eye it predicts (a complete eye by the fusion
+    # head and the blend, an eye with one image by that image's head); NaN where the Grams
+    # cannot tell (no validation eyes, or an ensemble's weighted heads)
+    val_mse: float = math.nan
 
     def to_dict(self) -> dict:
         return {h: r.to_dict() for h, r in self.heads.items()}
@@ -233,25 +237,47 @@ def refit_heads(model, train: Sums, val: Sums, *, blend: bool) -> HeadRefit:
             train[m], val[m], [*range(width[m]), width[m]], output_layer(model.head(m)), scale
         )
         set_output_layer(model.head(m), chosen[m].weight)
-    if FUSION not in train:
-        return HeadRefit(chosen, None)
+    if FUSION not in train:  # one modality's head predicts every eye; an ensemble mixes heads
+        only = next(iter(chosen.values())).val_mse if len(chosen) == 1 else math.nan
+        return HeadRefit(chosen, None, only)
     k = train[FUSION].gram.shape[0]
     fused_width, ones = model.fusion[-1].in_features, k - 2
     chosen[FUSION] = refit_layer(
         train[FUSION], val[FUSION], [*range(fused_width), ones], output_layer(model.fusion), scale
     )
     set_output_layer(model.fusion, chosen[FUSION].weight)
-    if not blend:
-        return HeadRefit(chosen, None)
     fused = _coef(k, [*range(fused_width), ones], chosen[FUSION].weight)
-    metrics = {"mse": _mse(val[FUSION], fused, scale)}
-    start = fused_width
+    heads, start = {}, fused_width  # each modality head's coefficients on the fusion Gram
     for m in model.modalities:
-        head = _coef(k, [*range(start, start + width[m]), ones], chosen[m].weight)
+        heads[m] = _coef(k, [*range(start, start + width[m]), ones], chosen[m].weight)
         start += width[m]
-        for w in PROBES:
-            metrics[probe_key(m, w)] = _mse(val[FUSION], (1 - w) * fused + w * head, scale)
-    return HeadRefit(chosen, choose(metrics, tuple(model.modalities)))
+    picked = None
+    if blend:
+        metrics = {"mse": _mse(val[FUSION], fused, scale)}
+        for m, head in heads.items():
+            for w in PROBES:
+                metrics[probe_key(m, w)] = _mse(val[FUSION], (1 - w) * fused + w * head, scale)
+        picked = choose(metrics, tuple(model.modalities))
+    complete = picked.mse if picked is not None else chosen[FUSION].val_mse
+    return HeadRefit(chosen, picked, _model_mse(val, chosen, heads, complete, scale))
+
+
+def _model_mse(
+    val: Sums, chosen: dict[str, Refit], on_fusion: dict[str, np.ndarray], complete: float,
+    scale: float,
+) -> float:  # fmt: skip
+    """The validation MSE over every eye: the complete eyes' (`complete`, dB²) and, for each
+    modality, its head's squared errors on all its eyes less those on the complete eyes (its
+    columns of the fusion Gram, `on_fusion`): the eyes with that image alone."""
+    n = n_complete = val[FUSION].n
+    sse = complete / (scale * scale) * n_complete if n_complete else 0.0
+    for m, coef in on_fusion.items():
+        alone, k = val[m].n - n_complete, val[m].gram.shape[0]
+        if alone > 0:
+            own = _coef(k, list(range(k - 1)), chosen[m].weight)
+            sse += float(own @ val[m].gram @ own) - float(coef @ val[FUSION].gram @ coef)
+            n += alone
+    return sse / n * scale * scale if n else math.nan
 
 
 def output_layer(head: torch.nn.Module) -> np.ndarray:

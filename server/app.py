@@ -187,7 +187,10 @@ def main(grid: Grid, context: Context) -> None:
                 _log_round(final, fed.num_server_rounds, {}, final, scores)
         if cfg.method.head_refit and run.last_round() == fed.num_server_rounds:
             try:  # a failure here must not cost the trained federation: the best round stays
-                refit_best(strategy, run, cfg, ConfigRecord(dict(to_sites)), remaining)
+                refit_best(
+                    strategy, run, cfg, ConfigRecord(dict(to_sites)), remaining,
+                    fed.average_rounds,
+                )  # fmt: skip
             except Exception:
                 log.exception("remdr head refit failed; the best round's model stays as it is")
     except RoundAborted as err:

@@ -76,6 +76,8 @@ def train_central(
     return {
         "test": outcome.test_metrics,
         "best_val_mse": outcome.fit.best_val_mse,
+        # the model it ends with: after head-refit (and the blend chosen with it), where on
+        "final_val_mse": outcome.refit.val_mse if outcome.refit else outcome.fit.best_val_mse,
         "wall_seconds": outcome.fit.seconds,
         "test_curve": outcome.test_curve,
         "head_blend": outcome.blend.to_dict() if outcome.blend else None,

@@ -254,7 +254,8 @@ def _refit(choice: dict | None) -> str:
     if not choice:
         return "off"
     heads = [h for h in ("fusion", "oct", "fundus") if h in choice]
-    return ", ".join(f"{h} {_change(choice[h])}" for h in heads)
+    which = f"{choice['model']}: " if "model" in choice else ""  # a federation's candidates
+    return which + ", ".join(f"{h} {_change(choice[h])}" for h in heads)
 
 
 def _change(head: dict) -> str:

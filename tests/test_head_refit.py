@@ -21,7 +21,7 @@ from remdr.data.dataset import EyeDataset
 from remdr.experiment import load_splits, train_and_test, write_run
 from remdr.federation.run_config import split_run_config
 from remdr.federation.screening import head_stats_problem
-from remdr.head_blend import choose
+from remdr.head_blend import choose, set_blend
 from remdr.head_refit import (
     FUSION,
     HeadStats,
@@ -128,6 +128,11 @@ def test_the_validation_grams_score_each_head_exactly(tiny_data, tiny_cfg):
     assert chosen.blend is not None
     assert (chosen.blend.modality, chosen.blend.weight) == (probes.modality, probes.weight)
     assert chosen.blend.mse == pytest.approx(probes.mse, rel=1e-4)
+    set_blend(model, chosen.blend)  # the final model: refitted heads, the blend, one-image eyes
+    final = _preds(model, val_loader)
+    assert chosen.val_mse == pytest.approx(
+        _mse(final, "pred", np.isfinite(final["pred"])), rel=1e-4
+    )
 
 
 def _stats(x: np.ndarray, y: np.ndarray, heads: np.ndarray) -> HeadStats:
@@ -423,3 +428,58 @@ def test_the_simulator_summary_prints_a_head_without_validation_eyes():
     no_val = {"strength": "inf", "val-mse-before": None, "val-mse": None, "val-eyes": 0}
     line = _refit({FUSION: no_val, "oct": {"val-mse-before": 4.0, "val-mse": 3.25}})
     assert line == "fusion kept (no validation eyes), oct 4.00 -> 3.25"
+
+
+def test_the_mean_of_the_last_rounds_is_refitted_too_and_the_lower_scoring_model_kept(
+    tiny_data, tmp_path
+):
+    from conftest import TINY
+    from flwr.app import Context
+    from remdr.server.head_refit import mean_state, refit_best
+    from remdr.server.strategy import build_strategy
+    from safetensors.torch import load_file
+
+    from remdr.federation.run_config import run_config_defaults
+    from remdr.federation.run_directory import RunDirectory
+
+    run_config = {**run_config_defaults(), **TINY, "min-nodes": 2, "node-wait": 0.0}
+    cfg, fed = split_run_config(run_config)
+    assert fed.average_rounds == 4  # the federated default
+    run = RunDirectory(tmp_path / "run")
+    states = {}
+    for r in (1, 2, 3):
+        torch.manual_seed(r)
+        states[r] = build_model(cfg).state_dict()
+        run.save_round(r, states[r], {"num-examples": 10})
+        run.add_evaluation(r, {"val-mse": 30.0 + r}, {})  # round 1 is the best
+
+    def context(node: int, site: str) -> Context:
+        node_config = {"data-path": str(tiny_data), "site-id": site}
+        return Context(run_id=1, node_id=node, node_config=node_config, state=RecordDict(),
+                       run_config=run_config)  # fmt: skip
+
+    strategy = build_strategy(fed)
+    strategy.grid = _Sites({7: context(7, "hospA"), 8: context(8, "hospB")})
+    with flower_run_identity():
+        record = refit_best(strategy, run, cfg, ConfigRecord({}), 3, average_rounds=2)
+    scores = record["candidates"]
+    assert set(scores) == {"round 1", "mean of rounds 2-3"}
+    assert record["model"] == min(scores, key=scores.get)
+    assert record["val-mse"] == min(scores.values()) and record["round"] == 1
+    chosen = states[1] if record["model"] == "round 1" else mean_state([states[2], states[3]])
+    saved = load_file(str(tmp_path / "run" / "best.safetensors"))
+    encoder = [k for k in chosen if k.startswith("branches.") and chosen[k].is_floating_point()]
+    assert encoder  # the refit moves only the heads' output layers
+    for key in encoder:
+        torch.testing.assert_close(saved[key], chosen[key])
+    assert json.loads((tmp_path / "run" / "best.json").read_text())["val-mse"] == 31.0
+
+
+def test_the_mean_of_models_averages_weights_and_keeps_the_last_counters():
+    from remdr.server.head_refit import mean_state
+
+    a = {"w": torch.tensor([1.0, 2.0], dtype=torch.float32), "n": torch.tensor(3)}
+    b = {"w": torch.tensor([3.0, 6.0], dtype=torch.float32), "n": torch.tensor(5)}
+    mean = mean_state([a, b])
+    torch.testing.assert_close(mean["w"], torch.tensor([2.0, 4.0]))
+    assert mean["w"].dtype == torch.float32 and int(mean["n"]) == 5

@@ -121,25 +121,31 @@ def test_the_suite_covers_the_skews_a_study_meets_and_is_reproducible_from_a_see
 def test_the_suite_summary_reports_the_median_and_the_worst_ratio():
     from remdr.sim.suite import summarise, table
 
-    def row(case, fed_val, cen_val, fed_r2, cen_r2):
+    def row(case, fed_val, cen_val, fed_r2, cen_r2, final=1.0):
         return {
             "case": case, "seed": 0, "val_ratio": fed_val / cen_val, "test_ratio": fed_val / cen_val,
-            "federated": {"val_mse": fed_val, "test_mse": fed_val, "test_r2": fed_r2, "wall_seconds": 1},
-            "centralized": {"val_mse": cen_val, "test_mse": cen_val, "test_r2": cen_r2, "wall_seconds": 1},
+            "final_val_ratio": final,  # the final models' (after the refit): a cache may lack it
+            "federated": {"val_mse": fed_val, "final_val_mse": final * cen_val, "test_mse": fed_val,
+                          "test_r2": fed_r2, "wall_seconds": 1},
+            "centralized": {"val_mse": cen_val, "final_val_mse": cen_val, "test_mse": cen_val,
+                            "test_r2": cen_r2, "wall_seconds": 1},
         }  # fmt: skip
 
     rows = [
-        row("a", 3.0, 3.0, 0.9, 0.9),
-        row("b", 6.0, 4.0, 0.6, 0.85),
-        row("c", 4.4, 4.0, 0.8, 0.8),
+        row("a", 3.0, 3.0, 0.9, 0.9, final=1.2),
+        row("b", 6.0, 4.0, 0.6, 0.85, final=1.0),
+        row("c", 4.4, 4.0, 0.8, 0.8, final=float("nan")),
     ]
     s = summarise(rows)
     assert s["val_ratio_median"] == pytest.approx(1.1) and s["val_ratio_worst"] == pytest.approx(
         1.5
     )
+    assert s["final_val_ratio_median"] == pytest.approx(1.1)  # the unknown one left out
+    assert s["final_val_ratio_worst"] == pytest.approx(1.2)
     assert s["r2_failures"] == ["b-s0"]  # centralized good (0.85), federated not (0.6)
     text = table(rows, s)
     assert "median 1.10, worst 1.50" in text and text.count("\n| ") == 3  # one row per run
+    assert "final models: median 1.10, worst 1.20" in text
 
 
 def test_suite_flags_are_checked_before_any_training(tmp_path, capsys):

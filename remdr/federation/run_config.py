@@ -138,6 +138,13 @@ class FedConfig:
         1.0, "C (fixed) or the initial C (adaptive) per site update", **POSITIVE
     )
     site_dp_delta: float = setting(1e-5, "delta of the site-level guarantee", **PROBABILITY)
+    average_rounds: int = setting(
+        4,
+        "with head-refit: the mean of the last N rounds' global models is refitted too, and the "
+        "final model is whichever of it and the best round scores lower on the sites' "
+        "validation sums (0 or 1: the best round only)",
+        low=0,
+    )
     out_dir: str = setting(
         "runs/federation",
         "the coordinator's run directory",
