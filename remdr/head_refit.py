@@ -266,18 +266,22 @@ def _model_mse(
     val: Sums, chosen: dict[str, Refit], on_fusion: dict[str, np.ndarray], complete: float,
     scale: float,
 ) -> float:  # fmt: skip
-    """The validation MSE over every eye: the complete eyes' (`complete`, dB²) and, for each
-    modality, its head's squared errors on all its eyes less those on the complete eyes (its
-    columns of the fusion Gram, `on_fusion`): the eyes with that image alone."""
+    """The validation MSE over every eye of a two-branch model: the complete eyes' (`complete`,
+    dB²) and, for each modality, its head's squared errors on all its eyes less those on the
+    complete eyes (its columns of the fusion Gram, `on_fusion`): the eyes with that image alone.
+    NaN where the sums contradict each other (fewer eyes with an image than complete eyes, a
+    negative sum of squares): no eyes could give them."""
     n = n_complete = val[FUSION].n
     sse = complete / (scale * scale) * n_complete if n_complete else 0.0
     for m, coef in on_fusion.items():
         alone, k = val[m].n - n_complete, val[m].gram.shape[0]
+        if alone < 0:
+            return math.nan
         if alone > 0:
             own = _coef(k, list(range(k - 1)), chosen[m].weight)
             sse += float(own @ val[m].gram @ own) - float(coef @ val[FUSION].gram @ coef)
             n += alone
-    return sse / n * scale * scale if n else math.nan
+    return sse / n * scale * scale if n and sse >= 0 else math.nan
 
 
 def output_layer(head: torch.nn.Module) -> np.ndarray:

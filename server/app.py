@@ -187,9 +187,12 @@ def main(grid: Grid, context: Context) -> None:
                 _log_round(final, fed.num_server_rounds, {}, final, scores)
         if cfg.method.head_refit and run.last_round() == fed.num_server_rounds:
             try:  # a failure here must not cost the trained federation: the best round stays
+                # with fedbn each site scores every model with its own last normalisation
+                # layers, which fit the last rounds' mean better than an earlier round: no mean
+                average = 0 if fed.fedbn else fed.average_rounds
                 refit_best(
                     strategy, run, cfg, ConfigRecord(dict(to_sites)), remaining,
-                    fed.average_rounds,
+                    average_rounds=average,
                 )  # fmt: skip
             except Exception:
                 log.exception("remdr head refit failed; the best round's model stays as it is")

@@ -10,6 +10,7 @@ the weights' dtype) is never made: the round keeps the previous global model.
 from __future__ import annotations
 
 import numpy as np
+import torch
 from flwr.app import Array, ArrayRecord
 
 
@@ -51,3 +52,15 @@ def released(
         return arrays, bad
     arrays = in_dtypes(arrays, reference)
     return arrays, non_finite(arrays)
+
+
+def mean_state(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The element-wise mean of global models (`average-rounds`): summed in float64, each
+    tensor back in its dtype; integer buffers (counters) are the last model's."""
+    out = {}
+    for key, last in states[-1].items():
+        if last.is_floating_point():
+            out[key] = (sum(s[key].double() for s in states) / len(states)).to(last.dtype)
+        else:
+            out[key] = last.clone()
+    return out

@@ -4,107 +4,138 @@ the sites' summed Grams fit (`remdr.head_refit`), and `head-blend` is chosen aft
 Two models are refitted: the best round's and, with `average-rounds` N > 1, the mean of the
 last N rounds' global models (SWA on the coordinator: with a constant learning rate FedAvg's
 rounds jitter around a minimum, and their mean sits nearer its centre; Caldarola et al. 2022
-pair it with SAM-style site training as Re-M3Dr's SAGM is). The one whose refitted model scores
-lower on the sites' summed validation Grams becomes best.safetensors; both scores are recorded.
-A round's score before the refit is no fair rival here: the best round was picked as the lowest
-of many noisy scores, so it is compared after the refit, on the same sums.
+pair it with SAM-style site training as Re-M3Dr's SAGM is). The mean replaces the best round
+only where both refitted models are scored on the same sites' eyes and the mean's validation
+MSE is lower; both scores are recorded. The best round's own score is no fair rival for the
+mean: it was picked as the lowest of many noisy scores, so both are compared after the refit,
+on the same sums.
 
-One evaluate message per site and candidate, after the final evaluation; no training. A site
-that fails or whose sums fail screening is left out and named; with no usable sums the best
-round's model stays as it is. Resuming a finished run repeats it from the rounds' own weights.
+One evaluate message per site and model, after the final evaluation; no training. A site that
+fails or whose sums fail screening is left out and named; with no usable sums the best round's
+model stays as it is, and a failure with the mean keeps the best round's refit. Resuming a
+finished run repeats it from the rounds' own weights.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord
+from remdr.server.global_model import mean_state
 
 from remdr.federation.run_directory import RunDirectory
-from remdr.head_refit import HEAD_STATS, TASK_KEY, HeadRefit, refit_heads, refittable, sizes
-from remdr.methods import build_model, create_method
+from remdr.head_refit import FUSION, HEAD_STATS, TASK_KEY, HeadRefit, refit_heads, refittable, sizes
+from remdr.methods import build_model
 
 log = logging.getLogger("flwr")
 
 
-def mean_state(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """The element-wise mean of models (float64 sums, each tensor back in its dtype); integer
-    buffers (counters) are the last model's."""
-    out = {}
-    for key, last in states[-1].items():
-        if last.is_floating_point():
-            total = sum(s[key].double() for s in states)
-            out[key] = (total / len(states)).to(last.dtype)
-        else:
-            out[key] = last.clone()
-    return out
+@dataclass
+class Refitted:
+    """One candidate model after the refit, and whose sums it was refitted and scored on."""
 
+    name: str
+    model: torch.nn.Module
+    chosen: HeadRefit
+    sites: list[str]
+    errors: list[dict]
+    val_eyes: dict[str, int]
 
-def candidates(run: RunDirectory, best_round: int, average_rounds: int) -> dict[str, dict]:
-    """The models to refit, by the name the record gives them."""
-    out = {f"round {best_round}": run.load_weights(best_round)}
-    last = run.completed_rounds()[-average_rounds:] if average_rounds > 1 else []
-    if last and len(last) == average_rounds:
-        states = [run.load_weights(r) for r in last]
-        out[f"mean of rounds {last[0]}-{last[-1]}"] = mean_state(states)
-    return out
+    @property
+    def score(self) -> float:
+        return self.chosen.val_mse if math.isfinite(self.chosen.val_mse) else math.inf
 
 
 def refit_best(
-    strategy, run: RunDirectory, cfg, to_sites: ConfigRecord, server_round: int,
-    average_rounds: int = 0,
-):  # fmt: skip
-    """Refit each candidate's heads from the sites' sums and keep the lower scoring; the
-    refit's record, or None."""
+    strategy, run: RunDirectory, cfg, to_sites: ConfigRecord, server_round: int, *,
+    average_rounds: int,
+) -> dict | None:  # fmt: skip
+    """Refit the best round's heads (and the last rounds' mean's) from the sites' sums, keep
+    the lower scoring; the refit's record, or None."""
     best = run.best()
-    if best is None or not refittable(_model(cfg)):
+    if best is None or not refittable(build_model(cfg)):
         return None
     config = ConfigRecord({**dict(to_sites), TASK_KEY: HEAD_STATS})
-    results = {}
-    for name, state in candidates(run, best["round"], average_rounds).items():
-        model = _model(cfg)
-        model.load_state_dict(state)
-        sums = strategy.head_statistics(ArrayRecord(state), config, server_round, sizes(model))
-        if sums is None:  # the sites did not answer: nothing to score the other on either
-            break
-        train, val, sites, errors = sums
-        chosen = refit_heads(model, train, val, blend=cfg.method.head_blend)
-        results[name] = (model, chosen, sites, errors)
-    if not results:
+    kept = _refit(strategy, cfg, config, server_round, f"round {best['round']}",
+                  run.load_weights(best["round"]))  # fmt: skip
+    if kept is None:
         log.warning("remdr head refit: no site's sums were usable; the best round stays as is")
         return None
-    name = min(results, key=lambda n: _score(results[n][1]))  # ties: the first, the best round
-    model, chosen, sites, errors = results[name]
-    weights = {k: v.detach().clone() for k, v in model.state_dict().items()}  # no blend set
+    scores = {kept.name: kept.chosen.val_mse}
+    try:  # the mean is an option: whatever goes wrong with it, the best round's refit stands
+        mean = _mean_of_last_rounds(strategy, run, cfg, config, server_round, average_rounds)
+    except Exception:
+        log.exception("remdr head refit: the mean of the last rounds failed; the best round kept")
+        mean = None
+    if mean is not None:
+        scores[mean.name] = mean.chosen.val_mse
+        same_eyes = (mean.sites, mean.val_eyes) == (kept.sites, kept.val_eyes)
+        if not same_eyes:
+            log.warning("remdr head refit: other sites answered for %s; the best round kept",
+                        mean.name)  # fmt: skip
+        elif mean.score < kept.score:  # ties and unscored models keep the best round
+            kept = mean
+    weights = {k: v.detach().clone() for k, v in kept.model.state_dict().items()}  # no blend
     record = {
-        **chosen.to_dict(),
+        **kept.chosen.to_dict(),
         "round": best["round"],
-        "model": name,
-        "val-mse": chosen.val_mse,
-        "candidates": {n: r[1].val_mse for n, r in results.items()},
-        "sites": sites,
-        **({"errors": errors} if errors else {}),
+        "model": kept.name,
+        "val-mse": kept.chosen.val_mse,
+        "candidates": scores,
+        "sites": kept.sites,
+        **({"errors": kept.errors} if kept.errors else {}),
     }
-    run.save_refit(weights, record, chosen.blend)
-    changes = ", ".join(
-        f"{head} {r.val_mse_before:.2f} -> {r.val_mse:.2f}" for head, r in chosen.heads.items()
-    )
-    blend = chosen.blend
-    scores = "; ".join(f"{n} {r[1].val_mse:.3f}" for n, r in results.items())
-    log.info(
-        "remdr head refit: %s chosen (validation MSE after the refit: %s) from %d sites' sums; "
-        "each head: %s%s",
-        name, scores, len(sites), changes,
-        f"; blend {blend.modality} head at {blend.weight:.2f}" if blend and blend.weight else "",
-    )  # fmt: skip
+    run.save_refit(weights, record, kept.chosen.blend)
+    _log(kept, scores)
     return record
 
 
-def _model(cfg):
-    return build_model(cfg, create_method(cfg.train.method, cfg.method))
+def _mean_of_last_rounds(
+    strategy, run: RunDirectory, cfg, config: ConfigRecord, server_round: int, n: int
+) -> Refitted | None:
+    """The mean of the last `n` rounds' global models, refitted; None where it is not tried:
+    `n` below 2, fewer rounds than `n`, or a model the sums cannot score (an ensemble's
+    weighted heads)."""
+    rounds = run.completed_rounds()[-n:] if n > 1 else []
+    if len(rounds) < max(n, 2):
+        if n > 1:
+            log.info("remdr head refit: %d round(s), fewer than average-rounds %d: the best "
+                     "round alone", len(rounds), n)  # fmt: skip
+        return None
+    probe = build_model(cfg)
+    if len(probe.modalities) > 1 and FUSION not in sizes(probe):
+        return None
+    state = mean_state([run.load_weights(r) for r in rounds])
+    name = f"mean of rounds {rounds[0]}-{rounds[-1]}"
+    return _refit(strategy, cfg, config, server_round, name, state)
 
 
-def _score(chosen: HeadRefit) -> float:
-    return chosen.val_mse if math.isfinite(chosen.val_mse) else math.inf
+def _refit(
+    strategy, cfg, config: ConfigRecord, server_round: int, name: str, state: dict
+) -> Refitted | None:
+    """`state` refitted from the sums the sites send for it; None when no site's were usable."""
+    model = build_model(cfg)
+    model.load_state_dict(state)
+    sums = strategy.head_statistics(ArrayRecord(state), config, server_round, sizes(model))
+    if sums is None:
+        return None
+    train, val, sites, errors = sums
+    chosen = refit_heads(model, train, val, blend=cfg.method.head_blend)
+    return Refitted(name, model, chosen, sites, errors, {h: s.n for h, s in val.items()})
+
+
+def _log(kept: Refitted, scores: dict[str, float]) -> None:
+    changes = ", ".join(
+        f"{head} {r.val_mse_before:.2f} -> {r.val_mse:.2f}" for head, r in kept.chosen.heads.items()
+    )
+    blend = kept.chosen.blend
+    log.info(
+        "remdr head refit: %s chosen (validation MSE after the refit: %s) from %d sites' sums; "
+        "each head: %s%s",
+        kept.name, "; ".join(f"{n} {v:.3f}" for n, v in scores.items()), len(kept.sites),
+        changes,
+        f"; blend {blend.modality} head at {blend.weight:.2f}" if blend and blend.weight else "",
+    )  # fmt: skip

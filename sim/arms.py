@@ -76,13 +76,20 @@ def train_central(
     return {
         "test": outcome.test_metrics,
         "best_val_mse": outcome.fit.best_val_mse,
-        # the model it ends with: after head-refit (and the blend chosen with it), where on
-        "final_val_mse": outcome.refit.val_mse if outcome.refit else outcome.fit.best_val_mse,
+        "final_val_mse": final_val_mse(outcome),
         "wall_seconds": outcome.fit.seconds,
         "test_curve": outcome.test_curve,
         "head_blend": outcome.blend.to_dict() if outcome.blend else None,
         "head_refit": outcome.refit.to_dict() if outcome.refit else None,
     }
+
+
+def final_val_mse(outcome) -> float:
+    """The validation MSE of the model pooled training ends with: after `head-refit` and the
+    blend chosen after it (over every validation eye), where they are on."""
+    if outcome.blend is not None:
+        return outcome.blend.mse
+    return outcome.refit.val_mse if outcome.refit else outcome.fit.best_val_mse
 
 
 CURVE_POINTS = 8  # a test pass costs ~7 site steps: 32 of them were 8% of `make sim`

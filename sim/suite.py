@@ -111,13 +111,23 @@ def _federated(report: dict) -> dict:
     val = float(best.get("val-mse", float("nan")))
     return {
         "val_mse": val,  # the best round's, as the coordinator chose it (before the refit)
-        "final_val_mse": float((best.get("head-refit") or {}).get("val-mse", val)),
+        "final_val_mse": _final_val(best, val),
         "test_mse": fed["test"]["mse"],
         "test_r2": fed["test"]["r2"],
         "test_mae_severe": fed["test"].get("mae_severe", float("nan")),
         "wall_seconds": fed["wall_seconds"],
         **{f"{k}_mse": fed[k]["mse"] for k in ("test_oct_only", "test_fundus_only") if k in fed},
     }
+
+
+def _final_val(best: dict, round_val: float) -> float:
+    """The final model's validation MSE (after `head-refit`); the round's where there was no
+    refit; NaN where the refit could not score it (best.json writes NaN as null)."""
+    refit = best.get("head-refit")
+    if not refit:
+        return round_val
+    value = refit.get("val-mse")
+    return float(value) if value is not None else math.nan
 
 
 def run_case(run: SuiteRun, case: Case, seed: int, say=print) -> dict:

@@ -400,14 +400,14 @@ def test_the_coordinator_refits_from_real_site_replies_and_a_resume_repeats_it(t
     strategy = build_strategy(fed)
     strategy.grid = _Sites({7: context(7, "hospA"), 8: context(8, "hospB")})
     with flower_run_identity():
-        record = refit_best(strategy, run, cfg, ConfigRecord({}), 1)
+        record = refit_best(strategy, run, cfg, ConfigRecord({}), 1, average_rounds=4)
         first = load_file(str(tmp_path / "run" / "best.safetensors"))
         assert record["sites"] == ["hospA", "hospB"] and "errors" not in record
         best = json.loads((tmp_path / "run" / "best.json").read_text())
         assert best["round"] == 1 and best["val-mse"] == 30.0  # the round's, as resume compares
         assert any(math.isfinite(r["strength"]) for r in (best["head-refit"][h] for h in
                                                           ("oct", "fundus", FUSION)))  # fmt: skip
-        refit_best(strategy, run, cfg, ConfigRecord({}), 1)  # a resumed finished run
+        refit_best(strategy, run, cfg, ConfigRecord({}), 1, average_rounds=4)  # resumed
     again = load_file(str(tmp_path / "run" / "best.safetensors"))
     assert set(first) == set(again)
     for key in first:
@@ -435,7 +435,8 @@ def test_the_mean_of_the_last_rounds_is_refitted_too_and_the_lower_scoring_model
 ):
     from conftest import TINY
     from flwr.app import Context
-    from remdr.server.head_refit import mean_state, refit_best
+    from remdr.server.global_model import mean_state
+    from remdr.server.head_refit import refit_best
     from remdr.server.strategy import build_strategy
     from safetensors.torch import load_file
 
@@ -462,6 +463,11 @@ def test_the_mean_of_the_last_rounds_is_refitted_too_and_the_lower_scoring_model
     strategy.grid = _Sites({7: context(7, "hospA"), 8: context(8, "hospB")})
     with flower_run_identity():
         record = refit_best(strategy, run, cfg, ConfigRecord({}), 3, average_rounds=2)
+        first = load_file(str(tmp_path / "run" / "best.safetensors"))
+        refit_best(strategy, run, cfg, ConfigRecord({}), 3, average_rounds=2)  # resumed
+    again = load_file(str(tmp_path / "run" / "best.safetensors"))
+    for key in first:
+        torch.testing.assert_close(first[key], again[key])
     scores = record["candidates"]
     assert set(scores) == {"round 1", "mean of rounds 2-3"}
     assert record["model"] == min(scores, key=scores.get)
@@ -476,10 +482,24 @@ def test_the_mean_of_the_last_rounds_is_refitted_too_and_the_lower_scoring_model
 
 
 def test_the_mean_of_models_averages_weights_and_keeps_the_last_counters():
-    from remdr.server.head_refit import mean_state
+    from remdr.server.global_model import mean_state
 
     a = {"w": torch.tensor([1.0, 2.0], dtype=torch.float32), "n": torch.tensor(3)}
     b = {"w": torch.tensor([3.0, 6.0], dtype=torch.float32), "n": torch.tensor(5)}
     mean = mean_state([a, b])
     torch.testing.assert_close(mean["w"], torch.tensor([2.0, 4.0]))
     assert mean["w"].dtype == torch.float32 and int(mean["n"]) == 5
+
+
+def test_sums_that_contradict_each_other_score_no_model():
+    """Fewer validation eyes with an image than complete ones: no eyes give that, so the
+    refitted model gets no score (NaN) and cannot win the coordinator's choice."""
+    from remdr.head_refit import Refit, _model_mse
+
+    fusion = HeadStats(np.eye(5), 10)
+    val = {FUSION: fusion, "oct": HeadStats(np.eye(3), 6), "fundus": HeadStats(np.eye(3), 10)}
+    chosen = {m: Refit(0.0, np.zeros(2), 1.0, 1.0, 10) for m in ("oct", "fundus")}
+    on_fusion = {m: np.array([0.0, 0.0, 0.0, 0.0, -1.0]) for m in ("oct", "fundus")}
+    assert math.isnan(_model_mse(val, chosen, on_fusion, 2.0, 1.0))
+    val["oct"] = HeadStats(np.eye(3), 12)  # two OCT-only eyes: their squared errors add in
+    assert _model_mse(val, chosen, on_fusion, 2.0, 1.0) == pytest.approx((2.0 * 10 + 1 - 1) / 12)

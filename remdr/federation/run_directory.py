@@ -153,9 +153,10 @@ class RunDirectory:
     def save_refit(
         self, weights: dict[str, torch.Tensor], refit: dict[str, Any], blend: Blend | None
     ) -> None:
-        """The best round's model with `head-refit`'s output layer (`weights`) and the blend
-        chosen after it into best.safetensors; best.json keeps the round and its validation
-        MSE (by which a resumed run compares later rounds) and adds `head-refit`."""
+        """The final model with `head-refit`'s output layers (`weights`: the best round's, or
+        the last rounds' mean, as `refit["model"]` names it) and the blend chosen after it into
+        best.safetensors; best.json keeps the round and its validation MSE (by which a resumed
+        run compares later rounds) and adds `head-refit`."""
         best = self.best()
         if best is None:
             return
@@ -165,6 +166,8 @@ class RunDirectory:
     def _write_best(self, weights: dict, best: dict[str, Any], blend: Blend | None) -> None:
         """best.safetensors with the blend (where it weighs anything) and best.json."""
         meta = {"remdr_version": __version__, "round": str(best["round"])}
+        if "model" in best.get("head-refit", {}):  # the weights may be a mean of rounds
+            meta["model"] = best["head-refit"]["model"]
         if blend is not None and blend.weight > 0:
             weights = {**weights, "head_blend": blend.weights(MODALITIES)}
             best = {**best, "head-blend": blend.to_dict()}
