@@ -31,6 +31,7 @@ from remdr.client.site_policy import SitePolicy
 
 from remdr import __version__
 from remdr.config import ExperimentConfig
+from remdr.data.loading import data_stamp
 from remdr.data.splits import site_split_key
 from remdr.errors import PrivacyError, RemdrError
 from remdr.federation.run_config import FedConfig, split_run_config, versions_compatible
@@ -175,12 +176,21 @@ def _make_key(path: Path) -> None:
 # that cache beside its data (`<sim-data-root>/cache`), where any Ray node that serves it next
 # finds it, not under the serving node's own REMDR_CACHE.
 _SIM_SITES: dict[tuple, SiteData] = {}
+# The site worker (`remdr-client start`) runs every message in one process too: it keeps its
+# last scan of the site's folder while no file in it changed (the scan opens every file: 0.8 s
+# of a 2.2 s round message at a 482-eye site). One entry per folder.
+_DEPLOYED: dict[str, tuple[tuple, SiteData]] = {}
 
 
 def _load_site(data_path: str, cfg, context: Context, key: bytes) -> SiteData:
-    if "partition-id" not in context.node_config:
-        return load_site(data_path, cfg, seed=cfg.train.seed, cache=True, split_key=key)
     memo = (data_path, key, json.dumps(dataclasses.asdict(cfg.data), sort_keys=True))
+    if "partition-id" not in context.node_config:
+        stamp = (memo, data_stamp(data_path))
+        kept = _DEPLOYED.get(data_path)
+        if kept is None or kept[0] != stamp:
+            site = load_site(data_path, cfg, seed=cfg.train.seed, cache=True, split_key=key)
+            kept = _DEPLOYED[data_path] = (stamp, site)
+        return kept[1]
     if memo not in _SIM_SITES:
         from remdr.data.preprocessed import warm
 

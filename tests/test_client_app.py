@@ -7,6 +7,7 @@ import tomllib
 import uuid
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import TINY
@@ -83,6 +84,37 @@ def test_train_reply_has_weights_metrics_and_keeps_state(tiny_data):
     assert "method" in ctx.state and "fedbn" in ctx.state  # EMA scores and local norm layers
     # only weights and aggregate metrics leave the site: no arrays other than the model
     assert list(reply.content.array_records) == ["arrays"]
+
+
+def test_a_site_rescans_its_data_folder_only_after_a_file_changed(tiny_data, tmp_path, monkeypatch):
+    """The site worker runs every round in one process: it reads the folder again only when
+    its files changed (a new eye counts from the next round on)."""
+    import shutil
+
+    from remdr.federation import site_round
+
+    data = tmp_path / "site"
+    shutil.copytree(tiny_data, data)
+    scans, scan = [], site_round.load_dataset
+    monkeypatch.setattr(
+        site_round, "load_dataset", lambda *a, **k: scans.append(1) or scan(*a, **k)
+    )
+    ctx, initial = _context(data, RUN_CONFIG), _initial(RUN_CONFIG)
+
+    def eyes(server_round: int) -> float:
+        reply = app(_message(MessageType.TRAIN, initial, {"server-round": server_round}), ctx)
+        assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
+        m = reply.content["metrics"]
+        return m["num-examples"] + m["received-num-val"]
+
+    before = eyes(1)
+    assert eyes(2) == before and len(scans) == 1
+    first = sorted(data.rglob("*.npz"))[0]
+    with np.load(first) as z:  # one more eye of a new patient
+        arrays = {k: z[k] for k in z.files}
+    arrays["patient_id"] = np.array("new-patient")
+    np.savez(first.with_name("new-eye.npz"), **arrays)
+    assert eyes(3) == before + 1 and len(scans) == 2
 
 
 def test_fedbn_keeps_local_norm_layers(tiny_data):

@@ -4,6 +4,7 @@ and counted, with the OCT view resolved from the data when the user left it on "
 from __future__ import annotations
 
 import logging
+import os
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -164,6 +165,24 @@ def load_dataset(
     if not quiet:
         log.info("%s: %s", path, report.summary())
     return Dataset(root=str(root), format=fmt, records=records, report=report, oct_view=view)
+
+
+def data_stamp(path: str | Path) -> tuple:
+    """Every file under a data folder (a manifest's: its folder) as (path, size, mtime): equal
+    stamps mean `load_dataset` would read the same files, so a long-lived process may keep its
+    scan. Costs a stat per file, where the scan opens every one."""
+    path = Path(path)
+    root = path if path.is_dir() else path.parent
+    files = []
+    for folder, _, names in os.walk(root, followlinks=True):
+        for name in names:
+            full = os.path.join(folder, name)
+            try:
+                st = os.stat(full)
+            except OSError:  # a file removed while we walk: the next stamp differs anyway
+                continue
+            files.append((os.path.relpath(full, root), st.st_size, st.st_mtime_ns))
+    return (str(path.resolve()), tuple(sorted(files)))
 
 
 def load_arrays(record: EyeRecord, oct_view: str) -> tuple[np.ndarray | None, np.ndarray | None]:
