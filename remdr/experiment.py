@@ -116,9 +116,8 @@ def _refit_head(model, data: SplitData, cfg: ExperimentConfig, device) -> HeadRe
     sums = split_sums(
         model, {"train": data.train, "val": data.val}, cfg.train.batch_size * 2, device
     )
-    return refit_heads(
-        model, sums["train"], sums["val"], blend=False
-    )  # the blend is chosen after, as ever
+    # the blend is chosen after, as ever
+    return refit_heads(model, sums["train"], sums["val"], blend=False)
 
 
 def _choose_blend(model, val: EyeDataset, cfg: ExperimentConfig, device) -> Blend | None:

@@ -27,7 +27,7 @@ from flwr.app import ArrayRecord, ConfigRecord
 from remdr.server.global_model import mean_state
 
 from remdr.federation.run_directory import RunDirectory
-from remdr.head_refit import FUSION, HEAD_STATS, TASK_KEY, HeadRefit, refit_heads, refittable, sizes
+from remdr.head_refit import HEAD_STATS, TASK_KEY, HeadRefit, refit_heads, refittable, sizes
 from remdr.methods import build_model
 
 log = logging.getLogger("flwr")
@@ -46,6 +46,7 @@ class Refitted:
 
     @property
     def score(self) -> float:
+        """Its validation MSE after the refit; an unscored model (NaN) never wins."""
         return self.chosen.val_mse if math.isfinite(self.chosen.val_mse) else math.inf
 
 
@@ -65,18 +66,19 @@ def refit_best(
         log.warning("remdr head refit: no site's sums were usable; the best round stays as is")
         return None
     scores = {kept.name: kept.chosen.val_mse}
-    try:  # the mean is an option: whatever goes wrong with it, the best round's refit stands
-        mean = _mean_of_last_rounds(strategy, run, cfg, config, server_round, average_rounds)
-    except Exception:
-        log.exception("remdr head refit: the mean of the last rounds failed; the best round kept")
-        mean = None
+    mean = None
+    if math.isfinite(kept.chosen.val_mse):  # else nothing to compare the mean with
+        try:  # the mean is an option: whatever goes wrong with it, the best round's refit stands
+            mean = _mean_of_last_rounds(strategy, run, cfg, config, server_round, average_rounds)
+        except Exception:
+            log.exception("remdr head refit: the mean of the last rounds failed; best round kept")
     if mean is not None:
         scores[mean.name] = mean.chosen.val_mse
         same_eyes = (mean.sites, mean.val_eyes) == (kept.sites, kept.val_eyes)
         if not same_eyes:
             log.warning("remdr head refit: other sites answered for %s; the best round kept",
                         mean.name)  # fmt: skip
-        elif mean.score < kept.score:  # ties and unscored models keep the best round
+        elif mean.score < kept.score:  # a tie or an unscored mean keeps the best round
             kept = mean
     weights = {k: v.detach().clone() for k, v in kept.model.state_dict().items()}  # no blend
     record = {
@@ -97,16 +99,12 @@ def _mean_of_last_rounds(
     strategy, run: RunDirectory, cfg, config: ConfigRecord, server_round: int, n: int
 ) -> Refitted | None:
     """The mean of the last `n` rounds' global models, refitted; None where it is not tried:
-    `n` below 2, fewer rounds than `n`, or a model the sums cannot score (an ensemble's
-    weighted heads)."""
+    `n` below 2 or fewer rounds than `n`."""
     rounds = run.completed_rounds()[-n:] if n > 1 else []
     if len(rounds) < max(n, 2):
         if n > 1:
             log.info("remdr head refit: %d round(s), fewer than average-rounds %d: the best "
                      "round alone", len(rounds), n)  # fmt: skip
-        return None
-    probe = build_model(cfg)
-    if len(probe.modalities) > 1 and FUSION not in sizes(probe):
         return None
     state = mean_state([run.load_weights(r) for r in rounds])
     name = f"mean of rounds {rounds[0]}-{rounds[-1]}"

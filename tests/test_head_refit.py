@@ -373,11 +373,30 @@ class _Sites(Nodes):
         return [app(m, self.contexts[m.metadata.dst_node_id]) for m in messages]
 
 
+def _two_sites(tiny_data, run_config: dict):
+    """The coordinator's strategy over two real ClientApps (hospA, hospB) on the tiny data."""
+    from flwr.app import Context
+    from remdr.server.strategy import build_strategy
+
+    def context(node: int, site: str) -> Context:
+        node_config = {"data-path": str(tiny_data), "site-id": site}
+        return Context(run_id=1, node_id=node, node_config=node_config, state=RecordDict(),
+                       run_config=run_config)  # fmt: skip
+
+    strategy = build_strategy(split_run_config(run_config)[1])
+    strategy.grid = _Sites({7: context(7, "hospA"), 8: context(8, "hospB")})
+    return strategy
+
+
+def _assert_same_file(first: dict, again: dict) -> None:
+    assert set(first) == set(again)
+    for key in first:
+        torch.testing.assert_close(first[key], again[key])
+
+
 def test_the_coordinator_refits_from_real_site_replies_and_a_resume_repeats_it(tiny_data, tmp_path):
     from conftest import TINY
-    from flwr.app import Context
     from remdr.server.head_refit import refit_best
-    from remdr.server.strategy import build_strategy
     from safetensors.torch import load_file
 
     from remdr.federation.run_config import run_config_defaults
@@ -392,13 +411,7 @@ def test_the_coordinator_refits_from_real_site_replies_and_a_resume_repeats_it(t
     run.save_round(1, model.state_dict(), {"num-examples": 10})
     run.add_evaluation(1, {"val-mse": 30.0}, {})
 
-    def context(node: int, site: str) -> Context:
-        node_config = {"data-path": str(tiny_data), "site-id": site}
-        return Context(run_id=1, node_id=node, node_config=node_config, state=RecordDict(),
-                       run_config=run_config)  # fmt: skip
-
-    strategy = build_strategy(fed)
-    strategy.grid = _Sites({7: context(7, "hospA"), 8: context(8, "hospB")})
+    strategy = _two_sites(tiny_data, run_config)
     with flower_run_identity():
         record = refit_best(strategy, run, cfg, ConfigRecord({}), 1, average_rounds=4)
         first = load_file(str(tmp_path / "run" / "best.safetensors"))
@@ -408,10 +421,7 @@ def test_the_coordinator_refits_from_real_site_replies_and_a_resume_repeats_it(t
         assert any(math.isfinite(r["strength"]) for r in (best["head-refit"][h] for h in
                                                           ("oct", "fundus", FUSION)))  # fmt: skip
         refit_best(strategy, run, cfg, ConfigRecord({}), 1, average_rounds=4)  # resumed
-    again = load_file(str(tmp_path / "run" / "best.safetensors"))
-    assert set(first) == set(again)
-    for key in first:
-        torch.testing.assert_close(first[key], again[key])
+    _assert_same_file(first, load_file(str(tmp_path / "run" / "best.safetensors")))
     loaded, trained = build_model(cfg), build_model(cfg)
     loaded.load_state_dict(first)
     trained.load_state_dict(run.load_weights(1))  # the round's own file stays the trained model
@@ -434,10 +444,8 @@ def test_the_mean_of_the_last_rounds_is_refitted_too_and_the_lower_scoring_model
     tiny_data, tmp_path
 ):
     from conftest import TINY
-    from flwr.app import Context
     from remdr.server.global_model import mean_state
     from remdr.server.head_refit import refit_best
-    from remdr.server.strategy import build_strategy
     from safetensors.torch import load_file
 
     from remdr.federation.run_config import run_config_defaults
@@ -454,20 +462,12 @@ def test_the_mean_of_the_last_rounds_is_refitted_too_and_the_lower_scoring_model
         run.save_round(r, states[r], {"num-examples": 10})
         run.add_evaluation(r, {"val-mse": 30.0 + r}, {})  # round 1 is the best
 
-    def context(node: int, site: str) -> Context:
-        node_config = {"data-path": str(tiny_data), "site-id": site}
-        return Context(run_id=1, node_id=node, node_config=node_config, state=RecordDict(),
-                       run_config=run_config)  # fmt: skip
-
-    strategy = build_strategy(fed)
-    strategy.grid = _Sites({7: context(7, "hospA"), 8: context(8, "hospB")})
+    strategy = _two_sites(tiny_data, run_config)
     with flower_run_identity():
         record = refit_best(strategy, run, cfg, ConfigRecord({}), 3, average_rounds=2)
         first = load_file(str(tmp_path / "run" / "best.safetensors"))
         refit_best(strategy, run, cfg, ConfigRecord({}), 3, average_rounds=2)  # resumed
-    again = load_file(str(tmp_path / "run" / "best.safetensors"))
-    for key in first:
-        torch.testing.assert_close(first[key], again[key])
+    _assert_same_file(first, load_file(str(tmp_path / "run" / "best.safetensors")))
     scores = record["candidates"]
     assert set(scores) == {"round 1", "mean of rounds 2-3"}
     assert record["model"] == min(scores, key=scores.get)
