@@ -24,6 +24,7 @@ from remdr.federation.app_bundle import write_bundle
 from remdr.ops.processes import executable, flower_env, free_port, kill_matching
 
 ROUND_LINE = re.compile(r"remdr (round|final model \(round) \d+/\d+\)?:.*")
+SITE_FAILED = re.compile(r"site \S+ failed in \S+: .*")  # the strategy's warning (`_error`)
 ERROR_LINE = re.compile(r"ERROR|Traceback|error in reply|Exception", re.IGNORECASE)
 
 
@@ -143,8 +144,30 @@ def check_finished(code: int, log_path: Path) -> None:
         )
 
 
+def check_trained(records: list[dict], log_path: Path) -> None:
+    """Refuse a federation in which no site's training reply reached the coordinator: its
+    "model" is the initial one, and a results table for it would mislead."""
+    if any(
+        "train-steps" in metrics for rec in records for metrics in rec.get("sites", {}).values()
+    ):
+        return
+    reasons = list(
+        dict.fromkeys(
+            f"{e.get('site')} in {e.get('phase')}: {e.get('reason')}"
+            for rec in records
+            for e in rec.get("errors", [])
+        )
+    )
+    missing = [", ".join(m) for rec in records for m in rec.get("missing", {}).values()]
+    why = " | ".join(reasons[:3]) or (f"no reply from {missing[0]}" if missing else "no reply")
+    raise RemdrError(
+        "no site's training reached the coordinator in any round", why, f"see {log_path}"
+    )
+
+
 def stream_printer(prefix: str = "  ") -> Callable[[str], None]:
     last = [""]  # Flower's stream can carry a log line twice (its handler and a root handler)
+    told: set[str] = set()  # a site's failure, once per reason: not once per round
 
     def show(line: str) -> None:
         m = ROUND_LINE.search(line)
@@ -154,5 +177,8 @@ def stream_printer(prefix: str = "  ") -> Callable[[str], None]:
             last[0] = m.group(0)
         elif "ServerApp raised" in line or "error in reply" in line:
             print(prefix + line.strip(), file=sys.stderr, flush=True)
+        elif (f := SITE_FAILED.search(line)) and f.group(0) not in told:
+            told.add(f.group(0))
+            print(prefix + f.group(0), file=sys.stderr, flush=True)
 
     return show

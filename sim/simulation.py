@@ -229,7 +229,7 @@ def _federate(run_config: dict, n_sites: int, sim: Simulation, run_dir: Path, lo
     """One federation on Flower's simulation runtime into `run_dir` (the run config's out-dir);
     (its RunDirectory, the local SuperLink's ports). Raises a one-line error when it did not
     finish every round."""
-    from remdr.sim.runner import check_finished, run_federation, stream_printer
+    from remdr.sim.runner import check_finished, check_trained, run_federation, stream_printer
 
     from remdr.federation.run_directory import RunDirectory
     from remdr.ops.processes import free_port
@@ -239,6 +239,7 @@ def _federate(run_config: dict, n_sites: int, sim: Simulation, run_dir: Path, lo
     code = run_federation(run_config, n_sites, sim.resources, log_path, stream_printer(), ports)
     check_finished(code, log_path)
     run = RunDirectory(run_dir)
+    check_trained(run.records(), log_path)
     if run.last_round() < sim.rounds:
         raise RemdrError(
             f"the federation stopped after {run.last_round()} round(s)",

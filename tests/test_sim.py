@@ -9,9 +9,11 @@ import numpy as np
 import pytest
 from remdr.sim import cli as sim_cli
 from remdr.sim.partition import PartitionSpec, partition
+from remdr.sim.runner import check_trained, stream_printer
 
 from remdr.data import load_dataset
 from remdr.data.synthetic import SyntheticSpec, generate
+from remdr.errors import RemdrError
 from remdr.metrics import BINS
 from remdr.ops.processes import matching_processes
 
@@ -194,6 +196,29 @@ def test_a_private_method_gets_the_readme_dp_recipe_unless_overridden(tmp_path, 
     assert sim_cli.main(["--method", "remdr_dp", *out]) == 2
     first = capsys.readouterr().out.splitlines()[0]
     assert "DP recipe" in first and "batch-size" in first and "local-epochs 4" in first
+
+
+def test_a_federation_in_which_every_site_failed_is_an_error_that_says_why(tmp_path, capsys):
+    """Round records as the strategy writes them: no training reply in any round is refused
+    (its model is the initial one) with the sites' reasons; one trained reply is enough."""
+    failed = {"site": "site-0", "phase": "train", "reason": "ClientApp raised: boom"}
+    records = [
+        {"round": r, "sites": {"site-1": {"eval-val-mse": 3.0}}, "errors": [failed]} for r in (1, 2)
+    ]
+    with pytest.raises(RemdrError) as err:
+        check_trained(records, tmp_path / "flower.log")
+    assert "site-0 in train: ClientApp raised: boom" in str(err.value)
+    assert str(err.value).count("boom") == 1  # one line per distinct reason
+    records[1]["sites"]["site-1"]["train-steps"] = 5
+    check_trained(records, tmp_path / "flower.log")
+
+    show = stream_printer()
+    for _ in range(3):  # every round: told once
+        show("WARNING :      site site-0 failed in train: ClientApp raised: boom")
+    show("INFO :      remdr round 1/2: val MSE nan () in 6.4s")
+    out = capsys.readouterr()
+    assert out.err.strip() == "site site-0 failed in train: ClientApp raised: boom"
+    assert out.out.strip() == "round 1/2: val MSE nan () in 6.4s"
 
 
 @pytest.mark.e2e
