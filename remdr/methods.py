@@ -147,6 +147,8 @@ class Method:
         self.decay = LossDecay(spec.modalities, cfg.mod_ema) if spec.update == "masam" else None
         self.shapley = ShapleyScores(spec.modalities) if spec.update == "agm" else None
         self.projector: HeadProjector | None = None  # MLA's, sized when the model is built
+        # a federation's unimodal stage: each branch learns from its own head, no fused loss
+        self.fused_off = False
 
     @property
     def name(self) -> str:
@@ -234,7 +236,7 @@ class Method:
         parts: dict[str, float] = {"mse": float(mse.detach())}
         if not fused_inputs:
             terms["fused"] = [mse]
-        elif spec.fusion == "mlp":  # the ensemble has no fused loss, only its heads'
+        elif spec.fusion == "mlp" and not self.fused_off:  # an ensemble has only its heads'
             terms["fused"] = [self._fused_loss(net, out, batch, y, mse, squared_error)]
         if fused_inputs:
             uni_weight = spec.uni_weight

@@ -44,6 +44,7 @@ PARTNERS: dict[str, dict[str, Any]] = {
     "val-fraction": {"test-fraction": 0.0},
     "test-fraction": {"val-fraction": 0.0},
     "site-dp": {"site-dp-noise": 0.1},  # adaptive clipping needs noise < min-nodes / 10
+    "unimodal-rounds": {"num-server-rounds": 2**63},  # some rounds must train the fusion
 }
 
 

@@ -145,6 +145,13 @@ class FedConfig:
         "validation sums (0 or 1: the best round only)",
         low=0,
     )
+    unimodal_rounds: int = setting(
+        0,
+        "the first N rounds train each image's branch with its own head's loss only (no fused "
+        "loss; Harmony's unimodal stage), so a branch that few sites can train learns before "
+        "fusion leans on the other; 0: every round trains the method's whole objective",
+        low=0,
+    )
     out_dir: str = setting(
         "runs/federation",
         "the coordinator's run directory",
@@ -213,9 +220,29 @@ def split_run_config(
                 "the control variates are a mean over the sites; a robust rule's aggregate is not",
                 "use fedavg, fedprox or fedadam",
             )
+    if fed.unimodal_rounds and not bad:
+        _check_unimodal_rounds(fed, cfg, p)
     p.raise_if_any(ConfigError)
     assert cfg is not None  # no problem means apply_overrides returned
     return cfg, fed
+
+
+def _check_unimodal_rounds(fed: FedConfig, cfg: ExperimentConfig | None, p: Problems) -> None:
+    if fed.unimodal_rounds >= fed.num_server_rounds:
+        p.add(
+            f"unimodal-rounds={fed.unimodal_rounds} with num-server-rounds={fed.num_server_rounds}",
+            "no round would train the fused prediction",
+            "set unimodal-rounds below num-server-rounds",
+        )
+    spec = get_spec(cfg.train.method) if cfg is not None else None
+    one_loss = spec is not None and spec.update in ("plain", "sagm", "dpsat")
+    if spec is not None and not (spec.unimodal_loss and spec.fusion == "mlp" and one_loss):
+        p.add(
+            f"unimodal-rounds with method={spec.name}",
+            "it needs unimodal heads that train the encoders, a fused loss to leave out and an "
+            "update rule of one loss",
+            "use remdr, remdr_no_con, remdr_no_sagm, multitask or remdr_dp",
+        )
 
 
 def _resolve_auto(fed: FedConfig, cfg: ExperimentConfig | None) -> ExperimentConfig | None:

@@ -222,6 +222,7 @@ def train_round(
     window = ((server_round - 1) / rounds, server_round / rounds)  # one schedule for the run
     method = create_method(cfg.train.method, cfg.method)
     method.setup(site.train.targets(), seed=seed)
+    method.fused_off = server_round <= fed.unimodal_rounds
     if carried.method:
         method.scores.load_state_dict(carried.method["scores"])
     model = build_model(cfg, method)

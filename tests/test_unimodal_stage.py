@@ -1,0 +1,71 @@
+"""`unimodal-rounds`: a federation's first rounds train each branch from its own head only."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_client_app import RUN_CONFIG, _initial
+
+from remdr.errors import ConfigError
+from remdr.federation.run_config import split_run_config
+from remdr.federation.site_round import load_site, train_round
+from remdr.model import model_part
+
+
+@pytest.fixture()
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _changed(before: dict, after: dict, part: str) -> list[str]:
+    keys = [k for k in before if model_part(k) == part and before[k].is_floating_point()]
+    assert keys, part
+    return [k for k in keys if not torch.equal(before[k], after[k])]
+
+
+def test_a_unimodal_round_leaves_the_fusion_head_alone_and_trains_both_branches(
+    tiny_data, _one_thread
+):
+    """Rounds up to `unimodal-rounds` train no fused loss: the fusion head comes back as it
+    was received (no weight decay here, so only a gradient could move it), while both
+    encoders learn from their own heads; the next round trains the fusion head again."""
+    run_config = {
+        **RUN_CONFIG, "method": "remdr", "oct-view": "bscans", "weight-decay": 0.0,
+        "unimodal-rounds": 1, "num-server-rounds": 2,
+    }  # fmt: skip
+    cfg, fed = split_run_config(run_config)
+    site = load_site(tiny_data, cfg, seed=cfg.train.seed)
+    received = _initial(run_config)
+
+    first = train_round(cfg, fed, {k: v.clone() for k, v in received.items()}, site, server_round=1)
+    assert _changed(received, first.state, "fusion") == []
+    assert _changed(received, first.state, "oct") and _changed(received, first.state, "fundus")
+    assert first.metrics["train-steps"] > 0
+
+    second = train_round(cfg, fed, first.state, site, server_round=2)
+    assert _changed(first.state, second.state, "fusion")
+
+
+@pytest.mark.parametrize(
+    ("keys", "names"),
+    [
+        ({"unimodal-rounds": 4, "num-server-rounds": 4}, "num-server-rounds"),
+        ({"unimodal-rounds": 2, "method": "concat"}, "method=concat"),
+        ({"unimodal-rounds": 2, "method": "mmpareto"}, "method=mmpareto"),
+        ({"unimodal-rounds": 2, "method": "ume"}, "method=ume"),
+    ],
+)
+def test_unimodal_rounds_that_cannot_act_are_refused_in_one_line(keys, names):
+    with pytest.raises(ConfigError) as err:
+        split_run_config({**RUN_CONFIG, **keys})
+    assert names in str(err.value) and "unimodal-rounds" in str(err.value)
+
+
+def test_unimodal_rounds_are_off_by_default_and_taken_by_the_remdr_family():
+    assert split_run_config(RUN_CONFIG)[1].unimodal_rounds == 0
+    for method in ("remdr", "remdr_no_sagm", "multitask"):
+        _, fed = split_run_config({**RUN_CONFIG, "method": method, "unimodal-rounds": 3})
+        assert fed.unimodal_rounds == 3
