@@ -148,7 +148,7 @@ def check_trained(records: list[dict], log_path: Path) -> None:
     """Refuse a federation in which no site's training reply reached the coordinator: its
     "model" is the initial one, and a results table for it would mislead."""
     if any(
-        "train-steps" in metrics for rec in records for metrics in rec.get("sites", {}).values()
+        "num-examples" in metrics for rec in records for metrics in rec.get("sites", {}).values()
     ):
         return
     reasons = list(

@@ -29,6 +29,7 @@ from remdr.sim.partition import PartitionSpec
 from remdr.sim.simulation import Simulation, run_simulation
 
 from remdr.config import ExperimentConfig
+from remdr.data.synthetic import SyntheticSpec
 
 R2_GOOD, R2_FLOOR = 0.8, 0.7  # where centralized reaches R2_GOOD, federated must reach R2_FLOOR
 
@@ -89,6 +90,7 @@ class SuiteRun:
     cases: tuple[Case, ...] = SUITE
     seeds: tuple[int, ...] = (0, 1)
     data: str = ""
+    synthetic_n: int = SyntheticSpec.n  # eyes in the synthetic set, where no `data` is given
     rounds: int = 32
     local_epochs: int = 1
     strategy: str = "fedavg"
@@ -130,14 +132,14 @@ def _final_val(best: dict, round_val: float) -> float:
     return float(value) if value is not None else math.nan
 
 
-def run_case(run: SuiteRun, case: Case, seed: int, say=print) -> dict:
-    """One case at one seed: the federation, its centralized arm (cached), the reference."""
-    folder = run.out / f"{case.name}-s{seed}"
+def case_simulation(run: SuiteRun, case: Case, seed: int) -> Simulation:
+    """The simulation of one case at one seed: its partition, the suite's data and settings."""
     sim = Simulation(
         _with_seed(run.cfg, seed),
-        out=folder,
+        out=run.out / f"{case.name}-s{seed}",
         partition=case.partition(seed),
         data=run.data,
+        synthetic_n=run.synthetic_n,
         rounds=run.rounds,
         local_epochs=run.local_epochs,
         strategy=run.strategy,
@@ -149,6 +151,12 @@ def run_case(run: SuiteRun, case: Case, seed: int, say=print) -> dict:
     sim.resources.cpus_per_site = run.cpus_per_site
     sim.central_cache = run.central_cache or run.out / "central"
     sim.central_epochs = run.central_epochs
+    return sim
+
+
+def run_case(run: SuiteRun, case: Case, seed: int, say=print) -> dict:
+    """One case at one seed: the federation, its centralized arm (cached), the reference."""
+    sim = case_simulation(run, case, seed)
     quiet = (lambda _line: None) if not run.progress else say
     report = run_simulation(sim, say=quiet)
     central = report["results"]["centralized"]
@@ -279,8 +287,8 @@ def run_suite(run: SuiteRun, say=print) -> dict:
                 )
             )
             summary = summarise(rows)
-            result = {"config": run.cfg.to_dict(), "fed": run.fed, "rows": rows,
-                      "summary": summary}  # fmt: skip
+            result = {"config": run.cfg.to_dict(), "fed": run.fed, "data": run.data,
+                      "synthetic_n": run.synthetic_n, "rows": rows, "summary": summary}  # fmt: skip
             (run.out / "suite.json").write_text(json.dumps(result, indent=2, default=str))
             (run.out / "suite.md").write_text(table(rows, summary) + "\n")
     return result

@@ -4,6 +4,7 @@
     remdr-sim suite --cases screening-5,dirichlet-a0.3-5 --seeds 0,1,2
     remdr-sim suite --reference concat                 # also federate naive fusion
     remdr-sim suite --fed strategy=fedprox --fed proximal-mu=0.1 --set lr=0.002
+    remdr-sim suite --synthetic-n 4800                 # 4x the eyes: less noisy ratios
     remdr-sim suite --list-cases
 
 Prints one line per run and, at the end, the table with the median and worst ratio of
@@ -19,6 +20,7 @@ from remdr.sim.suite import CASES, SUITE, SuiteRun, run_suite, table
 
 from remdr.cli.common import Parser, add_config_flags, check_output_dir, config_from_args
 from remdr.config import ExperimentConfig, apply_overrides, flat_values
+from remdr.data.synthetic import SyntheticSpec
 from remdr.errors import Problems
 
 
@@ -34,6 +36,13 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--list-cases", action="store_true", help="print the cases and exit")
     ap.add_argument("--seeds", default="0,1", help="comma-separated seeds (partition + training)")
     ap.add_argument("--data", default="", help="dataset folder (default: the synthetic set)")
+    ap.add_argument(
+        "--synthetic-n",
+        type=int,
+        default=SyntheticSpec.n,
+        help="eyes in the synthetic set: more gives every case larger validation and test sets "
+        "(less noisy ratios), at a proportional cost",
+    )
     ap.add_argument("--out", default="runs/suite", help="the suite's folder (kept, not replaced)")
     ap.add_argument("--rounds", type=int, default=32)
     ap.add_argument(
@@ -89,6 +98,9 @@ def suite_of(args: argparse.Namespace) -> SuiteRun:
         else:
             p.add(f"--seeds {args.seeds}", f"{s!r} is not a seed", "e.g. --seeds 0,1,2")
     check_flag(p, "--rounds", args.rounds, 32, low=1)
+    check_flag(p, "--synthetic-n", args.synthetic_n, SyntheticSpec.n, low=8)
+    if args.data and args.synthetic_n != SyntheticSpec.n:
+        p.add(f"--synthetic-n {args.synthetic_n}", "sizes the synthetic set", "drop --data or it")
     if args.local_epochs is not None:
         check_flag(p, "--local-epochs", args.local_epochs, 1, low=1)
     check_flag(p, "--central-epochs", args.central_epochs, 0, low=0)
@@ -116,6 +128,7 @@ def suite_of(args: argparse.Namespace) -> SuiteRun:
         cases=tuple(CASES[n] for n in names) if names else SUITE,
         seeds=tuple(seeds),
         data=args.data,
+        synthetic_n=args.synthetic_n,
         rounds=args.rounds,
         local_epochs=args.local_epochs or 1,
         strategy=args.strategy,

@@ -8,8 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from remdr.sim import cli as sim_cli
+from remdr.sim import suite_cli
 from remdr.sim.partition import PartitionSpec, partition
 from remdr.sim.runner import check_trained, stream_printer
+from remdr.sim.suite import case_simulation
 
 from remdr.data import load_dataset
 from remdr.data.synthetic import SyntheticSpec, generate
@@ -153,14 +155,33 @@ def test_the_suite_summary_reports_the_median_and_the_worst_ratio():
 def test_suite_flags_are_checked_before_any_training(tmp_path, capsys):
     out = ["--out", str(tmp_path / "suite")]
     code = sim_cli.main(["suite", "--cases", "nope", "--seeds", "x", "--reference", "remdr_dp",
-                         "--rounds", "0", *out])  # fmt: skip
+                         "--rounds", "0", "--synthetic-n", "4", *out])  # fmt: skip
     err = capsys.readouterr().err
     assert code == 2 and len(err.strip().splitlines()) == 1
-    for text in ("4 problems", "--cases nope", "--seeds x", "--reference remdr_dp", "--rounds 0"):
+    for text in ("5 problems", "--cases nope", "--seeds x", "--reference remdr_dp", "--rounds 0",
+                 "--synthetic-n 4"):  # fmt: skip
         assert text in err
     assert not (tmp_path / "suite").exists()
     assert sim_cli.main(["suite", "--list-cases"]) == 0
     assert "screening-5" in capsys.readouterr().out
+
+
+def test_a_suite_on_a_larger_synthetic_set_sizes_every_case_with_it(tmp_path):
+    """--synthetic-n reaches each case's simulation (its data and its pooled arm's cache key);
+    it cannot size a dataset the user gave."""
+    args = suite_cli.build_parser().parse_args(
+        ["--synthetic-n", "4800", "--cases", "screening-5", "--out", str(tmp_path / "s")]
+    )
+    run = suite_cli.suite_of(args)
+    sim = case_simulation(run, run.cases[0], seed=1)
+    assert sim.synthetic_n == 4800 and sim.data == ""
+    default = suite_cli.suite_of(suite_cli.build_parser().parse_args(["--out", str(tmp_path)]))
+    assert case_simulation(default, default.cases[0], seed=1).synthetic_n == SyntheticSpec.n
+    args = suite_cli.build_parser().parse_args(
+        ["--synthetic-n", "4800", "--data", str(tmp_path), "--out", str(tmp_path / "s")]
+    )
+    with pytest.raises(RemdrError, match="--synthetic-n 4800"):
+        suite_cli.suite_of(args)
 
 
 def test_predefined_sites_follow_the_site_field(sim_data, tmp_path):
@@ -209,7 +230,7 @@ def test_a_federation_in_which_every_site_failed_is_an_error_that_says_why(tmp_p
         check_trained(records, tmp_path / "flower.log")
     assert "site-0 in train: ClientApp raised: boom" in str(err.value)
     assert str(err.value).count("boom") == 1  # one line per distinct reason
-    records[1]["sites"]["site-1"]["train-steps"] = 5
+    records[1]["sites"]["site-1"]["num-examples"] = 40
     check_trained(records, tmp_path / "flower.log")
 
     show = stream_printer()
