@@ -48,6 +48,15 @@ GROUPS = ("fused", "uni", "aux", "prox")
 Regulariser = Callable[[ReM3Dr], torch.Tensor] | None
 
 
+def _leave_fusion_alone(model: torch.nn.Module) -> None:
+    """A unimodal stage trains no fused loss: the layers only it reaches (the fusion head, the
+    gate) get no gradient at all, not a zero one, so AdamW neither decays them nor counts a step
+    for them (which would skew its bias correction once fusion starts)."""
+    for name, p in unwrapped(model).named_parameters():
+        if name.startswith(("fusion.", "gate.")):
+            p.grad = None
+
+
 def unwrapped(model: torch.nn.Module) -> ReM3Dr:
     """The ReM3Dr inside an Opacus grad-sample wrapper (or the model itself)."""
     return getattr(model, "_module", model)
@@ -129,7 +138,8 @@ def first_order_step(method, model, optimizer, batch, epoch, autocast, regularis
             optimizer.zero_grad(set_to_none=True)
             total(_objective(method, model, batch, autocast, regulariser)[0]).backward()
         method._pending = {}  # the ascent pass's features are not remembered
-    if update in ("modulate", "sagm") and method.modulation_active(epoch):
+    # the modulation balances the branches' share of the fused loss: none in a unimodal stage
+    if update in ("modulate", "sagm") and method.modulation_active(epoch) and not method.fused_off:
         method.last_k = method.scores.coefficients(method.cfg.mod_alpha)
         noise = method.spec.ogm_noise or method.cfg.ogm_noise
         for m, k in method.last_k.items():
@@ -137,6 +147,8 @@ def first_order_step(method, model, optimizer, batch, epoch, autocast, regularis
                 scale_gradients(model.encoder_parameters(m), k, noise=noise, gen=method._noise_gen)
     if control is not None:
         control.correct()
+    if method.fused_off:
+        _leave_fusion_alone(model)
     optimizer.step()
     return parts
 

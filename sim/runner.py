@@ -145,11 +145,10 @@ def check_finished(code: int, log_path: Path) -> None:
 
 
 def check_trained(records: list[dict], log_path: Path) -> None:
-    """Refuse a federation in which no site's training reply reached the coordinator: its
-    "model" is the initial one, and a results table for it would mislead."""
-    if any(
-        "num-examples" in metrics for rec in records for metrics in rec.get("sites", {}).values()
-    ):
+    """Refuse a federation in which no round aggregated a site's update (every site failed,
+    or every update or aggregate was refused): its "model" is the initial one, and a results
+    table for it would mislead."""
+    if any(rec.get("aggregated") and "refused" not in rec for rec in records):
         return
     reasons = list(
         dict.fromkeys(
@@ -158,11 +157,14 @@ def check_trained(records: list[dict], log_path: Path) -> None:
             for e in rec.get("errors", [])
         )
     )
+    refused = [str(rec["refused"]) for rec in records if "refused" in rec]
     missing = [", ".join(m) for rec in records for m in rec.get("missing", {}).values()]
-    why = " | ".join(reasons[:3]) or (f"no reply from {missing[0]}" if missing else "no reply")
-    raise RemdrError(
-        "no site's training reached the coordinator in any round", why, f"see {log_path}"
+    why = (
+        " | ".join(reasons[:3])
+        or (f"the aggregate was refused: {refused[0]}" if refused else "")
+        or (f"no reply from {missing[0]}" if missing else "no reply")
     )
+    raise RemdrError("no round aggregated a site's update", why, f"see {log_path}")
 
 
 def stream_printer(prefix: str = "  ") -> Callable[[str], None]:

@@ -239,13 +239,13 @@ def _federate(run_config: dict, n_sites: int, sim: Simulation, run_dir: Path, lo
     code = run_federation(run_config, n_sites, sim.resources, log_path, stream_printer(), ports)
     check_finished(code, log_path)
     run = RunDirectory(run_dir)
-    check_trained(run.records(), log_path)
     if run.last_round() < sim.rounds:
         raise RemdrError(
             f"the federation stopped after {run.last_round()} round(s)",
             "sites failed or did not answer (see the errors in the round records)",
             f"see {log_path}",
         )
+    check_trained(run.records(), log_path)
     return run, ports
 
 

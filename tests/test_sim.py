@@ -219,18 +219,26 @@ def test_a_private_method_gets_the_readme_dp_recipe_unless_overridden(tmp_path, 
     assert "DP recipe" in first and "batch-size" in first and "local-epochs 4" in first
 
 
-def test_a_federation_in_which_every_site_failed_is_an_error_that_says_why(tmp_path, capsys):
-    """Round records as the strategy writes them: no training reply in any round is refused
-    (its model is the initial one) with the sites' reasons; one trained reply is enough."""
+def test_a_federation_that_aggregated_nothing_is_an_error_that_says_why(tmp_path, capsys):
+    """Round records as the strategy writes them: no round that aggregated an update is an
+    error naming the sites' reasons (its model is the initial one); so is a run whose every
+    aggregate was refused; one aggregated round is enough."""
     failed = {"site": "site-0", "phase": "train", "reason": "ClientApp raised: boom"}
+    rejected = {"site": "site-1", "phase": "train", "reason": "update rejected: norm 3e4"}
     records = [
-        {"round": r, "sites": {"site-1": {"eval-val-mse": 3.0}}, "errors": [failed]} for r in (1, 2)
-    ]
+        {"round": r, "sites": {"site-1": {"num-examples": 40}}, "errors": [failed, rejected]}
+        for r in (1, 2)
+    ]  # site-1 replied (its metrics are recorded) but its update was rejected
     with pytest.raises(RemdrError) as err:
         check_trained(records, tmp_path / "flower.log")
     assert "site-0 in train: ClientApp raised: boom" in str(err.value)
+    assert "site-1 in train: update rejected" in str(err.value)
     assert str(err.value).count("boom") == 1  # one line per distinct reason
-    records[1]["sites"]["site-1"]["num-examples"] = 40
+    for rec in records:
+        rec.update(errors=[], aggregated=["site-1"], refused="non-finite values")
+    with pytest.raises(RemdrError, match="the aggregate was refused: non-finite values"):
+        check_trained(records, tmp_path / "flower.log")
+    del records[1]["refused"]
     check_trained(records, tmp_path / "flower.log")
 
     show = stream_printer()

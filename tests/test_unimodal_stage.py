@@ -30,13 +30,15 @@ def test_a_unimodal_round_leaves_the_fusion_head_alone_and_trains_both_branches(
     tiny_data, _one_thread
 ):
     """Rounds up to `unimodal-rounds` train no fused loss: the fusion head comes back as it
-    was received (no weight decay here, so only a gradient could move it), while both
-    encoders learn from their own heads; the next round trains the fusion head again."""
+    was received (AdamW's weight decay included: it gets no gradient, not a zero one, so the
+    optimizer leaves it alone and keeps no step count for it), while both encoders learn from
+    their own heads; the next round, with the site's optimizer carried over, trains it."""
     run_config = {
-        **RUN_CONFIG, "method": "remdr", "oct-view": "bscans", "weight-decay": 0.0,
-        "unimodal-rounds": 1, "num-server-rounds": 2,
+        **RUN_CONFIG, "method": "remdr", "oct-view": "bscans", "unimodal-rounds": 1,
+        "num-server-rounds": 2, "keep-site-optimizer": True,
     }  # fmt: skip
     cfg, fed = split_run_config(run_config)
+    assert cfg.train.weight_decay > 0 and cfg.train.optimizer == "adamw"
     site = load_site(tiny_data, cfg, seed=cfg.train.seed)
     received = _initial(run_config)
 
@@ -44,8 +46,11 @@ def test_a_unimodal_round_leaves_the_fusion_head_alone_and_trains_both_branches(
     assert _changed(received, first.state, "fusion") == []
     assert _changed(received, first.state, "oct") and _changed(received, first.state, "fundus")
     assert first.metrics["train-steps"] > 0
+    optimizer = first.carried.optimizer  # no AdamW state for the parameters left alone
+    n_params = sum(len(group["params"]) for group in optimizer["param_groups"])
+    assert optimizer["state"] and len(optimizer["state"]) < n_params
 
-    second = train_round(cfg, fed, first.state, site, server_round=2)
+    second = train_round(cfg, fed, first.state, site, server_round=2, carried=first.carried)
     assert _changed(first.state, second.state, "fusion")
 
 
@@ -56,6 +61,7 @@ def test_a_unimodal_round_leaves_the_fusion_head_alone_and_trains_both_branches(
         ({"unimodal-rounds": 2, "method": "concat"}, "method=concat"),
         ({"unimodal-rounds": 2, "method": "mmpareto"}, "method=mmpareto"),
         ({"unimodal-rounds": 2, "method": "ume"}, "method=ume"),
+        ({"unimodal-rounds": 2, "method": "remdr_dp"}, "method=remdr_dp"),
     ],
 )
 def test_unimodal_rounds_that_cannot_act_are_refused_in_one_line(keys, names):
