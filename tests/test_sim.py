@@ -167,8 +167,8 @@ def test_suite_flags_are_checked_before_any_training(tmp_path, capsys):
 
 
 def test_a_suite_on_a_larger_synthetic_set_sizes_every_case_with_it(tmp_path):
-    """--synthetic-n reaches each case's simulation (its data and its pooled arm's cache key);
-    it cannot size a dataset the user gave."""
+    """--synthetic-n reaches each case's simulation; it cannot size a dataset the user gave,
+    nor shrink the synthetic set below what the 8-site cases split."""
     args = suite_cli.build_parser().parse_args(
         ["--synthetic-n", "4800", "--cases", "screening-5", "--out", str(tmp_path / "s")]
     )
@@ -181,6 +181,9 @@ def test_a_suite_on_a_larger_synthetic_set_sizes_every_case_with_it(tmp_path):
         ["--synthetic-n", "4800", "--data", str(tmp_path), "--out", str(tmp_path / "s")]
     )
     with pytest.raises(RemdrError, match="--synthetic-n 4800"):
+        suite_cli.suite_of(args)
+    args = suite_cli.build_parser().parse_args(["--synthetic-n", "600", "--out", str(tmp_path)])
+    with pytest.raises(RemdrError, match="--synthetic-n 600"):  # too few for 8 sites
         suite_cli.suite_of(args)
 
 
