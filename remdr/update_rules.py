@@ -52,8 +52,9 @@ def _leave_fusion_alone(model: torch.nn.Module) -> None:
     """A unimodal stage trains no fused loss: the layers only it reaches (the fusion head, the
     gate) get no gradient at all, not a zero one, so AdamW neither decays them nor counts a step
     for them (which would skew its bias correction once fusion starts)."""
-    for name, p in unwrapped(model).named_parameters():
-        if name.startswith(("fusion.", "gate.")):
+    net = unwrapped(model)
+    for layer in (net.fusion, net.gate):
+        for p in layer.parameters() if layer is not None else ():
             p.grad = None
 
 

@@ -63,3 +63,14 @@ def flower_run_identity() -> Iterator[None]:
 def in_a_run() -> Iterator[None]:
     with flower_run_identity():
         yield
+
+
+@pytest.fixture()
+def one_thread() -> Iterator[None]:
+    """A tiny model trains fastest on one thread, the more so on a busy machine."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

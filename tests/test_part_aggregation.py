@@ -329,15 +329,6 @@ def test_an_unchanged_untrained_part_passes_screening_whatever_its_dtype():
 # -- the site's side -------------------------------------------------------------------------
 
 
-@pytest.fixture()
-def _one_thread():
-    """A tiny model trains fastest on one thread, the more so on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _oct_only_site(tiny_data, cfg):
     site = load_site(tiny_data, cfg, seed=cfg.train.seed)
     only = lambda ds: EyeDataset(  # noqa: E731
@@ -346,9 +337,7 @@ def _oct_only_site(tiny_data, cfg):
     return dataclasses.replace(site, train=only(site.train), val=only(site.val))
 
 
-def test_an_oct_only_site_sends_its_fundus_and_fusion_parts_back_as_received(
-    tiny_data, _one_thread
-):
+def test_an_oct_only_site_sends_its_fundus_and_fusion_parts_back_as_received(tiny_data, one_thread):
     """The real train path at a site whose eyes all lack fundus: weight decay and the fusion
     head's training at the site move those parts, and the reply puts them back exactly."""
     from test_client_app import RUN_CONFIG, _initial
@@ -373,7 +362,7 @@ def test_an_oct_only_site_sends_its_fundus_and_fusion_parts_back_as_received(
     assert untrained_part_problem(update, reference, trained_counts(m)) is None
 
 
-def test_restore_untrained_puts_back_exactly_the_received_values_and_dtypes(_one_thread):
+def test_restore_untrained_puts_back_exactly_the_received_values_and_dtypes(one_thread):
     from test_client_app import RUN_CONFIG
 
     from remdr.methods import build_model

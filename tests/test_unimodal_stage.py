@@ -12,14 +12,6 @@ from remdr.federation.site_round import load_site, train_round
 from remdr.model import model_part
 
 
-@pytest.fixture()
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _changed(before: dict, after: dict, part: str) -> list[str]:
     keys = [k for k in before if model_part(k) == part and before[k].is_floating_point()]
     assert keys, part
@@ -27,7 +19,7 @@ def _changed(before: dict, after: dict, part: str) -> list[str]:
 
 
 def test_a_unimodal_round_leaves_the_fusion_head_alone_and_trains_both_branches(
-    tiny_data, _one_thread
+    tiny_data, one_thread
 ):
     """Rounds up to `unimodal-rounds` train no fused loss: the fusion head comes back as it
     was received (AdamW's weight decay included: it gets no gradient, not a zero one, so the
