@@ -8,10 +8,13 @@ the user runs (`SimResources.ray_address`, `remdr.sim.ray_cluster`), which is le
 
 from __future__ import annotations
 
+import atexit
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +29,9 @@ from remdr.ops.processes import executable, flower_env, free_port, kill_matching
 ROUND_LINE = re.compile(r"remdr (round|final model \(round) \d+/\d+\)?:.*")
 SITE_FAILED = re.compile(r"site \S+ failed in \S+: .*")  # the strategy's warning (`_error`)
 ERROR_LINE = re.compile(r"ERROR|Traceback|error in reply|Exception", re.IGNORECASE)
+# the ServerApp's last act, after the run directory is complete (`remdr.server.app`): `flwr run`
+# takes another ~3 s to notice the run ended and exit, and its processes ~2 s to stop
+FINISHED_LINE = re.compile(r"federation finished: \d+ rounds in ")
 
 
 @dataclass
@@ -60,54 +66,75 @@ def run_federation(
         root = stage_sites(run_config["sim-data-root"], resources.state_dir)
         run_config = {**run_config, "sim-data-root": str(root)}
     # short: a private cluster's Unix sockets live under it (Ray's session dir, 107-byte limit)
-    short = "/tmp" if Path("/tmp").is_dir() else None
-    with tempfile.TemporaryDirectory(prefix="remdr-sim-", dir=short) as tmp:
-        home = Path(tmp) / "flwr-home"
-        home.mkdir()
-        (home / "config.toml").write_text(
-            '[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = ":local:"\n'
-        )
-        bundle = write_bundle(Path(tmp) / "app", run_config)
-        env = flower_env(home)
-        env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"] = str(http_port)
-        env["FLWR_LOCAL_CONTROL_API_PORT"] = str(control_port)
-        # read by ray.init() in flwr-simulation, which this SuperLink starts; no CPU/GPU counts
-        # go to ray.init (Ray refuses them when attaching), only the sites' client_resources
-        env[ENV] = address or PRIVATE
-        if not address:  # the private cluster's files under tmp: its processes name it, so
-            env["RAY_TMPDIR"] = tmp  # they are found and stopped, and no other cluster is
-        fed_cfg = (
-            f"num_supernodes={n_sites} client_resources_num_cpus={resources.cpus_per_site:g} "
-            f"client_resources_num_gpus={resources.gpus_per_site:g}"
-        )
-        cmd = [
-            executable("flwr"),
-            "run",
-            str(bundle),
-            "local",
-            "--stream",
-            "--federation-config",
-            fed_cfg,
-        ]
-        proc = None
-        try:
-            with open(log_path, "w") as log:
-                proc = subprocess.Popen(
-                    cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True
-                )
-                assert proc.stdout is not None
-                for line in proc.stdout:
-                    log.write(line)
-                    if on_line:
-                        on_line(line.rstrip("\n"))
-                return proc.wait()
-        finally:
-            if proc is not None and proc.poll() is None:
-                proc.terminate()
+    tmp = tempfile.mkdtemp(prefix="remdr-sim-", dir="/tmp" if Path("/tmp").is_dir() else None)
+    home = Path(tmp) / "flwr-home"
+    home.mkdir()
+    (home / "config.toml").write_text(
+        '[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = ":local:"\n'
+    )
+    bundle = write_bundle(Path(tmp) / "app", run_config)
+    env = flower_env(home)
+    env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"] = str(http_port)
+    env["FLWR_LOCAL_CONTROL_API_PORT"] = str(control_port)
+    # read by ray.init() in flwr-simulation, which this SuperLink starts; no CPU/GPU counts
+    # go to ray.init (Ray refuses them when attaching), only the sites' client_resources
+    env[ENV] = address or PRIVATE
+    if not address:  # the private cluster's files under tmp: its processes name it, so
+        env["RAY_TMPDIR"] = tmp  # they are found and stopped, and no other cluster is
+    fed_cfg = (
+        f"num_supernodes={n_sites} client_resources_num_cpus={resources.cpus_per_site:g} "
+        f"client_resources_num_gpus={resources.gpus_per_site:g}"
+    )
+    cmd = [executable("flwr"), "run", str(bundle), "local", "--stream"]
+    cmd += ["--federation-config", fed_cfg]
+    proc = None
+
+    def teardown() -> None:
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+            try:
                 proc.wait(10)
-            # the SuperLink and its helpers, and the private Ray cluster (GCS, raylet, workers:
-            # their command lines name tmp); an attached cluster's processes never name it
-            kill_matching([f"127.0.0.1:{http_port}", f"127.0.0.1:{control_port}", tmp])
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        # the SuperLink and its helpers, and the private Ray cluster (GCS, raylet, workers:
+        # their command lines name tmp); an attached cluster's processes never name it
+        kill_matching([f"127.0.0.1:{http_port}", f"127.0.0.1:{control_port}", tmp])
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    finished = False
+    try:
+        with open(log_path, "w") as log:
+            proc = subprocess.Popen(
+                cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True
+            )
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                log.write(line)
+                if on_line:
+                    on_line(line.rstrip("\n"))
+                if FINISHED_LINE.search(line):
+                    finished = True
+                    return 0
+            return proc.wait()
+    finally:
+        if finished:  # the results are on disk: stopping the processes (~5 s) need not wait
+            background = threading.Thread(target=teardown, name="remdr-sim-teardown")
+            background.start()
+            _TEARDOWNS.append(background)
+        else:
+            teardown()
+
+
+def finish_teardowns() -> None:
+    """Wait until every finished federation's processes are gone (`run_federation` stops them
+    in the background while the simulator tests the model)."""
+    while _TEARDOWNS:
+        _TEARDOWNS.pop().join()
+
+
+_TEARDOWNS: list[threading.Thread] = []
+atexit.register(finish_teardowns)
 
 
 def _check_cluster(address: str, n_sites: int, resources: SimResources, run_config: dict) -> None:

@@ -66,6 +66,7 @@ def run_simulation(sim: Simulation, say: Callable[[str], None] = print) -> dict:
     """Run `sim`; return its report (also `report.json` and `report.md` in `sim.out`)."""
     from remdr.sim.partition import partition
     from remdr.sim.report import write_sim_report
+    from remdr.sim.runner import finish_teardowns
 
     from remdr.data import load_dataset, synthetic_data
     from remdr.data.dataset import EyeDataset
@@ -169,6 +170,7 @@ def run_simulation(sim: Simulation, say: Callable[[str], None] = print) -> dict:
             for name, site in sites.items()
         }  # fmt: skip
 
+    finish_teardowns()  # the federations' processes, stopped while the arms were tested
     report = {
         "config": cfg.to_dict(),
         "run_config": {**run_config, "local-steps": fed.local_steps},  # auto resolved
