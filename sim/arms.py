@@ -4,6 +4,7 @@ trained on pooled data (centralized) or on one site's data alone (local)."""
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 
 from remdr.config import ExperimentConfig
@@ -37,6 +38,28 @@ def test_metrics(model, test_ds, cfg: ExperimentConfig):
 
 
 test_metrics.__test__ = False  # a helper, not a pytest test
+
+
+def paired_interval(test_md, arm: dict, against: dict) -> list[float]:
+    """The 95% interval of `arm`'s test MSE over `against`'s, resampling the test eyes of both
+    together (`remdr.metrics.ratio_interval`); NaN where an arm kept no per-eye predictions (a
+    centralized arm cached by an older remdr)."""
+    import numpy as np
+
+    from remdr.metrics import ratio_interval
+
+    md = np.asarray(test_md, np.float64)
+    if "test_pred" not in arm or "test_pred" not in against or not len(md):
+        return [math.nan, math.nan]
+    errors = [(np.asarray(a["test_pred"], np.float64) - md) ** 2 for a in (arm, against)]
+    return list(ratio_interval(*errors))
+
+
+def tested(model, test_ds, cfg: ExperimentConfig) -> dict:
+    """An arm's test metrics and its prediction for each test eye, in the test set's order:
+    what pairs two arms eye by eye (`remdr.metrics.ratio_interval`)."""
+    metrics, preds = test_metrics(model, test_ds, cfg)
+    return {"test": metrics, "test_pred": preds["pred"].tolist()}
 
 
 def one_image_tests(model, test_records: list, cfg: ExperimentConfig) -> dict:
@@ -75,6 +98,7 @@ def train_central(
     )  # fmt: skip
     return {
         "test": outcome.test_metrics,
+        "test_pred": outcome.test_preds["pred"].tolist(),
         "best_val_mse": outcome.fit.best_val_mse,
         "final_val_mse": final_val_mse(outcome),
         "wall_seconds": outcome.fit.seconds,

@@ -355,7 +355,7 @@ def simulate(args: argparse.Namespace) -> int:
 
     report = run_simulation(simulation_of(args))
     print()
-    print(summary_table(report["results"]))
+    print(summary_table(report["results"], report.get("test_md", [])))
     print(f"\nwall time {report['wall_seconds']:.0f}s; report: {report['report_md']}")
     return 0
 

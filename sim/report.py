@@ -146,6 +146,7 @@ def write_sim_report(out: Path, report: dict, fed_preds: dict[str, np.ndarray]) 
         "Per-bin MAE of the federated model: "
         + ", ".join(f"{b} {m[f'mae_{b}']:.2f}" for b in BINS)
         + " dB.",
+        *(f"\n{line}." for line in ratio_lines(results, report.get("test_md", []))),
         "",
         "## Sites (eyes per severity bin)",
         "",
@@ -214,7 +215,31 @@ def _privacy_lines(privacy: dict) -> list[str]:
     return lines
 
 
-def summary_table(results: dict) -> str:
+def ratio_lines(results: dict, test_md) -> list[str]:
+    """The federation's test MSE over each comparison arm's, with the 95% interval of that
+    ratio over the test eyes: how much of a difference the test set can tell from chance."""
+    from remdr.sim.arms import paired_interval
+
+    fed = results["federated"]
+    pairs = [("centralized", "federated / centralized")]
+    if "reference" in results:
+        pairs.append(("reference", f"federated / federated {results['reference']['method']}"))
+    pairs.append(("complete_sites_only", "all sites / complete sites alone"))
+    lines = []
+    for key, label in pairs:
+        if key not in results:
+            continue
+        low, high = paired_interval(test_md, fed, results[key])
+        if np.isfinite(low) and np.isfinite(high):
+            ratio = fed["test"]["mse"] / results[key]["test"]["mse"]
+            lines.append(
+                f"{label} test MSE {ratio:.2f}x (95% interval over the test eyes "
+                f"{low:.2f}-{high:.2f})"
+            )
+    return lines
+
+
+def summary_table(results: dict, test_md=()) -> str:
     rows = [("federated", results["federated"])]
     for kind in ("oct", "fundus"):
         if f"test_{kind}_only" in results["federated"]:
@@ -241,6 +266,7 @@ def summary_table(results: dict) -> str:
         )
     var = results["federated"]["test"]["md_var"]
     lines.append(f"(test MD variance {var:.2f} dB²: predicting the mean scores MSE {var:.2f})")
+    lines += ratio_lines(results, test_md)
     refits = [f"{name.strip()} {_refit(r['head_refit'])}" for name, r in rows if "head_refit" in r]
     if any(r.get("head_refit") for _, r in rows):
         lines.append("head refit (validation MSE of each head's eyes): " + "; ".join(refits))

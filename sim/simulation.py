@@ -23,6 +23,7 @@ from remdr.sim.arms import (
     final_model,
     one_image_tests,
     test_metrics,
+    tested,
     train_central,
 )
 from remdr.sim.partition import PartitionSpec
@@ -121,6 +122,7 @@ def run_simulation(sim: Simulation, say: Callable[[str], None] = print) -> dict:
     results: dict[str, Any] = {
         "federated": {
             "test": fed_metrics,
+            "test_pred": fed_preds["pred"].tolist(),
             **one_image_tests(model, part.test, cfg),
             "wall_seconds": fed_seconds,
             "head_blend": (fed_run.best() or {}).get("head-blend"),
@@ -177,6 +179,7 @@ def run_simulation(sim: Simulation, say: Callable[[str], None] = print) -> dict:
         "partition": part.summary(),
         "federation": json.loads((out / "federation" / "report.json").read_text()),
         "results": results,
+        "test_md": fed_preds["md"].tolist(),  # each arm's `test_pred` is in this order
         "wall_seconds": time.perf_counter() - t0,
         "local_superlink_ports": list(ports),
     }
@@ -268,7 +271,7 @@ def _reference(sim: Simulation, cfg: ExperimentConfig, run_config: dict, test_ds
         "val_mse": float(best.get("val-mse", float("nan"))),
         "head_blend": best.get("head-blend"),
         "head_refit": best.get("head-refit"),
-        "test": test_metrics(model, test_ds, ref_cfg)[0],
+        **tested(model, test_ds, ref_cfg),
         "wall_seconds": time.perf_counter() - t_ref,
     }
 
@@ -298,7 +301,7 @@ def _complete_sites_only(
     model = final_model(cfg, out / "federation-complete", sim.rounds)
     return {
         "sites": complete,
-        "test": test_metrics(model, test_ds, cfg)[0],
+        **tested(model, test_ds, cfg),
         "head_blend": (complete_run.best() or {}).get("head-blend"),
         "head_refit": (complete_run.best() or {}).get("head-refit"),
         "wall_seconds": time.perf_counter() - t_complete,

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from remdr.sim.arms import paired_interval
 from remdr.sim.partition import PartitionSpec
 from remdr.sim.simulation import Simulation, run_simulation
 
@@ -190,6 +191,12 @@ def run_case(run: SuiteRun, case: Case, seed: int, say=print) -> dict:
     row["val_ratio"] = f["val_mse"] / c["val_mse"]
     row["final_val_ratio"] = f["final_val_mse"] / c["final_val_mse"]
     row["test_ratio"] = f["test_mse"] / c["test_mse"]
+    results = report["results"]
+    md = report.get("test_md", [])
+    row["test_ratio_interval"] = paired_interval(md, results["federated"], central)
+    if run.reference:
+        ref_interval = paired_interval(md, results["federated"], results["reference"])
+        row["reference"]["fed_ratio_interval"] = ref_interval
     return row
 
 
@@ -209,6 +216,15 @@ def summarise(rows: list[dict]) -> dict:
         "final_val_ratio_worst": max(final) if final else math.nan,
         "test_ratio_median": statistics.median(test),
         "test_ratio_worst": max(test),
+        "test_ratio_worst_interval": max(rows, key=lambda r: r["test_ratio"]).get(
+            "test_ratio_interval", [math.nan, math.nan]
+        ),
+        # the runs whose interval lies wholly above 1: the federation worse beyond the test noise
+        "test_ratio_above_1": [
+            f"{r['case']}-s{r['seed']}"
+            for r in rows
+            if r.get("test_ratio_interval", [math.nan])[0] > 1
+        ],
         "r2_failures": [
             f"{r['case']}-s{r['seed']}"
             for r in rows
@@ -222,7 +238,16 @@ def summarise(rows: list[dict]) -> dict:
         out["federated_val_median"] = statistics.median(r["federated"]["val_mse"] for r in refs)
         out["reference_test_median"] = statistics.median(r["reference"]["test_mse"] for r in refs)
         out["federated_test_median"] = statistics.median(r["federated"]["test_mse"] for r in refs)
+        intervals = [r["reference"].get("fed_ratio_interval", [math.nan] * 2) for r in refs]
+        out["reference_beaten"] = sum(high < 1 for _, high in intervals)  # nan compares False
+        out["reference_beats"] = sum(low > 1 for low, _ in intervals)
+        out["reference_runs"] = len(refs)
     return out
+
+
+def _interval(bounds) -> str:
+    low, high = bounds if bounds else (math.nan, math.nan)
+    return f"{low:.2f}–{high:.2f}" if math.isfinite(low) and math.isfinite(high) else "–"
 
 
 def table(rows: list[dict], summary: dict) -> str:
@@ -240,7 +265,8 @@ def table(rows: list[dict], summary: dict) -> str:
             r["case"], str(r["seed"]), f"{f['val_mse']:.2f}", f"{c['val_mse']:.2f}",
             f"{r['val_ratio']:.2f}", f"{f['final_val_mse']:.2f}", f"{c['final_val_mse']:.2f}",
             f"{r['final_val_ratio']:.2f}", f"{f['test_mse']:.2f}", f"{f['test_r2']:.2f}",
-            f"{c['test_mse']:.2f}", f"{c['test_r2']:.2f}", f"{r['test_ratio']:.2f}",
+            f"{c['test_mse']:.2f}", f"{c['test_r2']:.2f}",
+            f"{r['test_ratio']:.2f} ({_interval(r.get('test_ratio_interval'))})",
             f"{f['wall_seconds']:.0f}", f"{c['wall_seconds']:.0f}",
         ]  # fmt: skip
         if ref:
@@ -253,7 +279,9 @@ def table(rows: list[dict], summary: dict) -> str:
         f"worst {s['val_ratio_worst']:.2f} over {s['cases']} runs (the best round and epoch); "
         f"final models: median {s['final_val_ratio_median']:.2f}, "
         f"worst {s['final_val_ratio_worst']:.2f}",
-        f"test ratio: median {s['test_ratio_median']:.2f}, worst {s['test_ratio_worst']:.2f}",
+        f"test ratio: median {s['test_ratio_median']:.2f}, worst {s['test_ratio_worst']:.2f}"
+        f" (95% interval {_interval(s['test_ratio_worst_interval'])}, resampling the test eyes); "
+        f"above 1 beyond that noise: {', '.join(s['test_ratio_above_1']) or 'none'}",
         "federated R² below "
         f"{R2_FLOOR} where centralized reaches {R2_GOOD}: {', '.join(s['r2_failures']) or 'none'}",
     ]
@@ -261,7 +289,9 @@ def table(rows: list[dict], summary: dict) -> str:
         lines.append(
             f"median validation MSE: federated {s['federated_val_median']:.2f}, federated "
             f"{ref} {s['reference_val_median']:.2f}; median test MSE "
-            f"{s['federated_test_median']:.2f} vs {s['reference_test_median']:.2f}"
+            f"{s['federated_test_median']:.2f} vs {s['reference_test_median']:.2f}; better than "
+            f"{ref} beyond the test noise (the 95% interval of their test ratio below 1) on "
+            f"{s['reference_beaten']} of {s['reference_runs']} runs, worse on {s['reference_beats']}"
         )
     return "\n".join(lines)
 

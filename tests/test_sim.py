@@ -140,7 +140,10 @@ def test_the_suite_summary_reports_the_median_and_the_worst_ratio():
         row("b", 6.0, 4.0, 0.6, 0.85, final=1.0),
         row("c", 4.4, 4.0, 0.8, 0.8, final=float("nan")),
     ]
+    rows[0]["test_ratio_interval"] = [0.9, 1.1]
+    rows[1]["test_ratio_interval"] = [1.2, 1.9]  # "c" has none: its centralized arm kept no eyes
     s = summarise(rows)
+    assert s["test_ratio_worst_interval"] == [1.2, 1.9] and s["test_ratio_above_1"] == ["b-s0"]
     assert s["val_ratio_median"] == pytest.approx(1.1) and s["val_ratio_worst"] == pytest.approx(
         1.5
     )
@@ -150,6 +153,25 @@ def test_the_suite_summary_reports_the_median_and_the_worst_ratio():
     text = table(rows, s)
     assert "median 1.10, worst 1.50" in text and text.count("\n| ") == 3  # one row per run
     assert "final models: median 1.10, worst 1.20" in text
+    assert "| 1.50 (1.20–1.90) |" in text and "| 1.10 (–) |" in text
+    assert "worst 1.50 (95% interval 1.20–1.90" in text and "beyond that noise: b-s0" in text
+
+
+def test_two_arms_are_paired_eye_by_eye_on_the_test_set():
+    """The interval comes from each arm's prediction for every test eye, as the simulator
+    reports them; an arm from an older cache, without them, gets none."""
+    from remdr.sim.arms import paired_interval
+
+    from remdr.metrics import ratio_interval
+
+    rng = np.random.default_rng(1)
+    md = rng.normal(-5, 5, 120)
+    fed, central = md + rng.normal(0, 2.2, 120), md + rng.normal(0, 2.0, 120)
+    got = paired_interval(md.tolist(), {"test_pred": fed.tolist()}, {"test_pred": central.tolist()})
+    assert got == list(ratio_interval((fed - md) ** 2, (central - md) ** 2))
+    assert got[0] < ((fed - md) ** 2).mean() / ((central - md) ** 2).mean() < got[1]
+    older = paired_interval(md.tolist(), {"test_pred": fed.tolist()}, {"test": {}})
+    assert all(np.isnan(older))
 
 
 def test_suite_flags_are_checked_before_any_training(tmp_path, capsys):
@@ -267,6 +289,11 @@ def test_short_simulation_completes_and_leaves_nothing_running(sim_data, tmp_pat
     fed, central = report["results"]["federated"]["test"], report["results"]["centralized"]["test"]
     for m in (fed, central):
         assert m["n"] > 0 and np.isfinite(m["mse"]) and "mae_severe" in m
+    md = np.asarray(report["test_md"])  # each arm's prediction for every test eye, in one order
+    for arm in ("federated", "centralized"):
+        pred = np.asarray(report["results"][arm]["test_pred"], np.float64)
+        assert len(pred) == len(md) == report["results"][arm]["test"]["n"]
+        assert np.mean((pred - md) ** 2) == pytest.approx(report["results"][arm]["test"]["mse"])
     assert [r["round"] for r in report["federation"]["rounds"]] == [1, 2]
     refit = report["federation"]["best"]["head-refit"]  # the federated default, both sites summed
     assert refit["sites"] == ["site-0", "site-1"]
