@@ -40,26 +40,35 @@ def test_metrics(model, test_ds, cfg: ExperimentConfig):
 test_metrics.__test__ = False  # a helper, not a pytest test
 
 
-def paired_interval(test_md, arm: dict, against: dict) -> list[float]:
-    """The 95% interval of `arm`'s test MSE over `against`'s, resampling the test eyes of both
-    together (`remdr.metrics.ratio_interval`); NaN where an arm kept no per-eye predictions (a
-    centralized arm cached by an older remdr)."""
+def paired_interval(test_md, arm: dict, against: dict) -> tuple[float, float, float]:
+    """(ratio, low, high): `arm`'s test MSE over `against`'s on the test eyes both predicted,
+    and its 95% interval resampling those eyes of both together (`remdr.metrics.ratio_interval`).
+    NaN where an arm kept no per-eye predictions (a centralized arm cached by an older remdr)
+    or kept them for other eyes than `test_md` (a cache from other data)."""
     import numpy as np
 
     from remdr.metrics import ratio_interval
 
     md = np.asarray(test_md, np.float64)
-    if "test_pred" not in arm or "test_pred" not in against or not len(md):
-        return [math.nan, math.nan]
-    errors = [(np.asarray(a["test_pred"], np.float64) - md) ** 2 for a in (arm, against)]
-    return list(ratio_interval(*errors))
+    errors = []
+    for a in (arm, against):
+        pred = np.asarray(a.get("test_pred", []), np.float64)
+        own_md = np.asarray(a.get("test_md", md), np.float64)
+        if not len(md) or pred.shape != md.shape or not np.array_equal(own_md, md):
+            return math.nan, math.nan, math.nan
+        errors.append((pred - md) ** 2)
+    shared = np.isfinite(errors[0]) & np.isfinite(errors[1])
+    if not shared.any() or not errors[1][shared].sum() > 0:
+        return math.nan, math.nan, math.nan
+    ratio = float(errors[0][shared].mean() / errors[1][shared].mean())
+    return (ratio, *ratio_interval(*errors))
 
 
 def tested(model, test_ds, cfg: ExperimentConfig) -> dict:
     """An arm's test metrics and its prediction for each test eye, in the test set's order:
     what pairs two arms eye by eye (`remdr.metrics.ratio_interval`)."""
     metrics, preds = test_metrics(model, test_ds, cfg)
-    return {"test": metrics, "test_pred": preds["pred"].tolist()}
+    return {"test": metrics, "test_pred": preds["pred"].tolist(), "test_md": preds["md"].tolist()}
 
 
 def one_image_tests(model, test_records: list, cfg: ExperimentConfig) -> dict:
@@ -99,6 +108,7 @@ def train_central(
     return {
         "test": outcome.test_metrics,
         "test_pred": outcome.test_preds["pred"].tolist(),
+        "test_md": outcome.test_preds["md"].tolist(),  # which eyes, in which order (a cache)
         "best_val_mse": outcome.fit.best_val_mse,
         "final_val_mse": final_val_mse(outcome),
         "wall_seconds": outcome.fit.seconds,

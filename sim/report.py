@@ -229,13 +229,12 @@ def ratio_lines(results: dict, test_md) -> list[str]:
     for key, label in pairs:
         if key not in results:
             continue
-        low, high = paired_interval(test_md, fed, results[key])
+        ratio, low, high = paired_interval(test_md, fed, results[key])
         if np.isfinite(low) and np.isfinite(high):
-            ratio = fed["test"]["mse"] / results[key]["test"]["mse"]
-            lines.append(
-                f"{label} test MSE {ratio:.2f}x (95% interval over the test eyes "
-                f"{low:.2f}-{high:.2f})"
-            )
+            interval = f"95% interval over the test eyes {low:.2f}-{high:.2f}"
+        else:  # no per-eye predictions to pair (an older cached arm): the ratio alone
+            ratio, interval = fed["test"]["mse"] / results[key]["test"]["mse"], "interval -"
+        lines.append(f"{label} test MSE {ratio:.2f}x ({interval})")
     return lines
 
 

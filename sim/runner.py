@@ -67,43 +67,28 @@ def run_federation(
         run_config = {**run_config, "sim-data-root": str(root)}
     # short: a private cluster's Unix sockets live under it (Ray's session dir, 107-byte limit)
     tmp = tempfile.mkdtemp(prefix="remdr-sim-", dir="/tmp" if Path("/tmp").is_dir() else None)
-    home = Path(tmp) / "flwr-home"
-    home.mkdir()
-    (home / "config.toml").write_text(
-        '[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = ":local:"\n'
-    )
-    bundle = write_bundle(Path(tmp) / "app", run_config)
-    env = flower_env(home)
-    env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"] = str(http_port)
-    env["FLWR_LOCAL_CONTROL_API_PORT"] = str(control_port)
-    # read by ray.init() in flwr-simulation, which this SuperLink starts; no CPU/GPU counts
-    # go to ray.init (Ray refuses them when attaching), only the sites' client_resources
-    env[ENV] = address or PRIVATE
-    if not address:  # the private cluster's files under tmp: its processes name it, so
-        env["RAY_TMPDIR"] = tmp  # they are found and stopped, and no other cluster is
-    fed_cfg = (
-        f"num_supernodes={n_sites} client_resources_num_cpus={resources.cpus_per_site:g} "
-        f"client_resources_num_gpus={resources.gpus_per_site:g}"
-    )
-    cmd = [executable("flwr"), "run", str(bundle), "local", "--stream"]
-    cmd += ["--federation-config", fed_cfg]
     proc = None
 
     def teardown() -> None:
-        if proc is not None and proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        # the SuperLink and its helpers, and the private Ray cluster (GCS, raylet, workers:
-        # their command lines name tmp); an attached cluster's processes never name it
-        kill_matching([f"127.0.0.1:{http_port}", f"127.0.0.1:{control_port}", tmp])
-        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            if proc is not None and proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+            # the SuperLink and its helpers, and the private Ray cluster (GCS, raylet, workers:
+            # their command lines name tmp); an attached cluster's processes never name it
+            kill_matching([f"127.0.0.1:{http_port}", f"127.0.0.1:{control_port}", tmp])
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
 
     finished = False
     try:
+        cmd, env = _flower_command(Path(tmp), run_config, n_sites, resources, address)
+        env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"] = str(http_port)
+        env["FLWR_LOCAL_CONTROL_API_PORT"] = str(control_port)
         with open(log_path, "w") as log:
             proc = subprocess.Popen(
                 cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True
@@ -124,6 +109,31 @@ def run_federation(
             _TEARDOWNS.append(background)
         else:
             teardown()
+
+
+def _flower_command(
+    tmp: Path, run_config: dict[str, Any], n_sites: int, resources: SimResources, address: str
+) -> tuple[list[str], dict[str, str]]:
+    """`flwr run` of the app bundle against a local SuperLink whose files live under `tmp`,
+    and its environment."""
+    home = tmp / "flwr-home"
+    home.mkdir()
+    (home / "config.toml").write_text(
+        '[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = ":local:"\n'
+    )
+    bundle = write_bundle(tmp / "app", run_config)
+    env = flower_env(home)
+    # read by ray.init() in flwr-simulation, which this SuperLink starts; no CPU/GPU counts
+    # go to ray.init (Ray refuses them when attaching), only the sites' client_resources
+    env[ENV] = address or PRIVATE
+    if not address:  # the private cluster's files under tmp: its processes name it, so
+        env["RAY_TMPDIR"] = str(tmp)  # they are found and stopped, and no other cluster is
+    fed_cfg = (
+        f"num_supernodes={n_sites} client_resources_num_cpus={resources.cpus_per_site:g} "
+        f"client_resources_num_gpus={resources.gpus_per_site:g}"
+    )
+    cmd = [executable("flwr"), "run", str(bundle), "local", "--stream"]
+    return cmd + ["--federation-config", fed_cfg], env
 
 
 def finish_teardowns() -> None:

@@ -123,6 +123,7 @@ def run_simulation(sim: Simulation, say: Callable[[str], None] = print) -> dict:
         "federated": {
             "test": fed_metrics,
             "test_pred": fed_preds["pred"].tolist(),
+            "test_md": fed_preds["md"].tolist(),
             **one_image_tests(model, part.test, cfg),
             "wall_seconds": fed_seconds,
             "head_blend": (fed_run.best() or {}).get("head-blend"),

@@ -193,10 +193,10 @@ def run_case(run: SuiteRun, case: Case, seed: int, say=print) -> dict:
     row["test_ratio"] = f["test_mse"] / c["test_mse"]
     results = report["results"]
     md = report.get("test_md", [])
-    row["test_ratio_interval"] = paired_interval(md, results["federated"], central)
+    row["test_ratio_interval"] = list(paired_interval(md, results["federated"], central)[1:])
     if run.reference:
-        ref_interval = paired_interval(md, results["federated"], results["reference"])
-        row["reference"]["fed_ratio_interval"] = ref_interval
+        ref_interval = paired_interval(md, results["federated"], results["reference"])[1:]
+        row["reference"]["fed_ratio_interval"] = list(ref_interval)
     return row
 
 

@@ -159,19 +159,31 @@ def test_the_suite_summary_reports_the_median_and_the_worst_ratio():
 
 def test_two_arms_are_paired_eye_by_eye_on_the_test_set():
     """The interval comes from each arm's prediction for every test eye, as the simulator
-    reports them; an arm from an older cache, without them, gets none."""
+    reports them; an arm from an older cache (no predictions) or from other data (other eyes)
+    gets none, and the printed line says so instead of pairing the wrong eyes."""
     from remdr.sim.arms import paired_interval
+    from remdr.sim.report import ratio_lines
 
     from remdr.metrics import ratio_interval
 
     rng = np.random.default_rng(1)
     md = rng.normal(-5, 5, 120)
     fed, central = md + rng.normal(0, 2.2, 120), md + rng.normal(0, 2.0, 120)
-    got = paired_interval(md.tolist(), {"test_pred": fed.tolist()}, {"test_pred": central.tolist()})
-    assert got == list(ratio_interval((fed - md) ** 2, (central - md) ** 2))
-    assert got[0] < ((fed - md) ** 2).mean() / ((central - md) ** 2).mean() < got[1]
-    older = paired_interval(md.tolist(), {"test_pred": fed.tolist()}, {"test": {}})
-    assert all(np.isnan(older))
+    arm = {"test_pred": fed.tolist(), "test_md": md.tolist(), "test": {"mse": 4.8}}
+    pooled = {"test_pred": central.tolist(), "test_md": md.tolist(), "test": {"mse": 4.0}}
+    ratio, low, high = paired_interval(md.tolist(), arm, pooled)
+    assert (low, high) == ratio_interval((fed - md) ** 2, (central - md) ** 2)
+    assert low < ratio == pytest.approx(((fed - md) ** 2).mean() / ((central - md) ** 2).mean())
+    assert ratio < high
+    older = {"test": {"mse": 4.0}}
+    elsewhere = {**pooled, "test_md": (md + 1).tolist()}  # a cache of another data set's eyes
+    for other in (older, elsewhere):
+        assert all(np.isnan(paired_interval(md.tolist(), arm, other)))
+    lines = ratio_lines({"federated": arm, "centralized": pooled}, md.tolist())
+    assert lines == [f"federated / centralized test MSE {ratio:.2f}x (95% interval over the "
+                     f"test eyes {low:.2f}-{high:.2f})"]  # fmt: skip
+    lines = ratio_lines({"federated": arm, "centralized": older}, md.tolist())
+    assert lines == ["federated / centralized test MSE 1.20x (interval -)"]
 
 
 def test_suite_flags_are_checked_before_any_training(tmp_path, capsys):
