@@ -115,9 +115,13 @@ def ratio_interval(
     a, b = a[keep], b[keep]
     if len(a) < 2 or not b.sum() > 0:
         return math.nan, math.nan
-    rows = np.random.default_rng(seed).integers(0, len(a), size=(draws, len(a)))
-    with np.errstate(divide="ignore", invalid="ignore"):
-        ratios = a[rows].mean(1) / b[rows].mean(1)
+    rng, ratios = np.random.default_rng(seed), []
+    chunk = max(1, 2_000_000 // len(a))  # resamples at a time: ~16 MB of indices whatever n
+    for start in range(0, draws, chunk):
+        rows = rng.integers(0, len(a), size=(min(chunk, draws - start), len(a)))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ratios.append(a[rows].mean(1) / b[rows].mean(1))
+    ratios = np.concatenate(ratios)
     tail = (1.0 - level) / 2.0
     low, high = np.quantile(ratios, [tail, 1.0 - tail])
     return float(low), float(high)
