@@ -57,11 +57,11 @@ def paired_interval(test_md, arm: dict, against: dict) -> tuple[float, float, fl
         if not len(md) or pred.shape != md.shape or not np.array_equal(own_md, md):
             return math.nan, math.nan, math.nan
         errors.append((pred - md) ** 2)
-    shared = np.isfinite(errors[0]) & np.isfinite(errors[1])
-    if not shared.any() or not errors[1][shared].sum() > 0:
+    low, high = ratio_interval(*errors)  # NaN where too few eyes both arms predicted
+    if not (math.isfinite(low) and math.isfinite(high)):
         return math.nan, math.nan, math.nan
-    ratio = float(errors[0][shared].mean() / errors[1][shared].mean())
-    return (ratio, *ratio_interval(*errors))
+    shared = np.isfinite(errors[0]) & np.isfinite(errors[1])  # the eyes it resampled
+    return float(errors[0][shared].mean() / errors[1][shared].mean()), low, high
 
 
 def tested(model, test_ds, cfg: ExperimentConfig) -> dict:
