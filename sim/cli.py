@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from remdr.sim.ray_cluster import add_cluster_flags, check_cluster_flags
+from remdr.sim.runner import check_site_resources
 from remdr.sim.simulation import Simulation, run_simulation
 
 from remdr.cli.common import (
@@ -34,7 +35,7 @@ from remdr.config import ExperimentConfig, apply_overrides, flat_values
 from remdr.data import SyntheticSpec
 from remdr.errors import Problems
 from remdr.federation.run_config import FEDERATED_DEFAULTS
-from remdr.settings import NON_NEGATIVE, POSITIVE, PROBABILITY, Rule
+from remdr.settings import PROBABILITY, Rule
 
 # The federated training defaults (remdr.federation.run_config.FEDERATED_DEFAULTS) apply to both
 # the federation and the centralized comparison, so the two differ only in where the data is.
@@ -96,7 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument(
         "--fedbn", action="store_true", help="keep normalisation layers local to each site"
     )
-    ap.add_argument("--cpus-per-site", type=float, default=1.0, help="CPU cores per virtual site")
+    ap.add_argument(
+        "--cpus-per-site", type=float, default=1, help="whole CPU cores per virtual site"
+    )
     ap.add_argument(
         "--gpus-per-site", type=float, default=0.0, help="GPU fraction per virtual site"
     )
@@ -166,8 +169,7 @@ def check_sim_flags(args: argparse.Namespace) -> tuple[ExperimentConfig, int, di
     )
     check_flag(p, "--alpha", args.alpha, rule=alpha)
     check_flag(p, "--test-fraction", args.test_fraction, 0.2, **PROBABILITY)
-    check_flag(p, "--cpus-per-site", args.cpus_per_site, 1.0, **POSITIVE)
-    check_flag(p, "--gpus-per-site", args.gpus_per_site, 0.5, **NON_NEGATIVE)
+    check_site_resources(p, args.cpus_per_site, args.gpus_per_site)
     check_cluster_flags(p, args)
     check_output_dir(p, "--out", args.out)
     check_flag(p, "--missing-rate", args.missing_rate, 0.0, low=0, high=1, high_open=True)
@@ -326,7 +328,7 @@ def simulation_of(args: argparse.Namespace) -> Simulation:
         fedbn=args.fedbn,
         fed=_epochs_when_asked(args),
         resources=SimResources(
-            args.cpus_per_site, args.gpus_per_site, args.ray_address, args.state_dir
+            int(args.cpus_per_site), args.gpus_per_site, args.ray_address, args.state_dir
         ),
         compare_centralized=args.compare_centralized,
         compare_local=args.compare_local,

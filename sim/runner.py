@@ -22,7 +22,7 @@ from typing import Any
 
 from remdr.sim.ray_cluster import ENV, PRIVATE, probe, resolve_address, stage_sites
 
-from remdr.errors import RemdrError
+from remdr.errors import Problems, RemdrError
 from remdr.federation.app_bundle import write_bundle
 from remdr.ops.processes import executable, flower_env, free_port, kill_matching
 
@@ -38,13 +38,27 @@ FINISHED_LINE = re.compile(r"federation finished: \d+ rounds in ")
 class SimResources:
     """What each virtual site gets, and on which Ray cluster."""
 
-    cpus_per_site: float = 1.0
+    cpus_per_site: int = 1
     gpus_per_site: float = 0.0
     # HOST:PORT or "auto": attach to that cluster (never stopped by the run); "": $RAY_ADDRESS
     # if set, else a private cluster; "local": a private cluster whatever $RAY_ADDRESS says
     ray_address: str = ""
     # shared storage for what the sites read and write between rounds; "": in the run directory
     state_dir: str = ""
+
+
+def check_site_resources(p: Problems, cpus_per_site: float, gpus_per_site: float) -> None:
+    """Flower 1.42 sends the sites' resources in a simulation config whose CPU count is an
+    unsigned integer (`flwr/proto/federation_config.proto`): half a CPU fails inside `flwr run`
+    with a message about Python types, so it is refused here, before any work."""
+    if not (cpus_per_site >= 1 and float(cpus_per_site).is_integer()):
+        p.add(
+            f"--cpus-per-site {cpus_per_site:g}",
+            "Flower gives each virtual site a whole number of CPUs, at least 1",
+            "e.g. --cpus-per-site 1 (several sites share a core only through Ray's own scheduling)",
+        )
+    if not gpus_per_site >= 0:
+        p.add(f"--gpus-per-site {gpus_per_site:g}", "must be 0 or more", "e.g. --gpus-per-site 0.5")
 
 
 def run_federation(
@@ -58,6 +72,9 @@ def run_federation(
     """Run one federated experiment with `n_sites` virtual SuperNodes; return flwr's exit code.
 
     The local SuperLink gets `ports` (HTTP API, Control API), free ones by default."""
+    problems = Problems()
+    check_site_resources(problems, resources.cpus_per_site, resources.gpus_per_site)
+    problems.raise_if_any()
     http_port, control_port = ports or (free_port(), free_port())
     address = resolve_address(resources.ray_address)
     if address:

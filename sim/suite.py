@@ -97,7 +97,7 @@ class SuiteRun:
     strategy: str = "fedavg"
     fed: dict[str, Any] = dataclasses.field(default_factory=dict)
     reference: str = ""  # e.g. "concat": federated too, on the same partitions
-    cpus_per_site: float = 1.0
+    cpus_per_site: int = 1
     progress: bool = False
     central_cache: Path | None = None  # default: <out>/central
     central_epochs: int = 0  # > 0: a fixed centralized budget (one arm for every federation)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from remdr.sim.runner import check_site_resources
 from remdr.sim.suite import CASES, SUITE, SuiteRun, run_suite, table
 
 from remdr.cli.common import Parser, add_config_flags, check_output_dir, config_from_args
@@ -59,7 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument(
         "--reference", default="", help="a method federated too on every case, e.g. concat"
     )
-    ap.add_argument("--cpus-per-site", type=float, default=1.0)
+    ap.add_argument(
+        "--cpus-per-site", type=float, default=1, help="whole CPU cores per virtual site"
+    )
     ap.add_argument("--progress", action="store_true", help="show every round and epoch")
     ap.add_argument(
         "--central-cache",
@@ -106,6 +109,7 @@ def suite_of(args: argparse.Namespace) -> SuiteRun:
     if args.local_epochs is not None:
         check_flag(p, "--local-epochs", args.local_epochs, 1, low=1)
     check_flag(p, "--central-epochs", args.central_epochs, 0, low=0)
+    check_site_resources(p, args.cpus_per_site, 0.0)
     check_output_dir(p, "--out", args.out)
     if args.reference and args.reference not in list_methods(private=False):
         p.add(f"--reference {args.reference}", "not a non-private method", "e.g. concat")
@@ -136,7 +140,7 @@ def suite_of(args: argparse.Namespace) -> SuiteRun:
         strategy=args.strategy,
         fed=fed,
         reference=args.reference,
-        cpus_per_site=args.cpus_per_site,
+        cpus_per_site=int(args.cpus_per_site),
         progress=args.progress,
         central_cache=Path(args.central_cache) if args.central_cache else None,
         central_epochs=max(0, args.central_epochs),

@@ -10,7 +10,7 @@ import pytest
 from remdr.sim import cli as sim_cli
 from remdr.sim import suite_cli
 from remdr.sim.partition import PartitionSpec, partition
-from remdr.sim.runner import check_trained, stream_printer
+from remdr.sim.runner import SimResources, check_trained, run_federation, stream_printer
 from remdr.sim.suite import case_simulation
 
 from remdr.data import load_dataset
@@ -189,11 +189,12 @@ def test_two_arms_are_paired_eye_by_eye_on_the_test_set():
 def test_suite_flags_are_checked_before_any_training(tmp_path, capsys):
     out = ["--out", str(tmp_path / "suite")]
     code = sim_cli.main(["suite", "--cases", "nope", "--seeds", "x", "--reference", "remdr_dp",
-                         "--rounds", "0", "--synthetic-n", "4", *out])  # fmt: skip
+                         "--rounds", "0", "--synthetic-n", "4", "--cpus-per-site", "1.5",
+                         *out])  # fmt: skip
     err = capsys.readouterr().err
     assert code == 2 and len(err.strip().splitlines()) == 1
-    for text in ("5 problems", "--cases nope", "--seeds x", "--reference remdr_dp", "--rounds 0",
-                 "--synthetic-n 4"):  # fmt: skip
+    for text in ("6 problems", "--cases nope", "--seeds x", "--reference remdr_dp", "--rounds 0",
+                 "--synthetic-n 4", "--cpus-per-site 1.5"):  # fmt: skip
         assert text in err
     assert not (tmp_path / "suite").exists()
     assert sim_cli.main(["suite", "--list-cases"]) == 0
@@ -421,6 +422,8 @@ def test_private_simulation_reports_epsilon_per_site_and_sites_decline_past_the_
             ["--local-epochs", "0", "--cpus-per-site", "0"],
             ["--local-epochs 0", "--cpus-per-site 0"],
         ),
+        # Flower 1.42's simulation config holds whole CPUs: half a CPU failed inside flwr run
+        (["--cpus-per-site", "0.5", "--gpus-per-site", "-1"], ["--cpus-per-site 0.5", "-1"]),
     ],
 )
 def test_bad_simulator_flags_are_one_line_before_any_work(tmp_path, capsys, flags, names):
@@ -430,3 +433,9 @@ def test_bad_simulator_flags_are_one_line_before_any_work(tmp_path, capsys, flag
     assert code == 2 and len(err) == 1 and "Traceback" not in err[0]
     assert all(name in err[0] for name in names)
     assert not out.exists()  # refused before anything was made
+
+
+def test_a_program_asking_for_half_a_cpu_per_site_is_told_why_before_flower_starts(tmp_path):
+    with pytest.raises(RemdrError, match="whole number of CPUs"):
+        run_federation({}, 2, SimResources(cpus_per_site=0.5), tmp_path / "flower.log")
+    assert not (tmp_path / "flower.log").exists() and not _simulation_processes()
