@@ -55,7 +55,7 @@ def check_site_resources(p: Problems, cpus_per_site: float, gpus_per_site: float
         p.add(
             f"--cpus-per-site {cpus_per_site:g}",
             "Flower gives each virtual site a whole number of CPUs, at least 1",
-            "e.g. --cpus-per-site 1 (several sites share a core only through Ray's own scheduling)",
+            "e.g. --cpus-per-site 1",
         )
     if not gpus_per_site >= 0:
         p.add(f"--gpus-per-site {gpus_per_site:g}", "must be 0 or more", "e.g. --gpus-per-site 0.5")
