@@ -281,6 +281,11 @@ def main(argv: list[str] | None = None) -> int:
 
         args = suite_cli.build_parser().parse_args(argv[1:])
         run = suite_cli.suite
+    elif argv[:1] == ["suite-compare"]:
+        from remdr.sim import suite_compare
+
+        args = suite_compare.build_parser().parse_args(argv[1:])
+        run = suite_compare.suite_compare
     else:
         args = build_parser().parse_args(argv)
         run = simulate

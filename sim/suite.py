@@ -159,12 +159,18 @@ def run_case(run: SuiteRun, case: Case, seed: int, say=print) -> dict:
     """One case at one seed: the federation, its centralized arm (cached), the reference."""
     sim = case_simulation(run, case, seed)
     quiet = (lambda _line: None) if not run.progress else say
-    report = run_simulation(sim, say=quiet)
+    return row_of(run_simulation(sim, say=quiet), case.name, seed)
+
+
+def row_of(report: dict, case: str, seed: int) -> dict:
+    """A suite row from one case's `report.json`: what `run_case` returns and what
+    `remdr-sim suite-compare` reads back from a suite's folders."""
     central = report["results"]["centralized"]
+    reference = report["results"].get("reference")
     row: dict[str, Any] = {
-        "case": case.name,
+        "case": case,
         "seed": seed,
-        "method": sim.cfg.train.method,
+        "method": report["config"]["train"]["method"],
         "test_var": report["results"]["federated"]["test"]["md_var"],
         "federated": _federated(report),
         "centralized": {
@@ -177,15 +183,14 @@ def run_case(run: SuiteRun, case: Case, seed: int, say=print) -> dict:
         },
         "sites": {n: s["eyes"] for n, s in report["partition"]["sites"].items()},
     }
-    if run.reference:
-        ref = report["results"]["reference"]
+    if reference:
         row["reference"] = {
-            "method": ref["method"],
-            "val_mse": ref["val_mse"],
-            "test_mse": ref["test"]["mse"],
-            "test_r2": ref["test"]["r2"],
-            "test_mae_severe": ref["test"].get("mae_severe", float("nan")),
-            "wall_seconds": ref["wall_seconds"],
+            "method": reference["method"],
+            "val_mse": reference["val_mse"],
+            "test_mse": reference["test"]["mse"],
+            "test_r2": reference["test"]["r2"],
+            "test_mae_severe": reference["test"].get("mae_severe", float("nan")),
+            "wall_seconds": reference["wall_seconds"],
         }
     f, c = row["federated"], row["centralized"]
     row["val_ratio"] = f["val_mse"] / c["val_mse"]
@@ -194,8 +199,8 @@ def run_case(run: SuiteRun, case: Case, seed: int, say=print) -> dict:
     results = report["results"]
     md = report.get("test_md", [])
     row["test_ratio_interval"] = list(paired_interval(md, results["federated"], central)[1:])
-    if run.reference:
-        ref_interval = paired_interval(md, results["federated"], results["reference"])[1:]
+    if reference:
+        ref_interval = paired_interval(md, results["federated"], reference)[1:]
         row["reference"]["fed_ratio_interval"] = list(ref_interval)
     return row
 

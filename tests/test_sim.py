@@ -318,6 +318,37 @@ def test_short_simulation_completes_and_leaves_nothing_running(sim_data, tmp_pat
     assert "federated" in printed and "centralized" in printed and "report.md" in printed
     ports = [f"127.0.0.1:{p}" for p in report["local_superlink_ports"]]
     assert _flower_leftovers([*ports, str(out)]) == []
+    _suite_compare_reads_back(report, tmp_path, capsys)
+
+
+def _suite_compare_reads_back(report: dict, tmp_path: Path, capsys) -> None:
+    """`remdr-sim suite-compare` reads a real report as the suite wrote its row; a candidate
+    whose final model scores 10% lower on validation wins."""
+    from remdr.sim.suite import row_of
+
+    better = json.loads(json.dumps(report))
+    better["federation"]["best"]["head-refit"]["val-mse"] *= 0.9
+    for side, content in (("base", report), ("cand", better)):
+        (tmp_path / side / "dirichlet-a1-4-s0").mkdir(parents=True)
+        (tmp_path / side / "dirichlet-a1-4-s0" / "report.json").write_text(json.dumps(content))
+    row = row_of(report, "dirichlet-a1-4", 0)
+    refit = report["federation"]["best"]["head-refit"]
+    assert row["federated"]["final_val_mse"] == pytest.approx(refit["val-mse"])
+    assert row["test_ratio"] == pytest.approx(
+        report["results"]["federated"]["test"]["mse"]
+        / report["results"]["centralized"]["test"]["mse"]
+    )
+    args = [
+        "suite-compare",
+        "--base",
+        str(tmp_path / "base"),
+        "--candidate",
+        str(tmp_path / "cand"),
+    ]
+    assert sim_cli.main(args) == 0
+    printed = capsys.readouterr().out
+    assert "| dirichlet-a1-4 | 0 |" in printed and "(0.90x)" in printed
+    assert "better on 1, worse on 0" in printed and "the candidate wins" in printed
 
 
 def _simulation_processes() -> list[str]:
@@ -439,3 +470,50 @@ def test_a_program_asking_for_half_a_cpu_per_site_is_told_why_before_flower_star
     with pytest.raises(RemdrError, match="whole number of CPUs"):
         run_federation({}, 2, SimResources(cpus_per_site=0.5), tmp_path / "flower.log")
     assert not (tmp_path / "flower.log").exists() and not _simulation_processes()
+
+
+def _compared_row(case, seed, final, pooled_final, test_ratio=1.0):
+    """The parts of a suite row `suite-compare` reads (`row_of` builds them from a report)."""
+    return {
+        "case": case, "seed": seed, "final_val_ratio": final / pooled_final,
+        "test_ratio": test_ratio, "federated": {"final_val_mse": final, "val_mse": final + 1},
+    }  # fmt: skip
+
+
+def test_suite_compare_pairs_case_seeds_and_applies_the_median_and_worst_rule():
+    from remdr.sim.suite_compare import compare, report
+
+    base = {(c, 0): _compared_row(c, 0, v, 3.0) for c, v in (("a", 3.0), ("b", 4.0), ("c", 5.0))}
+    base[("d", 1)] = _compared_row("d", 1, 3.0, 3.0)
+    # better on a and b, the same (within 1%) on c: wins, its worst ratio is no higher
+    cand = {("a", 0): _compared_row("a", 0, 2.7, 3.0), ("b", 0): _compared_row("b", 0, 3.6, 3.0),
+            ("c", 0): _compared_row("c", 0, 4.98, 3.0), ("e", 0): _compared_row("e", 0, 1.0, 3.0)}  # fmt: skip
+    r = compare(base, cand)
+    assert [k for k, _, _ in r["pairs"]] == [("a", 0), ("b", 0), ("c", 0)]
+    assert (r["better"], r["worse"]) == (2, 0) and r["change_median"] == pytest.approx(0.9)
+    assert r["wins"] and r["only_base"] == [("d", 1)] and r["only_candidate"] == [("e", 0)]
+    text = report(r)
+    assert "2.70 (0.90x)" in text.splitlines()[2] and "better on 2, worse on 0" in text
+    assert "the candidate wins" in text and "only in base (not compared): d-s1" in text
+    # a lower median, but a higher worst ratio to pooled training: no win
+    cand[("c", 0)] = _compared_row("c", 0, 5.6, 3.0)
+    r = compare(base, cand)
+    assert r["change_median"] < 1 and not r["wins"]
+    assert "does not win" in report(r) and "worst 1.67 → 1.87" in report(r)
+
+
+def test_suite_compare_refuses_a_case_seed_twice_and_skips_unreadable_runs(tmp_path, capsys):
+    for folder in ("one", "two"):
+        (tmp_path / folder / "screening-5-s1").mkdir(parents=True)
+        (tmp_path / folder / "screening-5-s1" / "report.json").write_text("{not json")
+    base, twice = str(tmp_path / "one"), f"{tmp_path / 'one'},{tmp_path / 'two'}"
+    assert sim_cli.main(["suite-compare", "--base", twice, "--candidate", base]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "screening-5 seed 1 is in" in err[0]
+    assert sim_cli.main(["suite-compare", "--base", base, "--candidate", base]) == 2
+    captured = capsys.readouterr()
+    assert "skipped 1 unreadable run(s)" in captured.out and "JSONDecodeError" in captured.out
+    assert "no case-seed is in both sides" in captured.err
+    missing = str(tmp_path / "none")
+    assert sim_cli.main(["suite-compare", "--base", missing, "--candidate", base]) == 2
+    assert "not a folder" in capsys.readouterr().err
