@@ -301,11 +301,45 @@ def table(rows: list[dict], summary: dict) -> str:
     return "\n".join(lines)
 
 
+def _settings(run: SuiteRun) -> dict:
+    """What a suite's rows were measured under, as `suite.json` stores it."""
+    settings = {
+        "config": run.cfg.to_dict(), "fed": run.fed, "data": run.data,
+        "synthetic_n": run.synthetic_n, "rounds": run.rounds, "local_epochs": run.local_epochs,
+        "strategy": run.strategy, "reference": run.reference, "central_epochs": run.central_epochs,
+    }  # fmt: skip
+    return json.loads(json.dumps(settings, default=str))
+
+
+def _earlier_rows(run: SuiteRun, settings: dict, say=print) -> list[dict]:
+    """The rows an earlier call with the same settings left in `suite.json` for case-seeds this
+    call does not run: a suite run in pieces into one folder keeps one table. Rows of other
+    settings are not mixed in (their case folders stay until a case is rerun)."""
+    path = run.out / "suite.json"
+    if not path.exists():
+        return []
+    try:
+        earlier = json.loads(path.read_text())
+        same = {key: earlier.get(key) for key in settings} == settings
+    except (OSError, ValueError, AttributeError):
+        same = False
+    if not same:
+        say(f"{path} holds runs of other settings (or cannot be read): this call's replace it")
+        return []
+    ours = {(case.name, seed) for case in run.cases for seed in run.seeds}
+    kept = [r for r in earlier.get("rows", []) if (r["case"], r["seed"]) not in ours]
+    if kept:
+        say(f"kept {len(kept)} run(s) of an earlier call with the same settings ({path})")
+    return kept
+
+
 def run_suite(run: SuiteRun, say=print) -> dict:
     """Every case at every seed; writes `suite.json` and `suite.md` in `run.out` after each
-    case, so an interrupted suite keeps what it measured."""
+    case, so an interrupted suite keeps what it measured, beside the runs an earlier call with
+    the same settings left there."""
     run.out.mkdir(parents=True, exist_ok=True)
-    rows: list[dict] = []
+    settings = _settings(run)
+    rows: list[dict] = _earlier_rows(run, settings, say)
     for case in run.cases:
         for seed in run.seeds:
             row = run_case(run, case, seed, say)
@@ -322,8 +356,7 @@ def run_suite(run: SuiteRun, say=print) -> dict:
                 )
             )
             summary = summarise(rows)
-            result = {"config": run.cfg.to_dict(), "fed": run.fed, "data": run.data,
-                      "synthetic_n": run.synthetic_n, "rows": rows, "summary": summary}  # fmt: skip
+            result = {**settings, "rows": rows, "summary": summary}
             (run.out / "suite.json").write_text(json.dumps(result, indent=2, default=str))
             (run.out / "suite.md").write_text(table(rows, summary) + "\n")
     return result

@@ -517,3 +517,24 @@ def test_suite_compare_refuses_a_case_seed_twice_and_skips_unreadable_runs(tmp_p
     missing = str(tmp_path / "none")
     assert sim_cli.main(["suite-compare", "--base", missing, "--candidate", base]) == 2
     assert "not a folder" in capsys.readouterr().err
+
+
+def test_a_suite_run_in_pieces_into_one_folder_keeps_every_piece_in_its_table(tmp_path):
+    """suite.json kept only the last call's runs; an earlier call's rows of the same settings
+    now stay (but not for the case-seeds this call reruns), and rows of other settings are never
+    mixed in."""
+    from remdr.sim.suite import CASES, SuiteRun, _earlier_rows, _settings
+
+    from remdr.config import ExperimentConfig
+
+    said: list[str] = []
+    run = SuiteRun(ExperimentConfig(), out=tmp_path, cases=(CASES["screening-5"],), seeds=(0,))
+    rows = [{"case": "screening-5", "seed": 0}, {"case": "quantity-6", "seed": 1}]
+    (tmp_path / "suite.json").write_text(json.dumps({**_settings(run), "rows": rows}))
+    assert _earlier_rows(run, _settings(run), said.append) == [rows[1]]
+    assert "kept 1 run(s)" in said[-1]
+    other = SuiteRun(ExperimentConfig(), out=tmp_path, fed={"proximal-mu": "0.1"}, seeds=(0,))
+    assert _earlier_rows(other, _settings(other), said.append) == []
+    assert "other settings" in said[-1]
+    (tmp_path / "suite.json").write_text("[1, 2")
+    assert _earlier_rows(run, _settings(run), said.append) == [] and "cannot be read" in said[-1]
