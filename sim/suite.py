@@ -108,18 +108,27 @@ def _with_seed(cfg: ExperimentConfig, seed: int, method: str | None = None) -> E
     return dataclasses.replace(cfg, train=train)
 
 
+def _num(value: Any) -> float:
+    """A number of a report; report.json writes NaN (a diverged run) as null."""
+    return math.nan if value is None else float(value)
+
+
 def _federated(report: dict) -> dict:
     fed = report["results"]["federated"]
     best = report["federation"].get("best") or {}
-    val = float(best.get("val-mse", float("nan")))
+    val = _num(best.get("val-mse"))
     return {
         "val_mse": val,  # the best round's, as the coordinator chose it (before the refit)
         "final_val_mse": _final_val(best, val),
-        "test_mse": fed["test"]["mse"],
-        "test_r2": fed["test"]["r2"],
-        "test_mae_severe": fed["test"].get("mae_severe", float("nan")),
-        "wall_seconds": fed["wall_seconds"],
-        **{f"{k}_mse": fed[k]["mse"] for k in ("test_oct_only", "test_fundus_only") if k in fed},
+        "test_mse": _num(fed["test"]["mse"]),
+        "test_r2": _num(fed["test"]["r2"]),
+        "test_mae_severe": _num(fed["test"].get("mae_severe")),
+        "wall_seconds": _num(fed["wall_seconds"]),
+        **{
+            f"{k}_mse": _num(fed[k]["mse"])
+            for k in ("test_oct_only", "test_fundus_only")
+            if k in fed
+        },
     }
 
 
@@ -129,8 +138,7 @@ def _final_val(best: dict, round_val: float) -> float:
     refit = best.get("head-refit")
     if not refit:
         return round_val
-    value = refit.get("val-mse")
-    return float(value) if value is not None else math.nan
+    return _num(refit.get("val-mse"))
 
 
 def case_simulation(run: SuiteRun, case: Case, seed: int) -> Simulation:
@@ -174,28 +182,28 @@ def row_of(report: dict, case: str, seed: int) -> dict:
         "test_var": report["results"]["federated"]["test"]["md_var"],
         "federated": _federated(report),
         "centralized": {
-            "val_mse": central["best_val_mse"],
-            "final_val_mse": central.get("final_val_mse", float("nan")),  # older caches lack it
-            "test_mse": central["test"]["mse"],
-            "test_r2": central["test"]["r2"],
-            "test_mae_severe": central["test"].get("mae_severe", float("nan")),
-            "wall_seconds": central["wall_seconds"],
+            "val_mse": _num(central["best_val_mse"]),
+            "final_val_mse": _num(central.get("final_val_mse")),  # older caches lack it
+            "test_mse": _num(central["test"]["mse"]),
+            "test_r2": _num(central["test"]["r2"]),
+            "test_mae_severe": _num(central["test"].get("mae_severe")),
+            "wall_seconds": _num(central["wall_seconds"]),
         },
         "sites": {n: s["eyes"] for n, s in report["partition"]["sites"].items()},
     }
     if reference:
         row["reference"] = {
             "method": reference["method"],
-            "val_mse": reference["val_mse"],
-            "test_mse": reference["test"]["mse"],
-            "test_r2": reference["test"]["r2"],
-            "test_mae_severe": reference["test"].get("mae_severe", float("nan")),
-            "wall_seconds": reference["wall_seconds"],
+            "val_mse": _num(reference["val_mse"]),
+            "test_mse": _num(reference["test"]["mse"]),
+            "test_r2": _num(reference["test"]["r2"]),
+            "test_mae_severe": _num(reference["test"].get("mae_severe")),
+            "wall_seconds": _num(reference["wall_seconds"]),
         }
     f, c = row["federated"], row["centralized"]
-    row["val_ratio"] = f["val_mse"] / c["val_mse"]
-    row["final_val_ratio"] = f["final_val_mse"] / c["final_val_mse"]
-    row["test_ratio"] = f["test_mse"] / c["test_mse"]
+    row["val_ratio"] = _ratio(f["val_mse"], c["val_mse"])
+    row["final_val_ratio"] = _ratio(f["final_val_mse"], c["final_val_mse"])
+    row["test_ratio"] = _ratio(f["test_mse"], c["test_mse"])
     results = report["results"]
     md = report.get("test_md", [])
     row["test_ratio_interval"] = list(paired_interval(md, results["federated"], central)[1:])
@@ -203,6 +211,10 @@ def row_of(report: dict, case: str, seed: int) -> dict:
         ref_interval = paired_interval(md, results["federated"], reference)[1:]
         row["reference"]["fed_ratio_interval"] = list(ref_interval)
     return row
+
+
+def _ratio(a: float, b: float) -> float:
+    return a / b if b else math.nan
 
 
 def summarise(rows: list[dict]) -> dict:
@@ -318,16 +330,19 @@ def _earlier_rows(run: SuiteRun, settings: dict, say=print) -> list[dict]:
     path = run.out / "suite.json"
     if not path.exists():
         return []
+    ours = {(case.name, seed) for case in run.cases for seed in run.seeds}
     try:
         earlier = json.loads(path.read_text())
         same = {key: earlier.get(key) for key in settings} == settings
-    except (OSError, ValueError, AttributeError):
-        same = False
+        kept = [r for r in earlier["rows"] if (r["case"], r["seed"]) not in ours] if same else []
+    except (OSError, ValueError, AttributeError, KeyError, TypeError):
+        same, kept = False, []
     if not same:
-        say(f"{path} holds runs of other settings (or cannot be read): this call's replace it")
+        say(
+            f"{path} holds runs of other settings, is unreadable or was written before remdr "
+            "stored its settings: this call's runs replace its table (the case folders stay)"
+        )
         return []
-    ours = {(case.name, seed) for case in run.cases for seed in run.seeds}
-    kept = [r for r in earlier.get("rows", []) if (r["case"], r["seed"]) not in ours]
     if kept:
         say(f"kept {len(kept)} run(s) of an earlier call with the same settings ({path})")
     return kept

@@ -537,4 +537,4 @@ def test_a_suite_run_in_pieces_into_one_folder_keeps_every_piece_in_its_table(tm
     assert _earlier_rows(other, _settings(other), said.append) == []
     assert "other settings" in said[-1]
     (tmp_path / "suite.json").write_text("[1, 2")
-    assert _earlier_rows(run, _settings(run), said.append) == [] and "cannot be read" in said[-1]
+    assert _earlier_rows(run, _settings(run), said.append) == [] and "unreadable" in said[-1]
