@@ -3,12 +3,12 @@
     remdr-sim suite-compare --base runs/base-s0,runs/base-s1 --candidate runs/new-s0,runs/new-s1
 
 Reads the runs of earlier `remdr-sim suite` calls back from their folders (each case's
-`<case>-s<seed>/report.json`, so suites run in pieces, or into one folder with different
-`--cases`, are all found), pairs the case-seeds both sides ran, and prints, for each, the
-validation MSE of the model each federation ends with, of its best round, and its test ratio
-to pooled training; then the rule the project chooses defaults by: the candidate wins where
-its final-model validation MSE is lower on the median case-seed and its worst ratio to pooled
-training is no higher. Test numbers are shown, never chosen on.
+`<case>-s<seed>/report.json`, so suites run in pieces are all found), checks that each side ran
+one setting and names the keys where the candidate's differs, pairs the case-seeds both sides
+ran on the same test eyes, and prints, for each, the validation MSE of the model each federation
+ends with, of its best round, and its test ratio to pooled training; then the rule the project
+chooses defaults by. Test numbers are shown, never chosen on. Exit code 0: the candidate wins
+on validation; 1: it does not; 2: the folders cannot be compared.
 """
 
 from __future__ import annotations
@@ -18,7 +18,9 @@ import json
 import math
 import re
 import statistics
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from remdr.sim.suite import row_of
 
@@ -27,6 +29,8 @@ from remdr.errors import ConfigError, Problems
 
 SAME = 0.01  # a final-model validation change within 1% counts as neither better nor worse
 RUN_DIR = re.compile(r"^(?P<case>.+)-s(?P<seed>\d+)$")
+# run-config keys that differ between the case-seeds of one suite by design
+PER_RUN_KEYS = {"seed", "out-dir", "sim-data-root", "min-nodes"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,75 +46,96 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def read_runs(folders: list[Path], say=print) -> dict[tuple[str, int], dict]:
-    """(case, seed) -> its suite row, from every `<case>-s<seed>/report.json` under `folders`;
-    a report that cannot be read is skipped and counted, and a case-seed found twice is an
-    error (which of the two would be compared is not for this command to guess)."""
-    runs: dict[tuple[str, int], dict] = {}
-    where: dict[tuple[str, int], Path] = {}
-    skipped: list[str] = []
+@dataclass
+class Side:
+    """One side's runs: (case, seed) -> suite row, the setting they share, what was skipped."""
+
+    rows: dict[tuple[str, int], dict] = field(default_factory=dict)
+    setting: dict[str, Any] = field(default_factory=dict)
+    skipped: list[str] = field(default_factory=list)
+
+
+def read_side(flag: str, folders: list[Path]) -> Side:
+    """Every `<case>-s<seed>/report.json` under `folders`. A report that cannot be read is
+    skipped and counted; a case-seed found twice, or runs of two settings, are refused (which
+    of them would be compared is not for this command to guess)."""
+    side, where = Side(), {}
     for folder in folders:
-        for report in sorted(folder.glob("*-s*/report.json")):
-            m = RUN_DIR.match(report.parent.name)
+        for path in sorted(folder.glob("*-s*/report.json")):
+            m = RUN_DIR.match(path.parent.name)
             if not m:
                 continue
             key = (m["case"], int(m["seed"]))
             if key in where:
                 raise ConfigError(
-                    f"{key[0]} seed {key[1]} is in {where[key]} and {report.parent}",
+                    f"{flag}: {key[0]} seed {key[1]} is in {where[key]} and {path.parent}",
                     "one side of a comparison must have each case-seed once",
                     "name only one of those folders",
                 )
-            where[key] = report.parent
+            where[key] = path.parent
             try:
-                runs[key] = row_of(json.loads(report.read_text()), *key)
-            except (OSError, ValueError, KeyError, TypeError, ZeroDivisionError) as err:
-                skipped.append(f"{report} ({type(err).__name__})")
-    if skipped:
-        say(f"skipped {len(skipped)} unreadable run(s): " + "; ".join(skipped))
-    return runs
+                report = json.loads(path.read_text())
+                side.rows[key] = row_of(report, *key)
+                setting = {k: v for k, v in report["run_config"].items() if k not in PER_RUN_KEYS}
+            except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+                side.skipped.append(f"{path} ({type(err).__name__}: {err})")
+                continue
+            if side.setting and setting != side.setting:
+                keys = ", ".join(differing(side.setting, setting)) or "?"
+                raise ConfigError(
+                    f"{flag}: {path.parent} was run with other settings than the runs before it",
+                    f"they differ in {keys}",
+                    "compare one setting per side: name the folders of one suite",
+                )
+            side.setting = setting
+    return side
+
+
+def differing(a: dict, b: dict) -> list[str]:
+    """The keys whose values differ (a key one side lacks took its default there)."""
+    return sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
 
 
 def compare(base: dict, candidate: dict) -> dict:
-    """The paired case-seeds and the numbers the default is chosen on."""
+    """The paired case-seeds and the numbers the default is chosen on. A pair the candidate's
+    run could not score (a NaN: a diverged run) counts as worse and blocks a win."""
     keys = sorted(set(base) & set(candidate), key=lambda k: (k[1], k[0]))
     pairs = [(k, base[k], candidate[k]) for k in keys]
     change = [
         c["federated"]["final_val_mse"] / b["federated"]["final_val_mse"] for _, b, c in pairs
     ]
+    unscored = sum(not math.isfinite(x) for x in change)
     finite = [x for x in change if math.isfinite(x)]
 
-    def worst(side: int, key: str) -> float:
-        values = [p[side][key] for p in pairs if math.isfinite(p[side][key])]
-        return max(values) if values else math.nan
-
-    def median(side: int, key: str) -> float:
-        values = [p[side][key] for p in pairs if math.isfinite(p[side][key])]
-        return statistics.median(values) if values else math.nan
+    def over(side: int, key: str, how) -> float:
+        values = [p[side][key] for p in pairs]
+        return how(values) if values and all(math.isfinite(v) for v in values) else math.nan
 
     out = {
         "pairs": pairs,
         "change": change,
         "better": sum(x < 1 - SAME for x in finite),
-        "worse": sum(x > 1 + SAME for x in finite),
+        "worse": sum(x > 1 + SAME for x in finite) + unscored,
+        "unscored": unscored,
         "change_median": statistics.median(finite) if finite else math.nan,
         "only_base": sorted(set(base) - set(candidate)),
         "only_candidate": sorted(set(candidate) - set(base)),
     }
     for name, side in (("base", 1), ("candidate", 2)):
-        out[f"{name}_final_worst"] = worst(side, "final_val_ratio")
-        out[f"{name}_final_median"] = median(side, "final_val_ratio")
-        out[f"{name}_test_worst"] = worst(side, "test_ratio")
-        out[f"{name}_test_median"] = median(side, "test_ratio")
+        out[f"{name}_final_worst"] = over(side, "final_val_ratio", max)
+        out[f"{name}_final_median"] = over(side, "final_val_ratio", statistics.median)
+        out[f"{name}_test_worst"] = over(side, "test_ratio", max)
+        out[f"{name}_test_median"] = over(side, "test_ratio", statistics.median)
     out["wins"] = bool(
-        finite
-        and out["change_median"] < 1
+        not unscored
+        and out["change_median"] < 1 - SAME
         and out["candidate_final_worst"] <= out["base_final_worst"]
     )
     return out
 
 
-def report(result: dict) -> str:
+def comparison_text(result: dict) -> str:
+    """The per-case-seed table and the verdict, as `suite-compare` prints it."""
     lines = [
         "| case | seed | final model's validation MSE: base → candidate | best round's | "
         "test ratio to pooled |",
@@ -120,15 +145,16 @@ def report(result: dict) -> str:
         fb, fc = b["federated"], c["federated"]
         lines.append(
             f"| {case} | {seed} | {fb['final_val_mse']:.2f} → {fc['final_val_mse']:.2f} "
-            f"({x:.2f}x) | {fb['val_mse']:.2f} → {fc['val_mse']:.2f} | "
+            f"({x:.3f}x) | {fb['val_mse']:.2f} → {fc['val_mse']:.2f} | "
             f"{b['test_ratio']:.2f} → {c['test_ratio']:.2f} |"
         )
     r, n = result, len(result["pairs"])
     lines += [
         "",
         f"final model's validation MSE, candidate / base over {n} case-seeds: median "
-        f"{r['change_median']:.2f}x; better on {r['better']}, worse on {r['worse']} "
-        f"(within {SAME:.0%}: neither)",
+        f"{r['change_median']:.3f}x; better on {r['better']}, worse on {r['worse']} "
+        f"(within {SAME:.0%}: neither"
+        + (f"; {r['unscored']} unscored count as worse)" if r["unscored"] else ")"),  # fmt: skip
         f"final-model validation ratio to pooled training: median {r['base_final_median']:.2f} → "
         f"{r['candidate_final_median']:.2f}, worst {r['base_final_worst']:.2f} → "
         f"{r['candidate_final_worst']:.2f}",
@@ -136,11 +162,9 @@ def report(result: dict) -> str:
         f" → {r['candidate_test_median']:.2f}, worst {r['base_test_worst']:.2f} → "
         f"{r['candidate_test_worst']:.2f}",
         "on validation the candidate "
-        + (
-            "wins (a lower median and a worst ratio no higher)"
-            if r["wins"]
-            else "does not win (it needs a lower median and a worst ratio no higher)"
-        ),
+        + ("wins" if r["wins"] else "does not win")
+        + f" (it needs a median below {1 - SAME:.2f}x, no unscored run and a worst ratio to "
+        "pooled training no higher)",
     ]
     for side in ("base", "candidate"):
         if r[f"only_{side}"]:
@@ -149,25 +173,51 @@ def report(result: dict) -> str:
     return "\n".join(lines)
 
 
+def _folders(flag: str, value: str, p: Problems) -> list[Path]:
+    folders = list(dict.fromkeys(Path(f.strip()) for f in value.split(",") if f.strip()))
+    missing = [str(f) for f in folders if not f.is_dir()]
+    if not folders or missing:
+        why = f"not a folder: {', '.join(missing)}" if missing else "names no suite folder"
+        p.add(f"{flag} {value}", why, "a folder `remdr-sim suite --out` wrote")
+    return folders
+
+
 def suite_compare(args: argparse.Namespace, say=print) -> int:
     p = Problems()
-    sides = {}
-    for flag, value in (("--base", args.base), ("--candidate", args.candidate)):
-        folders = [Path(f) for f in value.split(",") if f.strip()]
-        missing = [str(f) for f in folders if not f.is_dir()]
-        if not folders or missing:
-            p.add(f"{flag} {value}", "names no suite folder" if not folders else
-                  f"not a folder: {', '.join(missing)}", "a folder `remdr-sim suite --out` wrote")  # fmt: skip
-        sides[flag] = folders
+    folders = {flag: _folders(flag, value, p) for flag, value in
+               (("--base", args.base), ("--candidate", args.candidate))}  # fmt: skip
     p.raise_if_any()
-    base = read_runs(sides["--base"], say)
-    candidate = read_runs(sides["--candidate"], say)
-    result = compare(base, candidate)
+    base = read_side("--base", folders["--base"])
+    candidate = read_side("--candidate", folders["--candidate"])
+    for name, side in (("base", base), ("candidate", candidate)):
+        if side.skipped:
+            say(
+                f"{name}: skipped {len(side.skipped)} unreadable run(s): " + "; ".join(side.skipped)
+            )
+    other_eyes = [
+        f"{c}-s{s}"
+        for (c, s) in set(base.rows) & set(candidate.rows)
+        if not math.isclose(base.rows[c, s]["test_var"], candidate.rows[c, s]["test_var"])
+    ]
+    if other_eyes:
+        raise ConfigError(
+            f"{', '.join(sorted(other_eyes))}: the two sides tested other eyes",
+            "a comparison needs each case-seed on the same data (--data, --synthetic-n)",
+            "compare suites run on the same data",
+        )
+    result = compare(base.rows, candidate.rows)
     if not result["pairs"]:
         raise ConfigError(
             "no case-seed is in both sides",
-            f"base has {len(base)} run(s), candidate {len(candidate)}",
+            f"base has {len(base.rows)} run(s), candidate {len(candidate.rows)}",
             "compare suites run on the same cases and seeds",
         )
-    say(report(result))
-    return 0
+    changed = differing(base.setting, candidate.setting)
+    say("the candidate's setting differs in: " + (", ".join(
+        f"{k} = {candidate.setting.get(k, '(default)')} (base {base.setting.get(k, '(default)')})"
+        for k in changed) or "nothing"))  # fmt: skip
+    say(comparison_text(result))
+    if candidate.skipped:
+        say("a candidate run could not be read: no win is declared")
+        return 1
+    return 0 if result["wins"] else 1

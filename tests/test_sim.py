@@ -331,24 +331,24 @@ def _suite_compare_reads_back(report: dict, tmp_path: Path, capsys) -> None:
     for side, content in (("base", report), ("cand", better)):
         (tmp_path / side / "dirichlet-a1-4-s0").mkdir(parents=True)
         (tmp_path / side / "dirichlet-a1-4-s0" / "report.json").write_text(json.dumps(content))
-    row = row_of(report, "dirichlet-a1-4", 0)
     refit = report["federation"]["best"]["head-refit"]
-    assert row["federated"]["final_val_mse"] == pytest.approx(refit["val-mse"])
-    assert row["test_ratio"] == pytest.approx(
-        report["results"]["federated"]["test"]["mse"]
-        / report["results"]["centralized"]["test"]["mse"]
+    assert row_of(report, "dirichlet-a1-4", 0)["federated"]["final_val_mse"] == pytest.approx(
+        refit["val-mse"]
     )
-    args = [
-        "suite-compare",
-        "--base",
-        str(tmp_path / "base"),
-        "--candidate",
-        str(tmp_path / "cand"),
-    ]
+    base, cand = str(tmp_path / "base"), str(tmp_path / "cand")
+    args = ["suite-compare", "--base", base, "--candidate", cand]
     assert sim_cli.main(args) == 0
     printed = capsys.readouterr().out
-    assert "| dirichlet-a1-4 | 0 |" in printed and "(0.90x)" in printed
+    assert "| dirichlet-a1-4 | 0 |" in printed and "(0.900x)" in printed
     assert "better on 1, worse on 0" in printed and "the candidate wins" in printed
+    assert "the candidate's setting differs in: nothing" in printed
+    # a run of another setting on the candidate's side is refused, and the keys are named
+    other = json.loads(json.dumps(better))
+    other["run_config"]["lr"] = 0.5
+    (tmp_path / "cand" / "screening-5-s0").mkdir()
+    (tmp_path / "cand" / "screening-5-s0" / "report.json").write_text(json.dumps(other))
+    assert sim_cli.main(args) == 2
+    assert "they differ in lr" in capsys.readouterr().err
 
 
 def _simulation_processes() -> list[str]:
@@ -454,7 +454,10 @@ def test_private_simulation_reports_epsilon_per_site_and_sites_decline_past_the_
             ["--local-epochs 0", "--cpus-per-site 0"],
         ),
         # Flower 1.42's simulation config holds whole CPUs: half a CPU failed inside flwr run
-        (["--cpus-per-site", "0.5", "--gpus-per-site", "-1"], ["--cpus-per-site 0.5", "-1"]),
+        (
+            ["--cpus-per-site", "0.5", "--gpus-per-site", "-1"],
+            ["--cpus-per-site 0.5", "--gpus-per-site -1"],
+        ),
     ],
 )
 def test_bad_simulator_flags_are_one_line_before_any_work(tmp_path, capsys, flags, names):
@@ -469,7 +472,7 @@ def test_bad_simulator_flags_are_one_line_before_any_work(tmp_path, capsys, flag
 def test_a_program_asking_for_half_a_cpu_per_site_is_told_why_before_flower_starts(tmp_path):
     with pytest.raises(RemdrError, match="whole number of CPUs"):
         run_federation({}, 2, SimResources(cpus_per_site=0.5), tmp_path / "flower.log")
-    assert not (tmp_path / "flower.log").exists() and not _simulation_processes()
+    assert not (tmp_path / "flower.log").exists()  # refused before Flower was started
 
 
 def _compared_row(case, seed, final, pooled_final, test_ratio=1.0):
@@ -481,7 +484,7 @@ def _compared_row(case, seed, final, pooled_final, test_ratio=1.0):
 
 
 def test_suite_compare_pairs_case_seeds_and_applies_the_median_and_worst_rule():
-    from remdr.sim.suite_compare import compare, report
+    from remdr.sim.suite_compare import compare, comparison_text
 
     base = {(c, 0): _compared_row(c, 0, v, 3.0) for c, v in (("a", 3.0), ("b", 4.0), ("c", 5.0))}
     base[("d", 1)] = _compared_row("d", 1, 3.0, 3.0)
@@ -492,14 +495,19 @@ def test_suite_compare_pairs_case_seeds_and_applies_the_median_and_worst_rule():
     assert [k for k, _, _ in r["pairs"]] == [("a", 0), ("b", 0), ("c", 0)]
     assert (r["better"], r["worse"]) == (2, 0) and r["change_median"] == pytest.approx(0.9)
     assert r["wins"] and r["only_base"] == [("d", 1)] and r["only_candidate"] == [("e", 0)]
-    text = report(r)
-    assert "2.70 (0.90x)" in text.splitlines()[2] and "better on 2, worse on 0" in text
+    text = comparison_text(r)
+    assert "2.70 (0.900x)" in text.splitlines()[2] and "better on 2, worse on 0" in text
     assert "the candidate wins" in text and "only in base (not compared): d-s1" in text
     # a lower median, but a higher worst ratio to pooled training: no win
     cand[("c", 0)] = _compared_row("c", 0, 5.6, 3.0)
     r = compare(base, cand)
     assert r["change_median"] < 1 and not r["wins"]
-    assert "does not win" in report(r) and "worst 1.67 → 1.87" in report(r)
+    assert "does not win" in comparison_text(r) and "worst 1.67 → 1.87" in comparison_text(r)
+    # a candidate run that diverged (its final validation NaN) counts as worse and cannot win
+    cand[("c", 0)] = _compared_row("c", 0, float("nan"), 3.0)
+    r = compare(base, cand)
+    assert (r["better"], r["worse"], r["unscored"]) == (2, 1, 1) and not r["wins"]
+    assert "1 unscored count as worse" in comparison_text(r)
 
 
 def test_suite_compare_refuses_a_case_seed_twice_and_skips_unreadable_runs(tmp_path, capsys):
@@ -509,10 +517,11 @@ def test_suite_compare_refuses_a_case_seed_twice_and_skips_unreadable_runs(tmp_p
     base, twice = str(tmp_path / "one"), f"{tmp_path / 'one'},{tmp_path / 'two'}"
     assert sim_cli.main(["suite-compare", "--base", twice, "--candidate", base]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "screening-5 seed 1 is in" in err[0]
+    assert len(err) == 1 and "--base: screening-5 seed 1 is in" in err[0]
     assert sim_cli.main(["suite-compare", "--base", base, "--candidate", base]) == 2
     captured = capsys.readouterr()
-    assert "skipped 1 unreadable run(s)" in captured.out and "JSONDecodeError" in captured.out
+    assert "base: skipped 1 unreadable run(s)" in captured.out
+    assert "JSONDecodeError" in captured.out
     assert "no case-seed is in both sides" in captured.err
     missing = str(tmp_path / "none")
     assert sim_cli.main(["suite-compare", "--base", missing, "--candidate", base]) == 2
