@@ -8,7 +8,8 @@ sites' data (--compare-centralized) and on each site alone (--compare-local).
 
 This module is the command line only: flags, their checks and the DP recipe. The study itself is
 `remdr.sim.simulation.run_simulation`, which another program can call with a `Simulation`.
-`remdr-sim suite` runs the federation-quality suite (`remdr.sim.suite_cli`).
+`remdr-sim suite` runs the federation-quality suite (`remdr.sim.suite_cli`); `remdr-sim
+suite-compare` compares two settings' suite runs (`remdr.sim.suite_compare`).
 """
 
 from __future__ import annotations
@@ -272,7 +273,8 @@ def fed_overrides(items: list[str], problems: Problems | None = None) -> dict[st
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`remdr-sim [flags]` simulates one study; `remdr-sim suite [flags]` runs the suite."""
+    """`remdr-sim [flags]` simulates one study; `remdr-sim suite [flags]` runs the suite;
+    `remdr-sim suite-compare` compares two settings' suites."""
     import signal
 
     argv = sys.argv[1:] if argv is None else list(argv)

@@ -47,7 +47,7 @@ class SimResources:
     state_dir: str = ""
 
 
-def check_site_resources(p: Problems, cpus_per_site: float, gpus_per_site: float) -> None:
+def check_site_resources(p: Problems, cpus_per_site: float, gpus_per_site: float = 0.0) -> None:
     """Flower 1.42 sends the sites' resources in a simulation config whose CPU count is an
     unsigned integer (`flwr/proto/federation_config.proto`): half a CPU fails inside `flwr run`
     with a message about Python types, so it is refused here, before any work."""

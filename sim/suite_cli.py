@@ -45,7 +45,12 @@ def build_parser() -> argparse.ArgumentParser:
         "case larger validation and test sets; the training budget (rounds x local steps) "
         "stays, so raise --rounds with it to keep how often each eye is seen",
     )
-    ap.add_argument("--out", default="runs/suite", help="the suite's folder (kept, not replaced)")
+    ap.add_argument(
+        "--out",
+        default="runs/suite",
+        help="the suite's folder (kept, not replaced; suite.json keeps an earlier call's runs of "
+        "the same settings)",
+    )
     ap.add_argument("--rounds", type=int, default=32)
     ap.add_argument(
         "--local-epochs",
@@ -109,7 +114,7 @@ def suite_of(args: argparse.Namespace) -> SuiteRun:
     if args.local_epochs is not None:
         check_flag(p, "--local-epochs", args.local_epochs, 1, low=1)
     check_flag(p, "--central-epochs", args.central_epochs, 0, low=0)
-    check_site_resources(p, args.cpus_per_site, 0.0)
+    check_site_resources(p, args.cpus_per_site)
     check_output_dir(p, "--out", args.out)
     if args.reference and args.reference not in list_methods(private=False):
         p.add(f"--reference {args.reference}", "not a non-private method", "e.g. concat")
