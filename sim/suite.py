@@ -120,15 +120,22 @@ def _federated(report: dict) -> dict:
     return {
         "val_mse": val,  # the best round's, as the coordinator chose it (before the refit)
         "final_val_mse": _final_val(best, val),
-        "test_mse": _num(fed["test"]["mse"]),
-        "test_r2": _num(fed["test"]["r2"]),
-        "test_mae_severe": _num(fed["test"].get("mae_severe")),
-        "wall_seconds": _num(fed["wall_seconds"]),
+        **_tested(fed),
         **{
             f"{k}_mse": _num(fed[k]["mse"])
             for k in ("test_oct_only", "test_fundus_only")
             if k in fed
         },
+    }
+
+
+def _tested(arm: dict) -> dict:
+    """The test numbers and wall time every arm of a row has."""
+    return {
+        "test_mse": _num(arm["test"]["mse"]),
+        "test_r2": _num(arm["test"]["r2"]),
+        "test_mae_severe": _num(arm["test"].get("mae_severe")),
+        "wall_seconds": _num(arm["wall_seconds"]),
     }
 
 
@@ -184,10 +191,7 @@ def row_of(report: dict, case: str, seed: int) -> dict:
         "centralized": {
             "val_mse": _num(central["best_val_mse"]),
             "final_val_mse": _num(central.get("final_val_mse")),  # older caches lack it
-            "test_mse": _num(central["test"]["mse"]),
-            "test_r2": _num(central["test"]["r2"]),
-            "test_mae_severe": _num(central["test"].get("mae_severe")),
-            "wall_seconds": _num(central["wall_seconds"]),
+            **_tested(central),
         },
         "sites": {n: s["eyes"] for n, s in report["partition"]["sites"].items()},
     }
@@ -195,10 +199,7 @@ def row_of(report: dict, case: str, seed: int) -> dict:
         row["reference"] = {
             "method": reference["method"],
             "val_mse": _num(reference["val_mse"]),
-            "test_mse": _num(reference["test"]["mse"]),
-            "test_r2": _num(reference["test"]["r2"]),
-            "test_mae_severe": _num(reference["test"].get("mae_severe")),
-            "wall_seconds": _num(reference["wall_seconds"]),
+            **_tested(reference),
         }
     f, c = row["federated"], row["centralized"]
     row["val_ratio"] = _ratio(f["val_mse"], c["val_mse"])
