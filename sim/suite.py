@@ -119,7 +119,7 @@ def _federated(report: dict) -> dict:
     val = _num(best.get("val-mse"))
     return {
         "val_mse": val,  # the best round's, as the coordinator chose it (before the refit)
-        "final_val_mse": _final_val(best, val),
+        "final_val_mse": _final_val(best.get("head-refit"), val),
         **_tested(fed),
         **{
             f"{k}_mse": _num(fed[k]["mse"])
@@ -139,10 +139,9 @@ def _tested(arm: dict) -> dict:
     }
 
 
-def _final_val(best: dict, round_val: float) -> float:
+def _final_val(refit: dict | None, round_val: float) -> float:
     """The final model's validation MSE (after `head-refit`); the round's where there was no
     refit; NaN where the refit could not score it (best.json writes NaN as null)."""
-    refit = best.get("head-refit")
     if not refit:
         return round_val
     return _num(refit.get("val-mse"))
@@ -196,15 +195,17 @@ def row_of(report: dict, case: str, seed: int) -> dict:
         "sites": {n: s["eyes"] for n, s in report["partition"]["sites"].items()},
     }
     if reference:
+        ref_val = _num(reference["val_mse"])
         row["reference"] = {
             "method": reference["method"],
-            "val_mse": _num(reference["val_mse"]),
+            "val_mse": ref_val,
+            "final_val_mse": _final_val(reference.get("head_refit"), ref_val),
             **_tested(reference),
         }
     f, c = row["federated"], row["centralized"]
-    row["val_ratio"] = _ratio(f["val_mse"], c["val_mse"])
-    row["final_val_ratio"] = _ratio(f["final_val_mse"], c["final_val_mse"])
-    row["test_ratio"] = _ratio(f["test_mse"], c["test_mse"])
+    row["val_ratio"] = ratio(f["val_mse"], c["val_mse"])
+    row["final_val_ratio"] = ratio(f["final_val_mse"], c["final_val_mse"])
+    row["test_ratio"] = ratio(f["test_mse"], c["test_mse"])
     results = report["results"]
     md = report.get("test_md", [])
     row["test_ratio_interval"] = list(paired_interval(md, results["federated"], central)[1:])
@@ -214,29 +215,26 @@ def row_of(report: dict, case: str, seed: int) -> dict:
     return row
 
 
-def _ratio(a: float, b: float) -> float:
+def ratio(a: float, b: float) -> float:
     return a / b if b else math.nan
 
 
 def summarise(rows: list[dict]) -> dict:
     """Median and worst ratios (validation: what defaults are chosen on; test: reported), and
     the cases where centralized training is good but the federation is not."""
-    val = [r["val_ratio"] for r in rows]
-    final = [
-        r["final_val_ratio"] for r in rows if math.isfinite(r.get("final_val_ratio", math.nan))
-    ]
-    test = [r["test_ratio"] for r in rows]
+    worst_test = max(rows, key=lambda r: _ordered(r["test_ratio"]))
     out = {
         "cases": len(rows),
-        "val_ratio_median": statistics.median(val),
-        "val_ratio_worst": max(val),
-        "final_val_ratio_median": statistics.median(final) if final else math.nan,
-        "final_val_ratio_worst": max(final) if final else math.nan,
-        "test_ratio_median": statistics.median(test),
-        "test_ratio_worst": max(test),
-        "test_ratio_worst_interval": max(rows, key=lambda r: r["test_ratio"]).get(
-            "test_ratio_interval", [math.nan, math.nan]
-        ),
+        **_median_worst("val_ratio", [r["val_ratio"] for r in rows]),
+        **_median_worst("final_val_ratio", [_final_ratio(r) for r in rows if _has_final(r)]),
+        **_median_worst("test_ratio", [r["test_ratio"] for r in rows]),
+        "test_ratio_worst_interval": worst_test.get("test_ratio_interval", [math.nan, math.nan]),
+        # runs a ratio could not be taken for (a diverged federation's NaN): never left out silently
+        "unscored": [
+            f"{r['case']}-s{r['seed']}"
+            for r in rows
+            if not (_scored(r) and math.isfinite(r["val_ratio"]) and math.isfinite(r["test_ratio"]))
+        ],
         # the runs whose interval lies wholly above 1: the federation worse beyond the test noise
         "test_ratio_above_1": [
             f"{r['case']}-s{r['seed']}"
@@ -261,6 +259,39 @@ def summarise(rows: list[dict]) -> dict:
         out["reference_beats"] = sum(low > 1 for low, _ in intervals)
         out["reference_runs"] = len(refs)
     return out
+
+
+def _ordered(x: float) -> float:
+    """A ratio for ordering runs worst-first: an unscored run (NaN) is the worst."""
+    return math.inf if math.isnan(x) else x
+
+
+def _scored(row: dict) -> bool:
+    """Whether the federation's own numbers are all there (a diverged run's are NaN)."""
+    f = row["federated"]
+    return all(math.isfinite(f[k]) for k in ("val_mse", "final_val_mse", "test_mse"))
+
+
+def _has_final(row: dict) -> bool:
+    """A final-model ratio exists, or the federation's own number is missing: a centralized
+    arm cached by an older remdr kept no final validation MSE, and its run is left out."""
+    return math.isfinite(row.get("final_val_ratio", math.nan)) or not _scored(row)
+
+
+def _final_ratio(row: dict) -> float:
+    return row["final_val_ratio"] if _scored(row) else math.nan
+
+
+def _median_worst(name: str, values: list[float]) -> dict[str, float]:
+    """The median of the scored runs and the worst over all: an unscored run (a diverged
+    federation, NaN) makes the worst NaN instead of dropping out of it (`max` over a list with
+    a NaN answered by the order of the runs)."""
+    finite = [x for x in values if math.isfinite(x)]
+    worst = max(finite) if finite and len(finite) == len(values) else math.nan
+    return {
+        f"{name}_median": statistics.median(finite) if finite else math.nan,
+        f"{name}_worst": worst,
+    }
 
 
 def _interval(bounds) -> str:
@@ -303,6 +334,11 @@ def table(rows: list[dict], summary: dict) -> str:
         "federated R² below "
         f"{R2_FLOOR} where centralized reaches {R2_GOOD}: {', '.join(s['r2_failures']) or 'none'}",
     ]
+    if s.get("unscored"):
+        lines.append(
+            "unscored (a NaN number, e.g. a diverged federation; medians leave them out, the "
+            f"worst is nan): {', '.join(s['unscored'])}"
+        )
     if ref:
         lines.append(
             f"median validation MSE: federated {s['federated_val_median']:.2f}, federated "

@@ -1,6 +1,7 @@
 """remdr-sim suite-compare: a candidate setting against a baseline, case-seed by case-seed.
 
     remdr-sim suite-compare --base runs/base-s0,runs/base-s1 --candidate runs/new-s0,runs/new-s1
+    remdr-sim suite-compare --reference runs/ref-s0    # the method against its reference arm
 
 Reads the runs of earlier `remdr-sim suite` calls back from their folders (each case's
 `<case>-s<seed>/report.json`, so suites run in pieces are all found), checks that each side ran
@@ -9,6 +10,10 @@ ran on the same test eyes, and prints, for each, the validation MSE of the model
 ends with, of its best round, and its test ratio to pooled training; then the rule the project
 chooses defaults by. Test numbers are shown, never chosen on. Exit code 0: the candidate wins
 on validation; 1: it does not; 2: the folders cannot be compared.
+
+With --reference, the runs of suites run with `--reference METHOD` are compared within
+themselves: the reference arm (e.g. federated concat) is the base, the suite's method the
+candidate, each run against the reference federated on the same partition and settings.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from remdr.sim.suite import row_of
+from remdr.sim.suite import ratio, row_of
 
 from remdr.cli.common import Parser
 from remdr.errors import ConfigError, Problems
@@ -39,9 +44,12 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    ap.add_argument("--base", required=True, help="comma-separated suite folders: the baseline")
+    ap.add_argument("--base", help="comma-separated suite folders: the baseline")
+    ap.add_argument("--candidate", help="comma-separated suite folders: the setting tried")
     ap.add_argument(
-        "--candidate", required=True, help="comma-separated suite folders: the setting tried"
+        "--reference",
+        help="comma-separated folders of suites run with --reference: the method against its "
+        "reference arm, run by run (instead of --base and --candidate)",
     )
     return ap
 
@@ -89,6 +97,27 @@ def read_side(flag: str, folders: list[Path]) -> Side:
                 )
             side.setting = setting
     return side
+
+
+def reference_rows(rows: dict[tuple[str, int], dict]) -> tuple[dict, list[str]]:
+    """Each run's reference arm as a row of its own (its final validation MSE and its ratios to
+    the same pooled arm), so `compare` weighs the method against it; and the runs without one."""
+    out, missing = {}, []
+    for key, row in rows.items():
+        ref = row.get("reference")
+        if ref is None or "final_val_mse" not in ref:  # a suite without --reference
+            missing.append(f"{key[0]}-s{key[1]}")
+            continue
+        central = row["centralized"]
+        out[key] = {
+            **row,
+            "method": ref["method"],
+            "federated": {"val_mse": ref["val_mse"], "final_val_mse": ref["final_val_mse"]},
+            "val_ratio": ratio(ref["val_mse"], central["val_mse"]),
+            "final_val_ratio": ratio(ref["final_val_mse"], central["final_val_mse"]),
+            "test_ratio": ratio(ref["test_mse"], central["test_mse"]),
+        }
+    return out, missing
 
 
 def differing(a: dict, b: dict) -> list[str]:
@@ -182,8 +211,48 @@ def _folders(flag: str, value: str, p: Problems) -> list[Path]:
     return folders
 
 
+def _against_reference(value: str, say) -> int:
+    p = Problems()
+    folders = _folders("--reference", value, p)
+    p.raise_if_any()
+    side = read_side("--reference", folders)
+    if side.skipped:
+        say(f"skipped {len(side.skipped)} unreadable run(s): " + "; ".join(side.skipped))
+    base, missing = reference_rows(side.rows)
+    if not base:
+        raise ConfigError(
+            f"--reference {value}: no run has a reference arm",
+            "the suites were run without --reference (or by an older remdr)",
+            "run `remdr-sim suite --reference concat` and name its folder",
+        )
+    candidate = {key: side.rows[key] for key in base}
+    method = next(iter(candidate.values()))["method"]
+    say(
+        f"the method {method} (candidate) against its reference "
+        f"{next(iter(base.values()))['method']} (base), federated on the same partitions"
+    )
+    if missing:
+        say(f"without a reference arm (not compared): {', '.join(sorted(missing))}")
+    result = compare(base, candidate)
+    say(comparison_text(result))
+    if side.skipped:
+        say("a run could not be read: no win is declared")
+        return 1
+    return 0 if result["wins"] else 1
+
+
 def suite_compare(args: argparse.Namespace, say=print) -> int:
     p = Problems()
+    if args.reference:
+        if args.base or args.candidate:
+            p.add("--reference with --base or --candidate", "it compares within one set of runs",
+                  "give --reference alone, or --base and --candidate")  # fmt: skip
+            p.raise_if_any()
+        return _against_reference(args.reference, say)
+    if not (args.base and args.candidate):
+        p.add("--base and --candidate", "both are needed (or --reference alone)",
+              "name the baseline's and the candidate's suite folders")  # fmt: skip
+        p.raise_if_any()
     folders = {flag: _folders(flag, value, p) for flag, value in
                (("--base", args.base), ("--candidate", args.candidate))}  # fmt: skip
     p.raise_if_any()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -129,8 +130,8 @@ def test_the_suite_summary_reports_the_median_and_the_worst_ratio():
         return {
             "case": case, "seed": 0, "val_ratio": fed_val / cen_val, "test_ratio": fed_val / cen_val,
             "final_val_ratio": final,  # the final models' (after the refit): a cache may lack it
-            "federated": {"val_mse": fed_val, "final_val_mse": final * cen_val, "test_mse": fed_val,
-                          "test_r2": fed_r2, "wall_seconds": 1},
+            "federated": {"val_mse": fed_val, "final_val_mse": final * cen_val if final == final
+                          else fed_val, "test_mse": fed_val, "test_r2": fed_r2, "wall_seconds": 1},
             "centralized": {"val_mse": cen_val, "final_val_mse": cen_val, "test_mse": cen_val,
                             "test_r2": cen_r2, "wall_seconds": 1},
         }  # fmt: skip
@@ -547,3 +548,84 @@ def test_a_suite_run_in_pieces_into_one_folder_keeps_every_piece_in_its_table(tm
     assert "other settings" in said[-1]
     (tmp_path / "suite.json").write_text("[1, 2")
     assert _earlier_rows(run, _settings(run), said.append) == [] and "unreadable" in said[-1]
+
+
+def _suite_row(case, seed, fed_val, fed_final, test_ratio, central_final=3.0):
+    """A suite row as `row_of` builds it, with the numbers `summarise` reads."""
+    nan = float("nan")
+    return {
+        "case": case, "seed": seed, "val_ratio": fed_val / 3.0,
+        "final_val_ratio": fed_final / central_final if central_final == central_final else nan,
+        "test_ratio": test_ratio, "test_ratio_interval": [nan, nan],
+        "federated": {"val_mse": fed_val, "final_val_mse": fed_final, "test_mse": 3.0 * test_ratio,
+                      "test_r2": 0.8, "wall_seconds": 1},
+        "centralized": {"val_mse": 3.0, "final_val_mse": central_final, "test_mse": 3.0,
+                        "test_r2": 0.85, "wall_seconds": 1},
+    }  # fmt: skip
+
+
+def test_a_suite_summary_counts_a_diverged_run_as_the_worst_in_any_order():
+    """`max` over ratios holding a NaN answered by the order of the runs: a diverged federation
+    could vanish from the worst case. It now makes the worst NaN and is named; a run whose
+    centralized arm (cached by an older remdr) has no final validation MSE is left out of that
+    ratio only."""
+    from remdr.sim.suite import summarise, table
+
+    nan = float("nan")
+    rows = [_suite_row("a", 0, 3.3, 3.0, 1.1), _suite_row("b", 0, 3.6, 3.3, 1.2),
+            _suite_row("c", 0, nan, nan, nan)]  # fmt: skip
+    for order in (rows, rows[::-1], [rows[2], rows[0], rows[1]]):
+        s = summarise(order)
+        assert math.isnan(s["val_ratio_worst"]) and math.isnan(s["test_ratio_worst"])
+        assert math.isnan(s["final_val_ratio_worst"]) and s["unscored"] == ["c-s0"]
+        assert s["test_ratio_median"] == pytest.approx(1.15)
+    assert "unscored (a NaN number" in table(rows, summarise(rows))
+    old_cache = [rows[0], _suite_row("b", 0, 3.6, 3.3, 1.2, central_final=nan)]
+    s = summarise(old_cache)
+    assert s["final_val_ratio_worst"] == pytest.approx(1.0) and s["unscored"] == []
+    assert s["test_ratio_worst"] == pytest.approx(1.2)
+
+
+def _report_with_reference(fed_final: float, ref_final: float) -> dict:
+    """The parts of a suite run's report.json that `row_of` reads, with a reference arm."""
+    tested = {"test": {"mse": 3.0, "r2": 0.8, "md_var": 24.0}, "wall_seconds": 1.0}
+    return {
+        "config": {"train": {"method": "remdr"}},
+        "run_config": {"method": "remdr", "lr": 0.001},
+        "partition": {"sites": {"site-0": {"eyes": 10}}},
+        "federation": {"best": {"val-mse": fed_final + 1, "head-refit": {"val-mse": fed_final}}},
+        "results": {
+            "federated": tested,
+            "centralized": {"best_val_mse": 3.0, "final_val_mse": 3.0, **tested},
+            "reference": {
+                "method": "concat",
+                "val_mse": ref_final + 1,
+                "head_refit": {"val-mse": ref_final},
+                **tested,
+            },
+        },  # fmt: skip
+    }
+
+
+def test_suite_compare_weighs_the_method_against_its_reference_arm_run_by_run(tmp_path, capsys):
+    folder = tmp_path / "ref-s0"
+    for case, fed, ref in (("a", 3.0, 3.5), ("b", 4.0, 4.2), ("c", 3.3, 3.3)):
+        (folder / f"{case}-s0").mkdir(parents=True)
+        report = _report_with_reference(fed, ref)
+        (folder / f"{case}-s0" / "report.json").write_text(json.dumps(report))
+    assert sim_cli.main(["suite-compare", "--reference", str(folder)]) == 0
+    out = capsys.readouterr().out
+    assert "the method remdr (candidate) against its reference concat (base)" in out
+    assert "| a | 0 | 3.50 → 3.00 (0.857x)" in out and "better on 2, worse on 0" in out
+    assert "the candidate wins" in out
+    # a suite run without --reference has nothing to compare within
+    plain = _report_with_reference(3.0, 3.0)
+    del plain["results"]["reference"]
+    (tmp_path / "plain" / "a-s0").mkdir(parents=True)
+    (tmp_path / "plain" / "a-s0" / "report.json").write_text(json.dumps(plain))
+    assert sim_cli.main(["suite-compare", "--reference", str(tmp_path / "plain")]) == 2
+    assert "no run has a reference arm" in capsys.readouterr().err
+    both = ["suite-compare", "--reference", str(folder), "--base", str(folder)]
+    assert sim_cli.main(both) == 2
+    assert sim_cli.main(["suite-compare", "--base", str(folder)]) == 2
+    assert "--base and --candidate" in capsys.readouterr().err
