@@ -254,6 +254,17 @@ def summarise(rows: list[dict]) -> dict:
         out["federated_val_median"] = statistics.median(r["federated"]["val_mse"] for r in refs)
         out["reference_test_median"] = statistics.median(r["reference"]["test_mse"] for r in refs)
         out["federated_test_median"] = statistics.median(r["federated"]["test_mse"] for r in refs)
+        finals = [
+            (r["federated"]["final_val_mse"], r["reference"].get("final_val_mse", math.nan))
+            for r in refs
+        ]  # the models each federation ends with (rows of an older remdr lack the reference's)
+        finals = [pair for pair in finals if all(math.isfinite(x) for x in pair)]
+        out["federated_final_val_median"] = (
+            statistics.median(f for f, _ in finals) if finals else math.nan
+        )
+        out["reference_final_val_median"] = (
+            statistics.median(r for _, r in finals) if finals else math.nan
+        )
         intervals = [r["reference"].get("fed_ratio_interval", [math.nan] * 2) for r in refs]
         out["reference_beaten"] = sum(high < 1 for _, high in intervals)  # nan compares False
         out["reference_beats"] = sum(low > 1 for low, _ in intervals)
@@ -342,7 +353,9 @@ def table(rows: list[dict], summary: dict) -> str:
     if ref:
         lines.append(
             f"median validation MSE: federated {s['federated_val_median']:.2f}, federated "
-            f"{ref} {s['reference_val_median']:.2f}; median test MSE "
+            f"{ref} {s['reference_val_median']:.2f} (best rounds; final models "
+            f"{s.get('federated_final_val_median', math.nan):.2f} vs "
+            f"{s.get('reference_final_val_median', math.nan):.2f}); median test MSE "
             f"{s['federated_test_median']:.2f} vs {s['reference_test_median']:.2f}; better than "
             f"{ref} beyond the test noise (the 95% interval of their test ratio below 1) on "
             f"{s['reference_beaten']} of {s['reference_runs']} runs, worse on {s['reference_beats']}"

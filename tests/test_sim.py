@@ -618,6 +618,12 @@ def test_suite_compare_weighs_the_method_against_its_reference_arm_run_by_run(tm
     assert "the method remdr (candidate) against its reference concat (base)" in out
     assert "| a | 0 | 3.50 → 3.00 (0.857x)" in out and "better on 2, worse on 0" in out
     assert "the candidate wins" in out
+    from remdr.sim.suite import row_of, summarise, table  # the suite's own line says the same
+
+    rows = [
+        row_of(_report_with_reference(f, r), c, 0) for c, f, r in (("a", 3.0, 3.5), ("b", 4.0, 4.2))
+    ]
+    assert "(best rounds; final models 3.50 vs 3.85)" in table(rows, summarise(rows))
     # a suite run without --reference has nothing to compare within
     plain = _report_with_reference(3.0, 3.0)
     del plain["results"]["reference"]
