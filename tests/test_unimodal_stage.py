@@ -67,3 +67,24 @@ def test_unimodal_rounds_are_off_by_default_and_taken_by_the_remdr_family():
     for method in ("remdr", "remdr_no_sagm", "multitask"):
         _, fed = split_run_config({**RUN_CONFIG, "method": method, "unimodal-rounds": 3})
         assert fed.unimodal_rounds == 3
+
+
+def test_warmup_rounds_raise_the_site_lr_linearly_and_resume_at_the_same_lr(tiny_data, one_thread):
+    """`warmup-rounds = 4`: round 1 trains at a quarter of lr, round 4 and later at lr; the
+    share depends on the round alone, so a resumed run's round trains as it would have."""
+    from remdr.federation.site_round import warmup_share
+
+    run_config = {**RUN_CONFIG, "method": "concat", "warmup-rounds": 4, "num-server-rounds": 6}
+    cfg, fed = split_run_config(run_config)
+    assert [warmup_share(fed, r) for r in (1, 2, 4, 6)] == [0.25, 0.5, 1.0, 1.0]
+    site = load_site(tiny_data, cfg, seed=cfg.train.seed)
+    received = _initial(run_config)
+    lrs = []
+    for r in (1, 4):
+        out = train_round(
+            cfg, fed, {k: v.clone() for k, v in received.items()}, site, server_round=r
+        )
+        lrs.append(out.carried.optimizer["param_groups"][0]["lr"])
+    assert lrs == pytest.approx([cfg.train.lr / 4, cfg.train.lr])
+    _, plain = split_run_config({**RUN_CONFIG, "method": "concat"})
+    assert plain.warmup_rounds == 0 and warmup_share(plain, 1) == 1.0  # off by default

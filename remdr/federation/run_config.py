@@ -145,6 +145,13 @@ class FedConfig:
         "validation sums (0 or 1: the best round only)",
         low=0,
     )
+    warmup_rounds: int = setting(
+        0,
+        "the sites' learning rate rises linearly over the first N rounds (round r trains at "
+        "r/N of lr, then lr): the first rounds' steps from a random model are the ones that "
+        "drift apart most; 0: lr from round 1",
+        low=0,
+    )
     unimodal_rounds: int = setting(
         0,
         "the first N rounds train each image's branch with its own head's loss only (no fused "

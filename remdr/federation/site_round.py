@@ -185,6 +185,12 @@ def one_line_failures(what: str):
 
 
 @one_line_failures("round")
+def warmup_share(fed: FedConfig, server_round: int) -> float:
+    """The share of lr round `server_round` trains at (`warmup-rounds`); a function of the
+    round alone, so a resumed run trains every round at the lr it would have."""
+    return min(1.0, server_round / fed.warmup_rounds) if fed.warmup_rounds > 0 else 1.0
+
+
 def train_round(
     cfg: ExperimentConfig,
     fed: FedConfig,
@@ -217,7 +223,9 @@ def train_round(
     device = resolve_device(cfg.train.device)
     seed = cfg.train.seed + 1000 * server_round
     seed_everything(seed, device)
-    train_cfg = dataclasses.replace(cfg.train, seed=seed)
+    train_cfg = dataclasses.replace(
+        cfg.train, seed=seed, lr=cfg.train.lr * warmup_share(fed, server_round)
+    )
     rounds = max(fed.num_server_rounds, server_round)
     window = ((server_round - 1) / rounds, server_round / rounds)  # one schedule for the run
     method = create_method(cfg.train.method, cfg.method)
