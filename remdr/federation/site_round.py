@@ -184,13 +184,13 @@ def one_line_failures(what: str):
     return decorate
 
 
-@one_line_failures("round")
 def warmup_share(fed: FedConfig, server_round: int) -> float:
     """The share of lr round `server_round` trains at (`warmup-rounds`); a function of the
     round alone, so a resumed run trains every round at the lr it would have."""
     return min(1.0, server_round / fed.warmup_rounds) if fed.warmup_rounds > 0 else 1.0
 
 
+@one_line_failures("round")
 def train_round(
     cfg: ExperimentConfig,
     fed: FedConfig,
