@@ -226,7 +226,7 @@ def summarise(rows: list[dict]) -> dict:
     out = {
         "cases": len(rows),
         **_median_worst("val_ratio", [r["val_ratio"] for r in rows]),
-        **_median_worst("final_val_ratio", [_final_ratio(r) for r in rows if _has_final(r)]),
+        **_median_worst("final_val_ratio", [_final_ratio(r) for r in rows if _in_final_ratio(r)]),
         **_median_worst("test_ratio", [r["test_ratio"] for r in rows]),
         "test_ratio_worst_interval": worst_test.get("test_ratio_interval", [math.nan, math.nan]),
         # runs a ratio could not be taken for (a diverged federation's NaN): never left out silently
@@ -250,21 +250,15 @@ def summarise(rows: list[dict]) -> dict:
     refs = [r for r in rows if "reference" in r]
     if refs:
         out["reference"] = refs[0]["reference"]["method"]
-        out["reference_val_median"] = statistics.median(r["reference"]["val_mse"] for r in refs)
-        out["federated_val_median"] = statistics.median(r["federated"]["val_mse"] for r in refs)
-        out["reference_test_median"] = statistics.median(r["reference"]["test_mse"] for r in refs)
-        out["federated_test_median"] = statistics.median(r["federated"]["test_mse"] for r in refs)
-        finals = [
-            (r["federated"]["final_val_mse"], r["reference"].get("final_val_mse", math.nan))
-            for r in refs
-        ]  # the models each federation ends with (rows of an older remdr lack the reference's)
-        finals = [pair for pair in finals if all(math.isfinite(x) for x in pair)]
-        out["federated_final_val_median"] = (
-            statistics.median(f for f, _ in finals) if finals else math.nan
-        )
-        out["reference_final_val_median"] = (
-            statistics.median(r for _, r in finals) if finals else math.nan
-        )
+        # medians over the runs where both arms scored: a diverged arm's NaN would make them
+        # depend on the order of the runs
+        for key, name in (("val_mse", "val"), ("test_mse", "test"), ("final_val_mse", "final_val")):
+            pairs = [(r["federated"].get(key, math.nan), r["reference"].get(key, math.nan))
+                     for r in refs]  # fmt: skip
+            pairs = [pair for pair in pairs if all(math.isfinite(x) for x in pair)]
+            for i, arm in enumerate(("federated", "reference")):
+                values = [pair[i] for pair in pairs]
+                out[f"{arm}_{name}_median"] = statistics.median(values) if values else math.nan
         intervals = [r["reference"].get("fed_ratio_interval", [math.nan] * 2) for r in refs]
         out["reference_beaten"] = sum(high < 1 for _, high in intervals)  # nan compares False
         out["reference_beats"] = sum(low > 1 for low, _ in intervals)
@@ -283,7 +277,7 @@ def _scored(row: dict) -> bool:
     return all(math.isfinite(f[k]) for k in ("val_mse", "final_val_mse", "test_mse"))
 
 
-def _has_final(row: dict) -> bool:
+def _in_final_ratio(row: dict) -> bool:
     """A final-model ratio exists, or the federation's own number is missing: a centralized
     arm cached by an older remdr kept no final validation MSE, and its run is left out."""
     return math.isfinite(row.get("final_val_ratio", math.nan)) or not _scored(row)

@@ -105,8 +105,13 @@ def reference_rows(rows: dict[tuple[str, int], dict]) -> tuple[dict, list[str]]:
     out, missing = {}, []
     for key, row in rows.items():
         ref = row.get("reference")
-        if ref is None or "final_val_mse" not in ref:  # a suite without --reference
+        if ref is None:  # a suite without --reference
             missing.append(f"{key[0]}-s{key[1]}")
+            continue
+        if not math.isfinite(
+            ref["final_val_mse"]
+        ):  # a diverged reference says nothing of the method
+            missing.append(f"{key[0]}-s{key[1]} (its reference unscored)")
             continue
         central = row["centralized"]
         out[key] = {
@@ -232,7 +237,7 @@ def _against_reference(value: str, say) -> int:
         f"{next(iter(base.values()))['method']} (base), federated on the same partitions"
     )
     if missing:
-        say(f"without a reference arm (not compared): {', '.join(sorted(missing))}")
+        say(f"not compared, no scored reference arm: {', '.join(sorted(missing))}")
     result = compare(base, candidate)
     say(comparison_text(result))
     if side.skipped:
@@ -243,7 +248,7 @@ def _against_reference(value: str, say) -> int:
 
 def suite_compare(args: argparse.Namespace, say=print) -> int:
     p = Problems()
-    if args.reference:
+    if args.reference is not None:
         if args.base or args.candidate:
             p.add("--reference with --base or --candidate", "it compares within one set of runs",
                   "give --reference alone, or --base and --candidate")  # fmt: skip

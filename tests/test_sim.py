@@ -624,6 +624,12 @@ def test_suite_compare_weighs_the_method_against_its_reference_arm_run_by_run(tm
         row_of(_report_with_reference(f, r), c, 0) for c, f, r in (("a", 3.0, 3.5), ("b", 4.0, 4.2))
     ]
     assert "(best rounds; final models 3.50 vs 3.85)" in table(rows, summarise(rows))
+    diverged = _report_with_reference(3.0, float("nan"))  # a reference that says nothing
+    (folder / "d-s0").mkdir()
+    (folder / "d-s0" / "report.json").write_text(json.dumps(diverged))
+    assert sim_cli.main(["suite-compare", "--reference", str(folder)]) == 0
+    out = capsys.readouterr().out
+    assert "d-s0 (its reference unscored)" in out and "better on 2, worse on 0" in out
     # a suite run without --reference has nothing to compare within
     plain = _report_with_reference(3.0, 3.0)
     del plain["results"]["reference"]
@@ -633,5 +639,6 @@ def test_suite_compare_weighs_the_method_against_its_reference_arm_run_by_run(tm
     assert "no run has a reference arm" in capsys.readouterr().err
     both = ["suite-compare", "--reference", str(folder), "--base", str(folder)]
     assert sim_cli.main(both) == 2
+    assert "--reference with --base or --candidate" in capsys.readouterr().err
     assert sim_cli.main(["suite-compare", "--base", str(folder)]) == 2
     assert "--base and --candidate" in capsys.readouterr().err

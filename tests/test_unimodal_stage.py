@@ -74,7 +74,8 @@ def test_warmup_rounds_raise_the_site_lr_linearly_and_resume_at_the_same_lr(tiny
     share depends on the round alone, so a resumed run's round trains as it would have."""
     from remdr.federation.site_round import warmup_share
 
-    run_config = {**RUN_CONFIG, "method": "concat", "warmup-rounds": 4, "num-server-rounds": 6}
+    run_config = {**RUN_CONFIG, "method": "concat", "warmup-rounds": 4, "num-server-rounds": 6,
+                  "schedule": "constant"}  # fmt: skip
     cfg, fed = split_run_config(run_config)
     assert [warmup_share(fed, r) for r in (1, 2, 4, 6)] == [0.25, 0.5, 1.0, 1.0]
     site = load_site(tiny_data, cfg, seed=cfg.train.seed)
@@ -88,3 +89,5 @@ def test_warmup_rounds_raise_the_site_lr_linearly_and_resume_at_the_same_lr(tiny
     assert lrs == pytest.approx([cfg.train.lr / 4, cfg.train.lr])
     _, plain = split_run_config({**RUN_CONFIG, "method": "concat"})
     assert plain.warmup_rounds == 0 and warmup_share(plain, 1) == 1.0  # off by default
+    with pytest.raises(ConfigError, match="warmup-rounds=7 with num-server-rounds=6"):
+        split_run_config({**run_config, "warmup-rounds": 7})

@@ -229,6 +229,12 @@ def split_run_config(
             )
     if fed.unimodal_rounds and not bad:
         _check_unimodal_rounds(fed, cfg, p)
+    if fed.warmup_rounds > fed.num_server_rounds:
+        p.add(
+            f"warmup-rounds={fed.warmup_rounds} with num-server-rounds={fed.num_server_rounds}",
+            "the sites' learning rate would never reach lr",
+            "set warmup-rounds to num-server-rounds or fewer",
+        )
     p.raise_if_any(ConfigError)
     assert cfg is not None  # no problem means apply_overrides returned
     return cfg, fed
