@@ -45,6 +45,7 @@ PARTNERS: dict[str, dict[str, Any]] = {
     "test-fraction": {"val-fraction": 0.0},
     "site-dp": {"site-dp-noise": 0.1},  # adaptive clipping needs noise < min-nodes / 10
     "unimodal-rounds": {"num-server-rounds": 2**63},  # some rounds must train the fusion
+    "warmup-rounds": {"num-server-rounds": 2**63},  # the warm-up must end within the run
 }
 
 
