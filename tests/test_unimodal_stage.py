@@ -87,7 +87,17 @@ def test_warmup_rounds_raise_the_site_lr_linearly_and_resume_at_the_same_lr(tiny
         )
         lrs.append(out.carried.optimizer["param_groups"][0]["lr"])
     assert lrs == pytest.approx([cfg.train.lr / 4, cfg.train.lr])
-    _, plain = split_run_config({**RUN_CONFIG, "method": "concat"})
-    assert plain.warmup_rounds == 0 and warmup_share(plain, 1) == 1.0  # off by default
+    _, plain = split_run_config({**RUN_CONFIG, "method": "concat", "warmup-rounds": 0})
+    assert warmup_share(plain, 1) == 1.0
     with pytest.raises(ConfigError, match="warmup-rounds=7 with num-server-rounds=6"):
         split_run_config({**run_config, "warmup-rounds": 7})
+
+
+def test_warmup_rounds_auto_warms_a_quarter_of_the_rounds_where_it_was_measured():
+    """The default (-1) warms the first quarter of the rounds of a federation with local steps;
+    none with local epochs or a private method (the suite measured neither); a set value wins."""
+    cases = [({}, 8), ({"num-server-rounds": 10}, 2), ({"num-server-rounds": 3}, 0),
+             ({"local-steps": 0}, 0), ({"method": "remdr_dp"}, 0), ({"warmup-rounds": 3}, 3)]  # fmt: skip
+    for keys, rounds in cases:
+        _, fed = split_run_config(keys)
+        assert fed.warmup_rounds == rounds, keys

@@ -57,6 +57,7 @@ STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg", "kru
 DRIFT_CONTROLS = ("auto", "off", "scaffold")
 MEAN_STRATEGIES = ("fedavg", "fedprox", "fedadam")  # SCAFFOLD's c is a mean over the sites
 AUTO_LOCAL_STEPS = 5  # docs/federation.md, "Skewed mixes": chosen on the suite
+AUTO_WARMUP_SHARE = 0.25  # of the rounds, the sites' lr warm-up (8 of 32): chosen on the suite
 SITE_DP = ("off", "fixed", "adaptive")
 ON_MISSING = ("continue", "abort")
 
@@ -146,11 +147,12 @@ class FedConfig:
         low=0,
     )
     warmup_rounds: int = setting(
-        0,
+        -1,
         "the sites' learning rate rises linearly over the first N rounds (round r trains at "
         "r/N of lr, then lr): the first rounds' steps from a random model are the ones that "
-        "drift apart most; 0: lr from round 1",
-        low=0,
+        "drift apart most; 0: lr from round 1; -1 (auto): a quarter of num-server-rounds with "
+        "local steps, 0 with local epochs or a private federation (measured without them)",
+        low=-1,
     )
     unimodal_rounds: int = setting(
         0,
@@ -262,13 +264,17 @@ def _resolve_auto(fed: FedConfig, cfg: ExperimentConfig | None) -> ExperimentCon
     """The federated recipe (docs/federation.md, "Skewed mixes"): a few fixed local steps per
     round, so a big site cannot pull the model towards its own labels for a whole epoch while a
     small one takes four steps; epochs where the user asked for them or where DP-SGD's
-    accounting needs them (`local-steps = 0`). `lds-reweight = auto` becomes 0.25, so each site
+    accounting needs them (`local-steps = 0`); with local steps the sites' lr warms up over the
+    first quarter of the rounds. `lds-reweight = auto` becomes 0.25, so each site
     weights its rare MD values up by its own label density, except for a private method, which
     reads no statistic of its labels, and under site-level DP (measured without it)."""
     private = fed.site_dp != "off" or (cfg is not None and get_spec(cfg.train.method).private)
     if fed.local_steps < 0:
         epochs = private or fed.local_epochs > 1  # 1 is the default: it says nothing
         fed.local_steps = 0 if epochs else AUTO_LOCAL_STEPS
+    if fed.warmup_rounds < 0:
+        warm = fed.local_steps > 0 and not private
+        fed.warmup_rounds = int(AUTO_WARMUP_SHARE * fed.num_server_rounds) if warm else 0
     if fed.drift_control == "auto":
         sgd = cfg is not None and cfg.train.optimizer == "sgd"
         use = fed.local_steps > 0 and sgd and not private and fed.strategy in MEAN_STRATEGIES
