@@ -101,3 +101,8 @@ def test_warmup_rounds_auto_warms_a_quarter_of_the_rounds_where_it_was_measured(
     for keys, rounds in cases:
         _, fed = split_run_config(keys)
         assert fed.warmup_rounds == rounds, keys
+    # a resume may add rounds once the warm-up is over (auto then warms 16 of 64, not 8 of 32)
+    from remdr.federation.run_config import resume_changes
+
+    assert resume_changes({}, {"num-server-rounds": 64}, done=20) == []
+    assert resume_changes({}, {"num-server-rounds": 64}, done=10) == ["warmup-rounds 8 -> 16"]

@@ -339,6 +339,8 @@ def resume_changes(saved: dict[str, Any], current: dict[str, Any], done: int) ->
             continue
         if key == "num-server-rounds" and new[key] >= done:
             continue
+        if key == "warmup-rounds" and done >= max(old[key], new[key]):
+            continue  # auto follows num-server-rounds; every round still to come trains at lr
         changes.append(f"{key} {old[key]!r} -> {new[key]!r}")
     return changes
 
