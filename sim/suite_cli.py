@@ -17,7 +17,8 @@ import argparse
 from pathlib import Path
 
 from remdr.sim.runner import check_site_resources
-from remdr.sim.suite import CASES, SUITE, SuiteRun, run_suite, table
+from remdr.sim.suite import CASES, SUITE, SuiteRun, run_suite
+from remdr.sim.suite_rows import table
 
 from remdr.cli.common import Parser, add_config_flags, check_output_dir, config_from_args
 from remdr.config import ExperimentConfig, apply_overrides, flat_values

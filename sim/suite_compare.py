@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from remdr.sim.suite import ratio, row_of
+from remdr.sim.suite_rows import ratio, row_of
 
 from remdr.cli.common import Parser
 from remdr.errors import ConfigError, Problems
@@ -108,9 +108,8 @@ def reference_rows(rows: dict[tuple[str, int], dict]) -> tuple[dict, list[str]]:
         if ref is None:  # a suite without --reference
             missing.append(f"{key[0]}-s{key[1]}")
             continue
-        if not math.isfinite(
-            ref["final_val_mse"]
-        ):  # a diverged reference says nothing of the method
+        # a diverged reference says nothing of the method
+        if not math.isfinite(ref["final_val_mse"]):
             missing.append(f"{key[0]}-s{key[1]} (its reference unscored)")
             continue
         central = row["centralized"]
@@ -238,10 +237,15 @@ def _against_reference(value: str, say) -> int:
     )
     if missing:
         say(f"not compared, no scored reference arm: {', '.join(sorted(missing))}")
-    result = compare(base, candidate)
+    return _verdict(compare(base, candidate), "a run" if side.skipped else "", say)
+
+
+def _verdict(result: dict, unread: str, say) -> int:
+    """Print the comparison; the exit code: 0 the candidate wins, 1 it does not, or `unread`
+    (which runs could not be read) is not empty and no win is declared."""
     say(comparison_text(result))
-    if side.skipped:
-        say("a run could not be read: no win is declared")
+    if unread:
+        say(f"{unread} could not be read: no win is declared")
         return 1
     return 0 if result["wins"] else 1
 
@@ -290,8 +294,4 @@ def suite_compare(args: argparse.Namespace, say=print) -> int:
     say("the candidate's setting differs in: " + (", ".join(
         f"{k} = {candidate.setting.get(k, '(default)')} (base {base.setting.get(k, '(default)')})"
         for k in changed) or "nothing"))  # fmt: skip
-    say(comparison_text(result))
-    if candidate.skipped:
-        say("a candidate run could not be read: no win is declared")
-        return 1
-    return 0 if result["wins"] else 1
+    return _verdict(result, "a candidate run" if candidate.skipped else "", say)

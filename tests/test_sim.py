@@ -124,7 +124,7 @@ def test_the_suite_covers_the_skews_a_study_meets_and_is_reproducible_from_a_see
 
 
 def test_the_suite_summary_reports_the_median_and_the_worst_ratio():
-    from remdr.sim.suite import summarise, table
+    from remdr.sim.suite_rows import summarise, table
 
     def row(case, fed_val, cen_val, fed_r2, cen_r2, final=1.0):
         return {
@@ -325,7 +325,7 @@ def test_short_simulation_completes_and_leaves_nothing_running(sim_data, tmp_pat
 def _suite_compare_reads_back(report: dict, tmp_path: Path, capsys) -> None:
     """`remdr-sim suite-compare` reads a real report as the suite wrote its row; a candidate
     whose final model scores 10% lower on validation wins."""
-    from remdr.sim.suite import row_of
+    from remdr.sim.suite_rows import row_of
 
     better = json.loads(json.dumps(report))
     better["federation"]["best"]["head-refit"]["val-mse"] *= 0.9
@@ -569,7 +569,7 @@ def test_a_suite_summary_counts_a_diverged_run_as_the_worst_in_any_order():
     could vanish from the worst case. It now makes the worst NaN and is named; a run whose
     centralized arm (cached by an older remdr) has no final validation MSE is left out of that
     ratio only."""
-    from remdr.sim.suite import summarise, table
+    from remdr.sim.suite_rows import summarise, table
 
     nan = float("nan")
     rows = [_suite_row("a", 0, 3.3, 3.0, 1.1), _suite_row("b", 0, 3.6, 3.3, 1.2),
@@ -618,7 +618,7 @@ def test_suite_compare_weighs_the_method_against_its_reference_arm_run_by_run(tm
     assert "the method remdr (candidate) against its reference concat (base)" in out
     assert "| a | 0 | 3.50 → 3.00 (0.857x)" in out and "better on 2, worse on 0" in out
     assert "the candidate wins" in out
-    from remdr.sim.suite import row_of, summarise, table  # the suite's own line says the same
+    from remdr.sim.suite_rows import row_of, summarise, table  # the suite's own line says the same
 
     rows = [
         row_of(_report_with_reference(f, r), c, 0) for c, f, r in (("a", 3.0, 3.5), ("b", 4.0, 4.2))
