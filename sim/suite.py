@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -168,6 +169,15 @@ def _earlier_rows(run: SuiteRun, settings: dict, say=print) -> list[dict]:
     return kept
 
 
+def progress(done: int, total: int, seconds: float) -> str:
+    """`3/16, 38.5 min, ~167 min left`: a suite can run for hours; the estimate is the mean
+    case so far times the cases still to run."""
+    spent = f"{done}/{total}, {seconds / 60:.1f} min"
+    if done >= total or done <= 0:
+        return spent
+    return f"{spent}, ~{(total - done) * seconds / done / 60:.0f} min left"
+
+
 def run_suite(run: SuiteRun, say=print) -> dict:
     """Every case at every seed; writes `suite.json` and `suite.md` in `run.out` after each
     case, so an interrupted suite keeps what it measured, beside the runs an earlier call with
@@ -175,10 +185,12 @@ def run_suite(run: SuiteRun, say=print) -> dict:
     run.out.mkdir(parents=True, exist_ok=True)
     settings = _settings(run)
     rows: list[dict] = _earlier_rows(run, settings, say)
+    total, start, ran = len(run.cases) * len(run.seeds), time.monotonic(), 0
     for case in run.cases:
         for seed in run.seeds:
             row = run_case(run, case, seed, say)
             rows.append(row)
+            ran += 1
             f, c = row["federated"], row["centralized"]
             say(
                 f"{case.name} seed {seed}: val {f['val_mse']:.2f} vs {c['val_mse']:.2f} "
@@ -189,6 +201,7 @@ def run_suite(run: SuiteRun, say=print) -> dict:
                     if "reference" in row
                     else ""
                 )
+                + f" [{progress(ran, total, time.monotonic() - start)}]"
             )
             summary = summarise(rows)
             result = {**settings, "rows": rows, "summary": summary}

@@ -123,6 +123,13 @@ def test_the_suite_covers_the_skews_a_study_meets_and_is_reproducible_from_a_see
     assert all(c.partition(3) == c.partition(3) and c.partition(3).seed == 3 for c in SUITE)
 
 
+def test_a_suite_says_how_far_it_is_and_how_long_the_rest_will_take():
+    from remdr.sim.suite import progress
+
+    assert progress(3, 16, 3 * 12.5 * 60) == "3/16, 37.5 min, ~162 min left"  # 13 x 12.5 min
+    assert progress(16, 16, 200 * 60) == "16/16, 200.0 min"  # the last case: nothing left
+
+
 def test_the_suite_summary_reports_the_median_and_the_worst_ratio():
     from remdr.sim.suite_rows import summarise, table
 
