@@ -362,6 +362,40 @@ def test_an_oct_only_site_sends_its_fundus_and_fusion_parts_back_as_received(tin
     assert untrained_part_problem(update, reference, trained_counts(m)) is None
 
 
+def test_an_oct_only_site_trains_its_encoder_against_the_received_fusion_head(
+    tiny_data, one_thread
+):
+    """Every forward pass of the round, training steps included, sees the fusion head the
+    coordinator sent: the site's OCT encoder learns against the federation's head, not against
+    a local copy that drifts over the round and is then thrown away."""
+    from test_client_app import RUN_CONFIG, _initial
+
+    run_config = {**RUN_CONFIG, "method": "remdr", "oct-view": "bscans"}
+    cfg, fed = split_run_config(run_config)
+    site = _oct_only_site(tiny_data, cfg)
+    initial = _initial(run_config)
+    received = {
+        k[len("fusion.") :]: v.clone() for k, v in initial.items() if k.startswith("fusion.")
+    }
+    drifted, passes = [], []
+
+    def check_fusion(module, _inputs):
+        fusion = getattr(module, "fusion", None)
+        if not isinstance(fusion, torch.nn.Module) or not module.training:
+            return
+        passes.append(1)
+        now = fusion.state_dict()
+        drifted.extend(k for k, v in received.items() if not torch.equal(now[k].cpu(), v))
+
+    hook = torch.nn.modules.module.register_module_forward_pre_hook(check_fusion)
+    try:
+        result = train_round(cfg, fed, initial, site, server_round=1)
+    finally:
+        hook.remove()
+    assert len(passes) >= result.metrics["train-steps"] >= 2
+    assert not drifted, f"the fusion head moved during local training: {sorted(set(drifted))}"
+
+
 def test_restore_untrained_puts_back_exactly_the_received_values_and_dtypes(one_thread):
     from test_client_app import RUN_CONFIG
 

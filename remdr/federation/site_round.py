@@ -139,6 +139,19 @@ def restore_untrained(
     return {k: global_state[k].detach().cpu().clone().contiguous() for k in keys}
 
 
+def freeze_untrained(model: nn.Module, counts: dict[str, int]) -> list[str]:
+    """Stop the local steps moving the parts this site sends back as received (`untrained_keys`);
+    return their parameter names. At a one-modality site the fusion head still gets gradients
+    (through the absent modality's embedding), and training it locally would let the site's
+    encoder co-adapt, over the round's steps, to a head the coordinator never sees. Frozen, the
+    encoder learns against the federation's head."""
+    names = untrained_keys(dict(model.named_parameters()), counts)
+    for name, param in model.named_parameters():
+        if name in names:
+            param.requires_grad_(False)
+    return names
+
+
 @dataclass
 class RoundResult:
     state: dict[str, torch.Tensor]  # the trained weights: sent
@@ -237,6 +250,8 @@ def train_round(
     model.load_state_dict(global_state)
     if fed.fedbn and carried.local:
         model.load_state_dict(carried.local, strict=False)
+    counts = eye_counts(site.train.records)
+    freeze_untrained(model, counts)
     model = prepare_model(model, device)
     received = {}
     if not fed.separate_evaluate:
@@ -271,11 +286,7 @@ def train_round(
         control=control,
     )
     seconds = time.perf_counter() - start
-    # Parts without data here go back as received. AdamW's moments are left alone: such a
-    # part gets no (or zero) gradients, but for the fusion head at a one-modality site, whose
-    # moments only shape this site's own steps (its weights never leave the site).
-    counts = eye_counts(site.train.records)
-    restored = restore_untrained(model, global_state, counts)
+    restored = restore_untrained(model, global_state, counts)  # frozen, so unchanged but exact
     metrics = {
         "num-examples": len(site.train),
         **counts,
