@@ -337,12 +337,16 @@ def _oct_only_site(tiny_data, cfg):
     return dataclasses.replace(site, train=only(site.train), val=only(site.val))
 
 
-def test_an_oct_only_site_sends_its_fundus_and_fusion_parts_back_as_received(tiny_data, one_thread):
-    """The real train path at a site whose eyes all lack fundus: weight decay and the fusion
-    head's training at the site move those parts, and the reply puts them back exactly."""
+@pytest.mark.parametrize(("method", "view"), [("remdr", "bscans"), ("remdr_dp", "rnflt")])
+def test_an_oct_only_site_sends_its_fundus_and_fusion_parts_back_as_received(
+    tiny_data, one_thread, tmp_path, method, view
+):
+    """The real train path at a site whose eyes all lack fundus, private (DP-SGD over the
+    parts it trains) or not: the parts it has no eyes for come back exactly as received."""
     from test_client_app import RUN_CONFIG, _initial
 
-    run_config = {**RUN_CONFIG, "method": "remdr", "oct-view": "bscans"}
+    run_config = {**RUN_CONFIG, "method": method, "oct-view": view}
+    run_config["dp-ledger"] = str(tmp_path / "ledger.jsonl")
     cfg, fed = split_run_config(run_config)
     site = _oct_only_site(tiny_data, cfg)
     initial = _initial(run_config)
@@ -350,6 +354,7 @@ def test_an_oct_only_site_sends_its_fundus_and_fusion_parts_back_as_received(tin
     result = train_round(cfg, fed, initial, site, server_round=1)
     m = result.metrics
     assert (m["eyes-oct"], m["eyes-fundus"], m["eyes-complete"]) == (len(site.train), 0, 0)
+    assert (m.get("dp-epsilon", 0) > 0) == method.endswith("_dp")
     parts = {k: model_part(k) for k in received}
     untrained = [k for k, p in parts.items() if p in ("fundus", "fusion")]
     assert untrained and all(torch.equal(result.state[k], received[k]) for k in untrained)
