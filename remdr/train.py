@@ -55,13 +55,28 @@ def make_loader(
 
 def param_groups(model: torch.nn.Module, cfg: TrainConfig) -> list[dict]:
     """One group per learning-rate multiplier (`lr_scale`): each modality's branch and head at
-    `lr-<modality>-scale`, everything else at 1; a single group when every scale is 1."""
+    `lr-<modality>-scale`, everything else at 1; a single group when every scale is 1. Named,
+    so a saved state says which parameters its moments belong to (`moments_fit`)."""
     scales = {"oct": cfg.lr_oct_scale, "fundus": cfg.lr_fundus_scale}
     groups: dict[float, list] = {}
     for name, p in model.named_parameters():
         if p.requires_grad:
-            groups.setdefault(scales.get(model_part(name), 1.0), []).append(p)
+            groups.setdefault(scales.get(model_part(name), 1.0), []).append((name, p))
     return [{"params": ps, "lr_scale": scale} for scale, ps in groups.items()]
+
+
+def moments_fit(optimizer: torch.optim.Optimizer, state: dict) -> bool:
+    """Whether a saved optimizer state is for exactly this optimizer's parameters, group by
+    group. A site trains only the parts it has eyes for, so its trainable set changes when its
+    data does (an OCT-only site's first complete eye unfreezes the fusion head); torch would
+    load moments of the wrong parameters whenever the counts happened to match. A state saved
+    without names is judged, as torch judges it, by the group sizes."""
+    saved, now = state["param_groups"], optimizer.state_dict()["param_groups"]
+    if len(saved) != len(now):
+        return False
+    if any("param_names" not in g for g in saved):
+        return all(len(a["params"]) == len(b["params"]) for a, b in zip(saved, now, strict=True))
+    return all(a["param_names"] == b.get("param_names") for a, b in zip(saved, now, strict=True))
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -211,7 +226,13 @@ def fit(
         )
     optimizer = make_optimizer(model, cfg)
     if optimizer_state and not method.spec.private:
-        optimizer.load_state_dict(optimizer_state)
+        if moments_fit(optimizer, optimizer_state):
+            optimizer.load_state_dict(optimizer_state)
+        else:
+            log.warning(
+                "the saved AdamW moments are for other parameters than this training's "
+                "(the site's eyes now train other parts of the model); starting new ones"
+            )
     session = None
     aug_gen = torch.Generator().manual_seed(cfg.seed + 1)
     rng_scope: AbstractContextManager = nullcontext()

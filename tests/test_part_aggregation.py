@@ -401,6 +401,31 @@ def test_an_oct_only_site_trains_its_encoder_against_the_received_fusion_head(
     assert not drifted, f"the fusion head moved during local training: {sorted(set(drifted))}"
 
 
+def test_a_site_whose_eyes_now_reach_the_fusion_head_starts_new_moments(tiny_data, one_thread):
+    """An OCT-only site that gains complete eyes between rounds trains more parts than its saved
+    AdamW moments cover: the round trains (new moments, as a fresh site would), not an error."""
+    from test_client_app import RUN_CONFIG, _initial
+
+    run_config = {**RUN_CONFIG, "method": "remdr", "oct-view": "bscans", "optimizer": "adamw"}
+    cfg, fed = split_run_config(run_config)
+    assert fed.keep_site_optimizer
+    complete = load_site(tiny_data, cfg, seed=cfg.train.seed)
+    initial = _initial(run_config)
+    first = train_round(cfg, fed, initial, _oct_only_site(tiny_data, cfg), server_round=1)
+    assert first.carried.optimizer
+    second = train_round(cfg, fed, initial, complete, server_round=2, carried=first.carried)
+    fresh_moments = dataclasses.replace(first.carried, optimizer=None)
+    same = train_round(cfg, fed, initial, complete, server_round=2, carried=fresh_moments)
+    assert all(torch.equal(second.state[k], same.state[k]) for k in same.state)
+    # and a site whose trainable parts did not change resumes its moments
+    third = train_round(cfg, fed, initial, complete, server_round=3, carried=second.carried)
+    fresh = train_round(
+        cfg, fed, initial, complete, server_round=3,
+        carried=dataclasses.replace(second.carried, optimizer=None),
+    )  # fmt: skip
+    assert any(not torch.equal(third.state[k], fresh.state[k]) for k in fresh.state)
+
+
 def test_restore_untrained_puts_back_exactly_the_received_values_and_dtypes(one_thread):
     from test_client_app import RUN_CONFIG
 
