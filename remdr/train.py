@@ -71,7 +71,7 @@ def moments_fit(optimizer: torch.optim.Optimizer, state: dict) -> bool:
     data does (an OCT-only site's first complete eye unfreezes the fusion head); torch would
     load moments of the wrong parameters whenever the counts happened to match. A state saved
     without names is judged, as torch judges it, by the group sizes."""
-    saved, now = state["param_groups"], optimizer.state_dict()["param_groups"]
+    saved, now = state["param_groups"], optimizer.param_groups
     if len(saved) != len(now):
         return False
     if any("param_names" not in g for g in saved):

@@ -130,26 +130,26 @@ def restore_untrained(
 ) -> dict[str, torch.Tensor]:
     """Put the parts this site has no data for back to the received global values in `model`
     (so the site validates what it sends); return those values exactly (dtype too: the
-    coordinator's screening compares them) for the reply. Weight decay, or AdamW steps on zero
-    gradients, would otherwise move weights no eye here trained, and the coordinator
-    aggregates a part only over the sites that trained it."""
+    coordinator's screening compares them) for the reply. `freeze_untrained` kept their
+    parameters still; this also puts back their buffers and the received dtypes (FedAvg hands
+    integer counters back as floats), since the coordinator aggregates a part only over the
+    sites that trained it."""
     keys = untrained_keys(global_state, counts)
     if keys:
         model.load_state_dict({k: global_state[k] for k in keys}, strict=False)
     return {k: global_state[k].detach().cpu().clone().contiguous() for k in keys}
 
 
-def freeze_untrained(model: nn.Module, counts: dict[str, int]) -> list[str]:
-    """Stop the local steps moving the parts this site sends back as received (`untrained_keys`);
-    return their parameter names. At a one-modality site the fusion head still gets gradients
+def freeze_untrained(model: nn.Module, counts: dict[str, int]) -> None:
+    """Stop the local steps moving the parts this site sends back as received (`untrained_keys`).
+    At a one-modality site the fusion head still gets gradients
     (through the absent modality's embedding), and training it locally would let the site's
     encoder co-adapt, over the round's steps, to a head the coordinator never sees. Frozen, the
     encoder learns against the federation's head."""
-    names = untrained_keys(dict(model.named_parameters()), counts)
+    frozen = set(untrained_keys(dict(model.named_parameters()), counts))
     for name, param in model.named_parameters():
-        if name in names:
+        if name in frozen:
             param.requires_grad_(False)
-    return names
 
 
 @dataclass
